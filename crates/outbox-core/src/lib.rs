@@ -1,0 +1,70 @@
+//! # outbox-core
+//!
+//! The transactional outbox: write an event in the same database transaction as the data it
+//! describes, and let a relay deliver it afterwards. This crate holds what every store and
+//! transport shares: the message model ([`NewMessage`], [`Message`]), the [`Store`] and
+//! [`Sink`] traits, the [`RetryPolicy`] and the [`Relay`] loop. Stores live in
+//! `outbox-postgres` and `outbox-sqlite`, transports in `outbox-sinks`.
+//!
+//! ## Guarantees
+//!
+//! - **Never before commit, never after rollback.** The message is a row written by the
+//!   caller's own transaction; the relay only sees committed rows.
+//! - **At least once, never lost.** A relay claims rows under a lease and acks them only after
+//!   the sink reported them delivered. A crash anywhere (before, during or after the publish,
+//!   before the ack) leaves the lease to expire, and the message is delivered again with the
+//!   same id: consumers deduplicate on it (see the inbox).
+//! - **In order per key.** A message with a key is claimed only when no earlier message with
+//!   that key is pending or in flight, so a key goes out in enqueue order, one message at a
+//!   time, even with several relays. A failing key holds back its own later messages (until it
+//!   is delivered or dead) and nothing else.
+//! - **Bounded retries.** A failed delivery is retried with exponential backoff and jitter up
+//!   to `max_attempts`, then the message is `dead`: kept with its last error, listed and
+//!   replayable. A sink marks hopeless errors permanent and they go dead at once.
+//! - **Quiet when idle, patient when down.** An idle relay queries about once per poll interval
+//!   and is woken within milliseconds by the store when it can; a relay whose database is down
+//!   backs off, reconnects by itself and logs once per change of state.
+//!
+//! ## Usage
+//!
+//! ```no_run
+//! # async fn demo(pool: sqlx::PgPool) -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! use outbox_core::{HandlerSink, NewMessage, Relay};
+//! use outbox_postgres::PgStore;
+//!
+//! let store = PgStore::new(pool.clone());
+//! store.migrate().await?;
+//! let mut tx = pool.begin().await?;
+//! // … your business writes on `tx` …
+//! let msg = NewMessage::json("payments", "payment.created", &serde_json::json!({"id": 42}))?.key("42");
+//! store.outbox().enqueue(&mut tx, &msg).await?;
+//! tx.commit().await?;
+//!
+//! let sink = HandlerSink::new(|m: outbox_core::Message| async move { println!("{}", m.id); Ok(()) });
+//! Relay::new(Arc::new(store), Arc::new(sink)).run(tokio::signal::ctrl_c().map(drop)).await;
+//! # Ok(()) }
+//! ```
+//!
+//! (The example above belongs to `outbox-postgres`; it is shown here because it is the whole
+//! story in ten lines.)
+
+mod message;
+mod partition;
+mod relay;
+mod retry;
+mod sink;
+mod store;
+
+pub use message::{
+    JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Status, parse_headers,
+};
+pub use partition::{PARTITIONS, partition_for};
+pub use relay::{Relay, RelayConfig, RelayReport, RelayStats, default_relay_id};
+pub use retry::RetryPolicy;
+pub use sink::{Delivery, HandlerSink, Sink, SinkError};
+pub use store::{
+    Failure, PollingWaiter, Retention, StatusCounts, Store, StoreError, StoreResult, Waiter,
+};
+
+pub use async_trait::async_trait;

@@ -1,0 +1,339 @@
+//! The message model: what the writer enqueues ([`NewMessage`]) and what the relay claims
+//! ([`Message`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::partition::partition_for;
+
+/// Content type of JSON payloads.
+pub const JSON: &str = "application/json";
+
+/// Limits that keep a bad caller from writing rows the relay or a broker cannot carry.
+pub const MAX_TOPIC_LEN: usize = 255;
+
+/// A message that is not stored yet. Build it, then hand it to a store's `enqueue` inside the
+/// caller's transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub(crate) id: Uuid,
+    pub(crate) topic: String,
+    pub(crate) message_type: String,
+    pub(crate) key: Option<String>,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) content_type: String,
+    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) delay: Option<Duration>,
+    pub(crate) available_at: Option<DateTime<Utc>>,
+}
+
+/// Why a message could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MessageError {
+    #[error("{field} must not be empty")]
+    Empty { field: &'static str },
+    #[error("{field} is longer than {max} bytes")]
+    TooLong { field: &'static str, max: usize },
+    #[error("payload is not valid JSON: {0}")]
+    Json(String),
+}
+
+impl NewMessage {
+    /// A message with a JSON payload, already serialised.
+    pub fn json<T: Serialize + ?Sized>(
+        topic: impl Into<String>,
+        message_type: impl Into<String>,
+        payload: &T,
+    ) -> Result<Self, MessageError> {
+        let bytes = serde_json::to_vec(payload).map_err(|e| MessageError::Json(e.to_string()))?;
+        Self::bytes(topic, message_type, JSON, bytes)
+    }
+
+    /// A message with an opaque payload and its content type.
+    pub fn bytes(
+        topic: impl Into<String>,
+        message_type: impl Into<String>,
+        content_type: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<Self, MessageError> {
+        let topic = topic.into();
+        let message_type = message_type.into();
+        check_name("topic", &topic)?;
+        check_name("type", &message_type)?;
+        Ok(Self {
+            id: Uuid::now_v7(),
+            topic,
+            message_type,
+            key: None,
+            payload: payload.into(),
+            content_type: content_type.into(),
+            headers: BTreeMap::new(),
+            delay: None,
+            available_at: None,
+        })
+    }
+
+    /// The ordering key: messages with the same key are delivered in enqueue order, one at a
+    /// time. It also picks the message's partition.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into()).filter(|k| !k.is_empty());
+        self
+    }
+
+    /// Adds a header (trace context, correlation ids, …). Headers travel to the sink as is.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Replaces all headers.
+    pub fn headers(mut self, headers: BTreeMap<String, String>) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Delivers no earlier than `delay` after the enqueueing transaction's clock reading.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Delivers no earlier than `at`.
+    pub fn available_at(mut self, at: DateTime<Utc>) -> Self {
+        self.available_at = Some(at);
+        self
+    }
+
+    /// Overrides the generated UUIDv7, for callers that derive ids from their own data.
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.id = id;
+        self
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+    pub fn message_type(&self) -> &str {
+        &self.message_type
+    }
+    pub fn key_ref(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+    pub fn content_type(&self) -> &str {
+        &self.content_type
+    }
+    pub fn header_map(&self) -> &BTreeMap<String, String> {
+        &self.headers
+    }
+
+    /// The partition stored with the row, derived from the key (or the id when there is no
+    /// key) so that scaling out later needs no data migration.
+    pub fn partition(&self) -> i32 {
+        partition_for(self.key.as_deref(), self.id)
+    }
+
+    /// The instant the message becomes deliverable, given the store's clock reading `now`.
+    pub fn available_at_from(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        let delayed = self
+            .delay
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .map(|d| now + d);
+        match (self.available_at, delayed) {
+            (Some(a), Some(b)) => a.max(b),
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (None, None) => now,
+        }
+    }
+
+    /// Headers as a JSON object, the storage form.
+    pub fn headers_json(&self) -> String {
+        serde_json::to_string(&self.headers).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+fn check_name(field: &'static str, value: &str) -> Result<(), MessageError> {
+    if value.trim().is_empty() {
+        return Err(MessageError::Empty { field });
+    }
+    if value.len() > MAX_TOPIC_LEN {
+        return Err(MessageError::TooLong {
+            field,
+            max: MAX_TOPIC_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// Where a stored message is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Waiting for delivery (possibly delayed or backing off until `available_at`).
+    Pending,
+    /// Claimed by a relay under a lease; returns to `Pending` by itself if the lease expires.
+    InFlight,
+    /// Delivered and kept for the retention window.
+    Delivered,
+    /// Gave up: attempts exhausted or a permanent error. Kept until retried or purged.
+    Dead,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::InFlight => "in_flight",
+            Status::Delivered => "delivered",
+            Status::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Status::Pending,
+            "in_flight" => Status::InFlight,
+            "delivered" => Status::Delivered,
+            "dead" => Status::Dead,
+            _ => return None,
+        })
+    }
+}
+
+/// A stored message, as a relay claims it or an operator lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub id: Uuid,
+    /// Position in the outbox: the per-key delivery order.
+    pub seq: i64,
+    pub topic: String,
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub key: Option<String>,
+    pub partition: i32,
+    #[serde(with = "payload_serde")]
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub headers: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+    pub available_at: DateTime<Utc>,
+    /// Delivery attempts so far, the current one included once claimed.
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub status: Status,
+}
+
+impl Message {
+    /// The payload parsed as JSON.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.payload)
+    }
+
+    /// The payload as a JSON value when it is JSON, else as a string (UTF-8, lossy).
+    pub fn payload_value(&self) -> serde_json::Value {
+        payload_value(&self.content_type, &self.payload)
+    }
+}
+
+/// Decodes stored headers; a corrupt header column must not stop delivery of the payload.
+pub fn parse_headers(raw: &str) -> BTreeMap<String, String> {
+    serde_json::from_str(raw).unwrap_or_default()
+}
+
+pub(crate) fn payload_value(content_type: &str, payload: &[u8]) -> serde_json::Value {
+    if content_type.starts_with(JSON) {
+        if let Ok(v) = serde_json::from_slice(payload) {
+            return v;
+        }
+    }
+    serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
+}
+
+/// Messages serialise their payload as JSON when it is JSON, so listings stay readable.
+mod payload_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        match serde_json::from_slice::<serde_json::Value>(bytes) {
+            Ok(v) => serde::Serialize::serialize(&v, s),
+            Err(_) => s.serialize_str(&String::from_utf8_lossy(bytes)),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        Ok(match v {
+            serde_json::Value::String(s) => s.into_bytes(),
+            other => serde_json::to_vec(&other).map_err(serde::de::Error::custom)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_rejects_empty_topic_and_type() {
+        assert_eq!(
+            NewMessage::json("", "t", &1).unwrap_err(),
+            MessageError::Empty { field: "topic" }
+        );
+        assert_eq!(
+            NewMessage::json("t", " ", &1).unwrap_err(),
+            MessageError::Empty { field: "type" }
+        );
+    }
+
+    #[test]
+    fn ids_are_time_ordered_v7() {
+        let a = NewMessage::json("t", "e", &1).unwrap();
+        let b = NewMessage::json("t", "e", &1).unwrap();
+        assert_eq!(a.id().get_version_num(), 7);
+        assert!(a.id() < b.id());
+    }
+
+    #[test]
+    fn same_key_same_partition() {
+        let a = NewMessage::json("t", "e", &1).unwrap().key("order-1");
+        let b = NewMessage::json("u", "f", &2).unwrap().key("order-1");
+        assert_eq!(a.partition(), b.partition());
+    }
+
+    #[test]
+    fn empty_key_means_no_key() {
+        let a = NewMessage::json("t", "e", &1).unwrap().key("");
+        assert_eq!(a.key_ref(), None);
+    }
+
+    #[test]
+    fn delay_and_available_at_take_the_later() {
+        let now = Utc::now();
+        let later = now + chrono::Duration::seconds(60);
+        let m = NewMessage::json("t", "e", &1)
+            .unwrap()
+            .delay(Duration::from_secs(10))
+            .available_at(later);
+        assert_eq!(m.available_at_from(now), later);
+        let m = NewMessage::json("t", "e", &1)
+            .unwrap()
+            .delay(Duration::from_secs(10));
+        assert_eq!(m.available_at_from(now), now + chrono::Duration::seconds(10));
+    }
+
+    #[test]
+    fn payload_value_decodes_json_and_falls_back_to_text() {
+        assert_eq!(payload_value(JSON, b"{\"a\":1}"), serde_json::json!({"a": 1}));
+        assert_eq!(payload_value("text/plain", b"hi"), serde_json::json!("hi"));
+    }
+}

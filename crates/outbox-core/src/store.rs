@@ -1,0 +1,148 @@
+//! The [`Store`] trait: what a database must do for the relay and the operator commands.
+//!
+//! Implementations live in their own crates (`outbox-postgres`, `outbox-sqlite`); they share one
+//! conformance suite so every store keeps the same guarantees.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::message::Message;
+
+/// A store failure. The relay treats every one as "database unavailable for now": it backs off
+/// and tries again, and nothing is lost because nothing was acked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("migration {version} failed: {reason}")]
+    Migration { version: i64, reason: String },
+    #[error("the database schema is at version {found}, newer than this build knows ({known}); upgrade outbox")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    pub fn database(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Database(Box::new(e))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What happens to a message whose delivery failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub id: Uuid,
+    pub error: String,
+    /// `Some(delay)`: back to pending, deliverable again after `delay` (store clock).
+    /// `None`: dead.
+    pub retry_in: Option<Duration>,
+}
+
+/// What an acked message leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Retention {
+    /// Delete delivered rows at once (the cheapest, and the default).
+    #[default]
+    Delete,
+    /// Keep delivered rows, with their delivery time, for this long; the relay then removes them
+    /// in bounded batches.
+    Keep(Duration),
+}
+
+/// Counts for `outbox status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusCounts {
+    pub pending: i64,
+    pub in_flight: i64,
+    pub delivered: i64,
+    pub dead: i64,
+    /// Age of the oldest pending message (delayed ones included), in seconds.
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
+/// A database holding an outbox table.
+///
+/// Claiming follows three rules that give the relay its guarantees:
+/// 1. only committed rows are visible, so nothing is delivered before its transaction commits
+///    or ever if it rolls back;
+/// 2. a claim is a lease: a relay that dies leaves rows that any relay reclaims once the lease
+///    expires, so a crash loses nothing;
+/// 3. a message with a key is claimable only when no earlier message with that key is pending
+///    or in flight, so one key is delivered in enqueue order and never by two relays at once,
+///    while other keys go on.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Creates or upgrades the schema. Idempotent and safe to run from several processes.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    /// Claims up to `limit` deliverable messages for `relay`, leased for `lease`, oldest first.
+    /// Each claim counts as an attempt.
+    async fn claim(&self, relay: &str, limit: usize, lease: Duration) -> StoreResult<Vec<Message>>;
+
+    /// Marks delivered messages done: deleted, or kept as `delivered` per `retention`.
+    async fn ack(&self, ids: &[Uuid], retention: Retention) -> StoreResult<u64>;
+
+    /// Records failed deliveries of messages `relay` holds: back to pending later, or dead.
+    async fn fail(&self, relay: &str, failures: &[Failure]) -> StoreResult<()>;
+
+    /// Gives claimed messages back without counting the attempt (graceful shutdown).
+    async fn release(&self, relay: &str, ids: &[Uuid]) -> StoreResult<()>;
+
+    /// Removes up to `limit` delivered messages older than `older_than`; returns how many.
+    async fn purge_delivered(&self, older_than: Duration, limit: usize) -> StoreResult<u64>;
+
+    async fn status(&self) -> StoreResult<StatusCounts>;
+
+    /// Dead messages, oldest first.
+    async fn dead_list(&self, limit: usize) -> StoreResult<Vec<Message>>;
+
+    /// Makes dead messages pending again with a fresh attempt count: `None` retries all.
+    async fn dead_retry(&self, ids: Option<&[Uuid]>) -> StoreResult<u64>;
+
+    /// Deletes dead messages, all or those dead for longer than `older_than`.
+    async fn dead_purge(&self, older_than: Option<Duration>) -> StoreResult<u64>;
+
+    /// A waiter through which `relay` sleeps while the outbox is empty.
+    async fn waiter(&self, relay: &str) -> StoreResult<Box<dyn Waiter>>;
+}
+
+/// How a relay sleeps when there is nothing to claim, and how it is woken.
+#[async_trait]
+pub trait Waiter: Send {
+    /// Called after a claim found nothing. Returns when new work may exist: a wake-up from a
+    /// writer, or `timeout` (the polling fallback). May return at once when the store wants
+    /// one more claim (for example right after it registered for wake-ups).
+    async fn idle(&mut self, timeout: Duration) -> StoreResult<()>;
+
+    /// Called after a claim found work, so the store can stop waking this relay.
+    async fn busy(&mut self) -> StoreResult<()>;
+}
+
+/// A waiter that polls, and that in-process writers can wake through a shared
+/// [`tokio::sync::Notify`] after they commit.
+pub struct PollingWaiter {
+    notify: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl PollingWaiter {
+    pub fn new(notify: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        Self { notify }
+    }
+}
+
+#[async_trait]
+impl Waiter for PollingWaiter {
+    async fn idle(&mut self, timeout: Duration) -> StoreResult<()> {
+        let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
+        Ok(())
+    }
+
+    async fn busy(&mut self) -> StoreResult<()> {
+        Ok(())
+    }
+}
