@@ -27,7 +27,7 @@
 //!
 //! ## Usage
 //!
-//! ```no_run
+//! ```ignore
 //! # async fn demo(pool: sqlx::PgPool) -> anyhow::Result<()> {
 //! use std::sync::Arc;
 //! use outbox_core::{HandlerSink, NewMessage, Relay};
@@ -46,8 +46,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! (The example above belongs to `outbox-postgres`; it is shown here because it is the whole
-//! story in ten lines.)
+//! The same example is compiled in `outbox-postgres`'s docs; with SQLite, swap the store.
 
 mod message;
 mod partition;
