@@ -59,7 +59,7 @@ pub use message::{
     JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Status, parse_headers,
 };
 pub use partition::{PARTITIONS, partition_for};
-pub use relay::{Relay, RelayConfig, RelayReport, RelayStats, default_relay_id};
+pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats, default_relay_id};
 pub use retry::RetryPolicy;
 pub use sink::{Delivery, HandlerSink, Sink, SinkError};
 pub use store::{

@@ -135,6 +135,14 @@ impl NewMessage {
     pub fn header_map(&self) -> &BTreeMap<String, String> {
         &self.headers
     }
+    /// The absolute earliest delivery time, when one was set.
+    pub fn absolute_available_at(&self) -> Option<DateTime<Utc>> {
+        self.available_at
+    }
+    /// The delay after enqueue, when one was set.
+    pub fn delay_duration(&self) -> Option<Duration> {
+        self.delay
+    }
 
     /// The partition stored with the row, derived from the key (or the id when there is no
     /// key) so that scaling out later needs no data migration.

@@ -99,12 +99,26 @@ impl RelayStats {
     }
 }
 
+/// What a relay is doing, observable through [`Relay::state`] (health checks, tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayState {
+    Starting,
+    /// Claiming and delivering.
+    Working,
+    /// Asleep until a wake-up or the next poll.
+    Idle,
+    /// The database does not answer; backing off.
+    DatabaseDown,
+    Stopped,
+}
+
 /// Delivers an outbox to a sink. See the crate docs for the guarantees.
 pub struct Relay {
     store: Arc<dyn Store>,
     sink: Arc<dyn Sink>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
+    state: tokio::sync::watch::Sender<RelayState>,
 }
 
 type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
@@ -120,7 +134,13 @@ impl Relay {
             sink,
             config,
             stats: Arc::default(),
+            state: tokio::sync::watch::Sender::new(RelayState::Starting),
         }
+    }
+
+    /// Follows the relay's state while it runs.
+    pub fn state(&self) -> tokio::sync::watch::Receiver<RelayState> {
+        self.state.subscribe()
     }
 
     pub fn config(&self) -> &RelayConfig {
@@ -144,6 +164,7 @@ impl Relay {
         };
         info!(relay = %self.config.relay_id, sink = self.sink.name(), "relay started");
         run.main_loop().await;
+        self.state.send_replace(RelayState::Stopped);
         let report = self.stats.report();
         info!(relay = %self.config.relay_id, delivered = report.delivered, dead = report.dead, "relay stopped");
         report
@@ -161,6 +182,16 @@ struct Run<'a> {
 impl Run<'_> {
     fn config(&self) -> &RelayConfig {
         &self.relay.config
+    }
+
+    fn down(&mut self, e: &StoreError) -> Duration {
+        self.relay.state.send_replace(RelayState::DatabaseDown);
+        self.health.down(e)
+    }
+
+    fn up(&mut self) {
+        self.relay.state.send_replace(RelayState::Working);
+        self.health.up();
     }
 
     /// True once shutdown was requested; polls the signal without waiting.
@@ -197,17 +228,17 @@ impl Run<'_> {
                 .await;
             match claimed {
                 Err(e) => {
-                    let pause = self.health.down(&e);
+                    let pause = self.down(&e);
                     self.sleep_or_stop(pause).await;
                 }
                 Ok(batch) if batch.is_empty() => {
-                    self.health.up();
+                    self.up();
                     if self.config().exit_when_idle || self.idle(waiter.as_mut()).await {
                         return;
                     }
                 }
                 Ok(batch) => {
-                    self.health.up();
+                    self.up();
                     if let Err(e) = waiter.busy().await {
                         debug!(error = %e, "could not withdraw wake-up registration");
                     }
@@ -221,11 +252,11 @@ impl Run<'_> {
         loop {
             match self.relay.store.waiter(&self.config().relay_id).await {
                 Ok(w) => {
-                    self.health.up();
+                    self.up();
                     return Some(w);
                 }
                 Err(e) => {
-                    let pause = self.health.down(&e);
+                    let pause = self.down(&e);
                     if self.sleep_or_stop(pause).await {
                         return None;
                     }
@@ -236,13 +267,22 @@ impl Run<'_> {
 
     /// Waits for work; true when shutdown was requested meanwhile.
     async fn idle(&mut self, waiter: &mut dyn Waiter) -> bool {
+        match waiter.prepare().await {
+            Ok(true) => return false,
+            Ok(false) => {}
+            Err(e) => {
+                let pause = self.down(&e);
+                return self.sleep_or_stop(pause).await;
+            }
+        }
+        self.relay.state.send_replace(RelayState::Idle);
         let poll = self.config().poll_interval;
         let woke = tokio::select! {
             _ = self.shutdown.as_mut() => { self.stopping = true; return true; }
             r = waiter.idle(poll) => r,
         };
         if let Err(e) = woke {
-            let pause = self.health.down(&e);
+            let pause = self.down(&e);
             return self.sleep_or_stop(pause).await;
         }
         false
@@ -337,12 +377,12 @@ impl Run<'_> {
         loop {
             match op().await {
                 Ok(()) => {
-                    self.health.up();
+                    self.up();
                     return true;
                 }
                 Err(e) => {
                     tries += 1;
-                    let pause = self.health.down(&e);
+                    let pause = self.down(&e);
                     if (self.stopping && tries >= 3) || tries >= 1000 {
                         warn!(op = what, error = %e, "giving up; the leases will expire and the messages be delivered again");
                         return false;
@@ -385,7 +425,7 @@ impl Run<'_> {
                 Ok(_) if self.should_stop() => return,
                 Ok(_) => tokio::task::yield_now().await,
                 Err(e) => {
-                    self.health.down(&e);
+                    self.down(&e);
                     return;
                 }
             }

@@ -114,9 +114,15 @@ pub trait Store: Send + Sync {
 /// How a relay sleeps when there is nothing to claim, and how it is woken.
 #[async_trait]
 pub trait Waiter: Send {
-    /// Called after a claim found nothing. Returns when new work may exist: a wake-up from a
-    /// writer, or `timeout` (the polling fallback). May return at once when the store wants
-    /// one more claim (for example right after it registered for wake-ups).
+    /// Called after a claim found nothing, before sleeping: registers for wake-ups. Returns
+    /// true when the relay must claim once more before it sleeps, because a writer may have
+    /// committed before the registration took effect.
+    async fn prepare(&mut self) -> StoreResult<bool> {
+        Ok(false)
+    }
+
+    /// Sleeps until new work may exist: a wake-up from a writer, or `timeout` (the polling
+    /// fallback).
     async fn idle(&mut self, timeout: Duration) -> StoreResult<()>;
 
     /// Called after a claim found work, so the store can stop waking this relay.

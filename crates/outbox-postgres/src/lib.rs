@@ -1,0 +1,50 @@
+//! # outbox-postgres
+//!
+//! The transactional outbox on PostgreSQL. Enqueue a message in the same transaction as your
+//! data; a [`Relay`](outbox_core::Relay) on a [`PgStore`] delivers it after commit.
+//!
+//! ```no_run
+//! # async fn demo(pool: sqlx::PgPool) -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! use outbox_core::{HandlerSink, Message, NewMessage, Relay, Store};
+//! use outbox_postgres::PgStore;
+//!
+//! let store = PgStore::new(pool.clone());
+//! store.migrate().await?;
+//! let mut tx = pool.begin().await?;
+//! sqlx::query("INSERT INTO orders (id) VALUES (42)").execute(&mut *tx).await?;
+//! let msg = NewMessage::json("orders", "order.created", &serde_json::json!({"id": 42}))?.key("42");
+//! store.outbox().enqueue(&mut tx, &msg).await?;
+//! tx.commit().await?;
+//!
+//! let sink = HandlerSink::new(|m: Message| async move { println!("deliver {}", m.id); Ok(()) });
+//! Relay::new(Arc::new(store), Arc::new(sink)).run(async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! # Ok(()) }
+//! ```
+//!
+//! ## How it uses PostgreSQL
+//!
+//! - **Enqueue** is one `INSERT` in the caller's transaction (a batch is one `INSERT … SELECT
+//!   FROM UNNEST`), so the message commits or rolls back with the data.
+//! - **Claim** is one `UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED)` per batch: concurrent
+//!   relays take disjoint rows without waiting on each other. A claim sets a lease (the row's
+//!   `available_at` becomes the lease expiry) instead of holding a transaction open during
+//!   delivery, so a slow sink never holds locks and a dead relay's rows come back by themselves.
+//!   Nothing is read by position, so rows whose ids commit out of order are never skipped.
+//! - **Ack** is one `DELETE` (or `UPDATE` to `delivered` when retention keeps rows) per batch.
+//! - **Wake-ups without the NOTIFY trap.** `NOTIFY` in a writer's transaction takes a
+//!   cluster-wide lock at commit and serialises every notifying commit. Here an idle relay
+//!   registers itself in `{prefix}relays`; a statement trigger notifies only while a relay is
+//!   registered, and a relay withdraws as soon as it has work. A busy outbox costs writers one
+//!   indexed lookup per insert statement and no NOTIFY; an idle relay wakes within milliseconds
+//!   and otherwise polls once per interval.
+//! - **Schema**: versioned migrations embedded in the binary, applied under an advisory lock,
+//!   in a configurable schema with a configurable table prefix ([`PgConfig`]).
+
+mod migrate;
+mod sql;
+mod store;
+
+pub use migrate::LATEST_VERSION;
+pub use sql::PgConfig;
+pub use store::{EnqueueError, PgOutbox, PgStore};

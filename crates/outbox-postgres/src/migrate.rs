@@ -1,0 +1,99 @@
+//! Embedded, versioned schema migrations.
+//!
+//! Each version runs in one transaction under an advisory lock, so concurrent relays starting
+//! together apply it once; applied versions are recorded in `{prefix}schema_migrations`.
+
+use outbox_core::{StoreError, StoreResult};
+use sqlx::{AssertSqlSafe, PgPool, Row};
+
+use crate::sql::PgConfig;
+
+pub(crate) struct Migration {
+    pub version: i64,
+    pub description: &'static str,
+    pub sql: &'static str,
+}
+
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "create messages",
+        sql: include_str!("../migrations/0001_create_messages.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "wake parked relays, index dead letters",
+        sql: include_str!("../migrations/0002_wake_parked_relays.sql"),
+    },
+];
+
+/// The schema version this build writes.
+pub const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
+/// Applies every migration up to `target` that the database lacks.
+pub(crate) async fn migrate_to(pool: &PgPool, cfg: &PgConfig, target: i64) -> StoreResult<()> {
+    let mut tx = pool.begin().await.map_err(StoreError::database)?;
+    // One lock per outbox, held to the end of the transaction.
+    let lock_key = crc32fast::hash(format!("{}.{}", cfg.schema, cfg.table_prefix).as_bytes());
+    sqlx::query("SELECT pg_advisory_xact_lock(7150411, $1)")
+        .bind(lock_key as i32)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::database)?;
+    let setup = cfg.render(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         CREATE TABLE IF NOT EXISTS {schema}.{p}schema_migrations (
+             version bigint PRIMARY KEY,
+             description text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now())",
+    );
+    sqlx::raw_sql(AssertSqlSafe(setup))
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::database)?;
+    let current: i64 = sqlx::query(AssertSqlSafe(cfg.render(
+        "SELECT coalesce(max(version), 0) FROM {schema}.{p}schema_migrations",
+    )))
+    .fetch_one(&mut *tx)
+    .await
+    .and_then(|row| row.try_get(0))
+    .map_err(StoreError::database)?;
+    if current > LATEST_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            known: LATEST_VERSION,
+        });
+    }
+    for m in MIGRATIONS
+        .iter()
+        .filter(|m| m.version > current && m.version <= target)
+    {
+        apply(&mut tx, cfg, m).await?;
+    }
+    tx.commit().await.map_err(StoreError::database)
+}
+
+async fn apply(
+    tx: &mut sqlx::PgConnection,
+    cfg: &PgConfig,
+    m: &Migration,
+) -> StoreResult<()> {
+    let failed = |e: sqlx::Error| StoreError::Migration {
+        version: m.version,
+        reason: e.to_string(),
+    };
+    sqlx::raw_sql(AssertSqlSafe(cfg.render(m.sql)))
+        .execute(&mut *tx)
+        .await
+        .map_err(failed)?;
+    sqlx::query(AssertSqlSafe(cfg.render(
+        "INSERT INTO {schema}.{p}schema_migrations (version, description) VALUES ($1, $2)",
+    )))
+    .bind(m.version)
+    .bind(m.description)
+    .execute(&mut *tx)
+    .await
+    .map_err(failed)?;
+    tracing::info!(version = m.version, description = m.description, "applied migration");
+    Ok(())
+}

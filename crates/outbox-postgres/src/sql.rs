@@ -1,0 +1,172 @@
+//! Every statement the store runs, built once from the configured names.
+
+use std::sync::Arc;
+
+use outbox_core::StoreError;
+
+/// Where the outbox lives: a schema and a table prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgConfig {
+    /// Schema holding the outbox tables (created by `migrate` when missing).
+    pub schema: String,
+    /// Prefix of every table, index, function and channel name.
+    pub table_prefix: String,
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        Self {
+            schema: "public".into(),
+            table_prefix: "outbox_".into(),
+        }
+    }
+}
+
+impl PgConfig {
+    /// Names are spliced into SQL, so only plain lower-case identifiers are accepted.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        for (what, name) in [("schema", &self.schema), ("table prefix", &self.table_prefix)] {
+            let mut chars = name.chars();
+            let ok = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && name.len() <= 40;
+            if !ok {
+                return Err(StoreError::Config(format!(
+                    "{what} {name:?} must be a lower-case identifier ([a-z_][a-z0-9_]*, at most 40 characters)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The LISTEN/NOTIFY channel of this outbox.
+    pub fn channel(&self) -> String {
+        format!("{}_{}wake", self.schema, self.table_prefix)
+    }
+
+    /// Substitutes the names into a template (migrations use `{schema}`, `{p}`, `{channel}`).
+    pub(crate) fn render(&self, template: &str) -> String {
+        template
+            .replace("{schema}", &self.schema)
+            .replace("{p}", &self.table_prefix)
+            .replace("{channel}", &self.channel())
+    }
+}
+
+const COLUMNS: &str = "m.id, m.seq, m.topic, m.type, m.key, m.partition, m.payload, m.content_type, \
+     m.headers::text AS headers, m.created_at, m.available_at, m.attempts, m.last_error, m.status";
+
+/// Prepared SQL text; `Arc<str>` so that handing it to sqlx costs no copy.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub insert: Arc<str>,
+    pub insert_batch: Arc<str>,
+    pub claim: Arc<str>,
+    pub ack_delete: Arc<str>,
+    pub ack_keep: Arc<str>,
+    pub fail: Arc<str>,
+    pub release: Arc<str>,
+    pub purge_delivered: Arc<str>,
+    pub status: Arc<str>,
+    pub dead_list: Arc<str>,
+    pub dead_retry: Arc<str>,
+    pub dead_purge: Arc<str>,
+    pub park: Arc<str>,
+    pub unpark: Arc<str>,
+    pub notify: Arc<str>,
+}
+
+impl Sql {
+    pub fn new(cfg: &PgConfig) -> Self {
+        let r = |t: &str| -> Arc<str> { cfg.render(t).into() };
+        Self {
+            insert: r(INSERT),
+            insert_batch: r(INSERT_BATCH),
+            claim: r(&CLAIM.replace("{columns}", COLUMNS)),
+            ack_delete: r("DELETE FROM {schema}.{p}messages WHERE id = ANY($1) AND status = 'in_flight'"),
+            ack_keep: r("UPDATE {schema}.{p}messages SET status = 'delivered', delivered_at = now(), locked_by = NULL \
+                 WHERE id = ANY($1) AND status = 'in_flight'"),
+            fail: r(FAIL),
+            release: r("UPDATE {schema}.{p}messages SET status = 'pending', available_at = now(), \
+                 attempts = greatest(attempts - 1, 0), locked_by = NULL \
+                 WHERE id = ANY($1) AND locked_by = $2 AND status = 'in_flight'"),
+            purge_delivered: r("DELETE FROM {schema}.{p}messages WHERE seq IN (\
+                 SELECT seq FROM {schema}.{p}messages \
+                 WHERE status = 'delivered' AND delivered_at <= now() - $1 * interval '1 millisecond' \
+                 ORDER BY delivered_at LIMIT $2)"),
+            status: r(STATUS),
+            dead_list: r(&format!(
+                "SELECT {COLUMNS} FROM {{schema}}.{{p}}messages m WHERE m.status = 'dead' ORDER BY m.seq LIMIT $1"
+            )),
+            dead_retry: r("UPDATE {schema}.{p}messages SET status = 'pending', attempts = 0, available_at = now(), \
+                 dead_at = NULL, locked_by = NULL \
+                 WHERE status = 'dead' AND ($1::uuid[] IS NULL OR id = ANY($1))"),
+            dead_purge: r("DELETE FROM {schema}.{p}messages WHERE status = 'dead' \
+                 AND ($1::bigint IS NULL OR dead_at <= now() - $1 * interval '1 millisecond')"),
+            park: r(PARK),
+            unpark: r("DELETE FROM {schema}.{p}relays WHERE relay_id = $1"),
+            notify: r("SELECT pg_notify('{channel}', '')"),
+        }
+    }
+}
+
+/// `available_at` is the later of the caller's absolute time and now + delay.
+const INSERT: &str = "INSERT INTO {schema}.{p}messages \
+    (id, topic, type, key, partition, payload, content_type, headers, available_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, \
+      greatest(coalesce($9::timestamptz, now()), now() + coalesce($10::bigint, 0) * interval '1 millisecond'))";
+
+/// One statement for a whole batch; `ORDINALITY` keeps the caller's order in `seq`.
+const INSERT_BATCH: &str = "INSERT INTO {schema}.{p}messages \
+    (id, topic, type, key, partition, payload, content_type, headers, available_at) \
+    SELECT id, topic, type, key, partition, payload, content_type, headers::jsonb, \
+      greatest(coalesce(at, now()), now() + coalesce(delay_ms, 0) * interval '1 millisecond') \
+    FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bytea[], $7::text[], \
+                $8::text[], $9::timestamptz[], $10::bigint[]) \
+      WITH ORDINALITY AS b(id, topic, type, key, partition, payload, content_type, headers, at, delay_ms, ord) \
+    ORDER BY ord";
+
+/// The claim: deliverable rows (pending and due, or in flight with an expired lease) whose key
+/// has no earlier undelivered message. SKIP LOCKED lets concurrent relays take disjoint rows;
+/// the NOT EXISTS reads committed state, so a key never has two messages in flight.
+const CLAIM: &str = "WITH candidates AS (\
+      SELECT c.seq FROM {schema}.{p}messages c \
+      WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= now() \
+        AND (c.key IS NULL OR NOT EXISTS (\
+          SELECT 1 FROM {schema}.{p}messages e \
+          WHERE e.key = c.key AND e.seq < c.seq AND e.status IN ('pending', 'in_flight'))) \
+      ORDER BY c.available_at, c.seq \
+      LIMIT $1 \
+      FOR UPDATE SKIP LOCKED) \
+    UPDATE {schema}.{p}messages m \
+    SET status = 'in_flight', locked_by = $2, attempts = m.attempts + 1, \
+        available_at = now() + $3 * interval '1 millisecond' \
+    FROM candidates WHERE m.seq = candidates.seq \
+    RETURNING {columns}";
+
+/// A NULL delay means dead.
+const FAIL: &str = "UPDATE {schema}.{p}messages m SET \
+      status = CASE WHEN f.delay_ms IS NULL THEN 'dead' ELSE 'pending' END, \
+      available_at = CASE WHEN f.delay_ms IS NULL THEN m.available_at \
+                     ELSE now() + f.delay_ms * interval '1 millisecond' END, \
+      dead_at = CASE WHEN f.delay_ms IS NULL THEN now() END, \
+      last_error = f.error, locked_by = NULL \
+    FROM UNNEST($1::uuid[], $2::text[], $3::bigint[]) AS f(id, error, delay_ms) \
+    WHERE m.id = f.id AND m.locked_by = $4 AND m.status = 'in_flight'";
+
+const STATUS: &str = "SELECT \
+      count(*) FILTER (WHERE status = 'pending') AS pending, \
+      count(*) FILTER (WHERE status = 'in_flight') AS in_flight, \
+      count(*) FILTER (WHERE status = 'delivered') AS delivered, \
+      count(*) FILTER (WHERE status = 'dead') AS dead, \
+      extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending'))::float8 AS oldest \
+    FROM {schema}.{p}messages";
+
+/// Registers an idle relay for wake-ups (and forgets relays that died while registered).
+const PARK: &str = "WITH gc AS (\
+      DELETE FROM {schema}.{p}relays WHERE parked_until < now() - interval '1 hour') \
+    INSERT INTO {schema}.{p}relays (relay_id, parked_until) \
+    VALUES ($1, now() + $2 * interval '1 millisecond') \
+    ON CONFLICT (relay_id) DO UPDATE SET parked_until = EXCLUDED.parked_until";

@@ -1,0 +1,359 @@
+//! [`PgStore`] (the relay's side) and [`PgOutbox`] (the writer's side).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use outbox_core::{
+    Failure, Message, NewMessage, Retention, StatusCounts, Status, Store, StoreError, StoreResult,
+    Waiter, parse_headers,
+};
+use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::migrate::{LATEST_VERSION, migrate_to};
+use crate::sql::{PgConfig, Sql};
+
+/// An enqueue that the database refused; the caller's transaction should be rolled back.
+#[derive(Debug, thiserror::Error)]
+#[error("could not enqueue outbox message: {0}")]
+pub struct EnqueueError(#[from] sqlx::Error);
+
+fn q(sql: &Arc<str>) -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(AssertSqlSafe(sql.clone()))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::database(e)
+}
+
+/// The writer's handle: enqueues messages inside the caller's transaction.
+#[derive(Debug, Clone)]
+pub struct PgOutbox {
+    sql: Arc<Sql>,
+}
+
+impl PgOutbox {
+    /// Adds one message to the outbox as part of `tx`.
+    pub async fn enqueue(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        msg: &NewMessage,
+    ) -> Result<(), EnqueueError> {
+        q(&self.sql.insert)
+            .bind(msg.id())
+            .bind(msg.topic())
+            .bind(msg.message_type())
+            .bind(msg.key_ref())
+            .bind(msg.partition())
+            .bind(msg.payload())
+            .bind(msg.content_type())
+            .bind(msg.headers_json())
+            .bind(msg.absolute_available_at())
+            .bind(msg.delay_duration().map(millis))
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Adds many messages as part of `tx` in one statement; `seq` follows the slice's order.
+    pub async fn enqueue_batch(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        msgs: &[NewMessage],
+    ) -> Result<(), EnqueueError> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        let col = |f: &dyn Fn(&NewMessage) -> String| msgs.iter().map(f).collect::<Vec<_>>();
+        q(&self.sql.insert_batch)
+            .bind(msgs.iter().map(NewMessage::id).collect::<Vec<_>>())
+            .bind(col(&|m| m.topic().to_owned()))
+            .bind(col(&|m| m.message_type().to_owned()))
+            .bind(msgs.iter().map(|m| m.key_ref().map(str::to_owned)).collect::<Vec<_>>())
+            .bind(msgs.iter().map(NewMessage::partition).collect::<Vec<_>>())
+            .bind(msgs.iter().map(|m| m.payload().to_vec()).collect::<Vec<_>>())
+            .bind(col(&|m| m.content_type().to_owned()))
+            .bind(col(&NewMessage::headers_json))
+            .bind(msgs.iter().map(NewMessage::absolute_available_at).collect::<Vec<_>>())
+            .bind(
+                msgs.iter()
+                    .map(|m| m.delay_duration().map(millis))
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The outbox in a PostgreSQL database, for relays and operators.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    config: Arc<PgConfig>,
+    outbox: PgOutbox,
+}
+
+impl PgStore {
+    /// A store with the default names (`public.outbox_messages`).
+    pub fn new(pool: PgPool) -> Self {
+        Self::with_config(pool, PgConfig::default()).expect("default names are valid")
+    }
+
+    /// A store in another schema or with another table prefix.
+    pub fn with_config(pool: PgPool, config: PgConfig) -> StoreResult<Self> {
+        config.validate()?;
+        let sql = Arc::new(Sql::new(&config));
+        Ok(Self {
+            pool,
+            config: Arc::new(config),
+            outbox: PgOutbox { sql },
+        })
+    }
+
+    /// Connects a small pool to `url` (lazily: an unreachable database fails on first use).
+    pub async fn connect(url: &str, config: PgConfig) -> StoreResult<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy(url)
+            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        Self::with_config(pool, config)
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn config(&self) -> &PgConfig {
+        &self.config
+    }
+
+    /// The writer's handle, cheap to clone.
+    pub fn outbox(&self) -> &PgOutbox {
+        &self.outbox
+    }
+
+    /// Applies migrations up to `version` only (for staged upgrades and their tests).
+    pub async fn migrate_to(&self, version: i64) -> StoreResult<()> {
+        migrate_to(&self.pool, &self.config, version).await
+    }
+
+    fn sql(&self) -> &Sql {
+        &self.outbox.sql
+    }
+
+    async fn execute(
+        &self,
+        query: sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>,
+    ) -> StoreResult<u64> {
+        Ok(query.execute(&self.pool).await.map_err(db)?.rows_affected())
+    }
+}
+
+fn message_from_row(row: &PgRow) -> Result<Message, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    Ok(Message {
+        id: row.try_get("id")?,
+        seq: row.try_get("seq")?,
+        topic: row.try_get("topic")?,
+        message_type: row.try_get("type")?,
+        key: row.try_get("key")?,
+        partition: row.try_get("partition")?,
+        payload: row.try_get("payload")?,
+        content_type: row.try_get("content_type")?,
+        headers: parse_headers(row.try_get("headers")?),
+        created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
+        available_at: row.try_get::<DateTime<Utc>, _>("available_at")?,
+        attempts: row.try_get("attempts")?,
+        last_error: row.try_get("last_error")?,
+        status: Status::parse(&status).unwrap_or(Status::Pending),
+    })
+}
+
+fn messages(rows: Vec<PgRow>) -> StoreResult<Vec<Message>> {
+    let mut out = rows
+        .iter()
+        .map(message_from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    out.sort_by_key(|m| m.seq);
+    Ok(out)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        migrate_to(&self.pool, &self.config, LATEST_VERSION).await
+    }
+
+    async fn claim(&self, relay: &str, limit: usize, lease: Duration) -> StoreResult<Vec<Message>> {
+        let rows = q(&self.sql().claim)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(relay)
+            .bind(millis(lease))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        messages(rows)
+    }
+
+    async fn ack(&self, ids: &[Uuid], retention: Retention) -> StoreResult<u64> {
+        let sql = match retention {
+            Retention::Delete => &self.sql().ack_delete,
+            Retention::Keep(_) => &self.sql().ack_keep,
+        };
+        self.execute(q(sql).bind(ids.to_vec())).await
+    }
+
+    async fn fail(&self, relay: &str, failures: &[Failure]) -> StoreResult<()> {
+        let query = q(&self.sql().fail)
+            .bind(failures.iter().map(|f| f.id).collect::<Vec<_>>())
+            .bind(failures.iter().map(|f| f.error.clone()).collect::<Vec<_>>())
+            .bind(
+                failures
+                    .iter()
+                    .map(|f| f.retry_in.map(millis))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(relay.to_owned());
+        self.execute(query).await.map(drop)
+    }
+
+    async fn release(&self, relay: &str, ids: &[Uuid]) -> StoreResult<()> {
+        let query = q(&self.sql().release)
+            .bind(ids.to_vec())
+            .bind(relay.to_owned());
+        self.execute(query).await.map(drop)
+    }
+
+    async fn purge_delivered(&self, older_than: Duration, limit: usize) -> StoreResult<u64> {
+        let query = q(&self.sql().purge_delivered)
+            .bind(millis(older_than))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.execute(query).await
+    }
+
+    async fn status(&self) -> StoreResult<StatusCounts> {
+        let row = q(&self.sql().status)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        let get = |name: &str| row.try_get::<i64, _>(name).map_err(db);
+        Ok(StatusCounts {
+            pending: get("pending")?,
+            in_flight: get("in_flight")?,
+            delivered: get("delivered")?,
+            dead: get("dead")?,
+            oldest_pending_age_seconds: row.try_get("oldest").map_err(db)?,
+        })
+    }
+
+    async fn dead_list(&self, limit: usize) -> StoreResult<Vec<Message>> {
+        let rows = q(&self.sql().dead_list)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        messages(rows)
+    }
+
+    async fn dead_retry(&self, ids: Option<&[Uuid]>) -> StoreResult<u64> {
+        let n = self
+            .execute(q(&self.sql().dead_retry).bind(ids.map(<[Uuid]>::to_vec)))
+            .await?;
+        // Retried rows are updates, which the insert trigger does not see: wake relays here.
+        if n > 0 {
+            self.execute(q(&self.sql().notify)).await?;
+        }
+        Ok(n)
+    }
+
+    async fn dead_purge(&self, older_than: Option<Duration>) -> StoreResult<u64> {
+        self.execute(q(&self.sql().dead_purge).bind(older_than.map(millis)))
+            .await
+    }
+
+    async fn waiter(&self, relay: &str) -> StoreResult<Box<dyn Waiter>> {
+        let mut listener = PgListener::connect_with(&self.pool).await.map_err(db)?;
+        listener
+            .listen(&self.config.channel())
+            .await
+            .map_err(db)?;
+        Ok(Box::new(PgWaiter {
+            store: self.clone(),
+            listener,
+            relay: relay.to_owned(),
+            parked_until: None,
+        }))
+    }
+}
+
+/// Sleeps on LISTEN while registered as parked, so that writers notify only idle relays.
+struct PgWaiter {
+    store: PgStore,
+    listener: PgListener,
+    relay: String,
+    /// Local view of the registration's expiry; `None` when not registered.
+    parked_until: Option<Instant>,
+}
+
+impl PgWaiter {
+    /// A registration lives this long without renewal, so a relay that dies while parked
+    /// stops costing writers a NOTIFY soon after.
+    const REGISTRATION: Duration = Duration::from_secs(60);
+
+    async fn park(&mut self) -> StoreResult<()> {
+        let query = q(&self.store.sql().park)
+            .bind(self.relay.clone())
+            .bind(millis(Self::REGISTRATION));
+        self.store.execute(query).await?;
+        self.parked_until = Some(Instant::now() + Self::REGISTRATION);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Waiter for PgWaiter {
+    async fn prepare(&mut self) -> StoreResult<bool> {
+        match self.parked_until {
+            // Just registered: a writer may have committed before it saw the registration,
+            // so the relay claims once more before it sleeps.
+            None => self.park().await.map(|()| true),
+            Some(until)
+                if until.saturating_duration_since(Instant::now()) < Self::REGISTRATION / 2 =>
+            {
+                self.park().await.map(|()| false)
+            }
+            Some(_) => Ok(false),
+        }
+    }
+
+    async fn idle(&mut self, timeout: Duration) -> StoreResult<()> {
+        match tokio::time::timeout(timeout, self.listener.recv()).await {
+            Err(_elapsed) => Ok(()),
+            Ok(Ok(_notification)) => {
+                // Several writers may have notified; one claim serves them all.
+                while self.listener.next_buffered().is_some() {}
+                Ok(())
+            }
+            Ok(Err(e)) => Err(db(e)),
+        }
+    }
+
+    async fn busy(&mut self) -> StoreResult<()> {
+        if self.parked_until.take().is_some() {
+            let query = q(&self.store.sql().unpark).bind(self.relay.clone());
+            self.store.execute(query).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,84 @@
+//! Test fixtures on the local PostgreSQL (`OUTBOX_TEST_POSTGRES_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/test`).
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use outbox_core::{NewMessage, Store};
+use outbox_postgres::{PgConfig, PgStore};
+use outbox_testkit::{Backend, Fixture, OpenTx};
+use sqlx::postgres::PgPoolOptions;
+
+pub fn url() -> String {
+    std::env::var("OUTBOX_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh schema name per test, so tests run in parallel and leave nothing shared behind.
+pub fn schema_name() -> String {
+    format!("t_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A store in a fresh schema, not yet migrated.
+pub async fn fresh_store() -> anyhow::Result<PgStore> {
+    let pool = PgPoolOptions::new().max_connections(8).connect(&url()).await?;
+    let config = PgConfig { schema: schema_name(), ..PgConfig::default() };
+    Ok(PgStore::with_config(pool, config)?)
+}
+
+pub async fn drop_schema(store: &PgStore) -> anyhow::Result<()> {
+    let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", store.config().schema);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(store.pool()).await?;
+    Ok(())
+}
+
+pub struct Postgres;
+
+pub struct PgFixture {
+    store: PgStore,
+}
+
+pub struct PgTx(sqlx::Transaction<'static, sqlx::Postgres>, outbox_postgres::PgOutbox);
+
+#[async_trait]
+impl OpenTx for PgTx {
+    async fn enqueue(&mut self, msgs: &[NewMessage]) -> anyhow::Result<()> {
+        if let [one] = msgs {
+            self.1.enqueue(&mut self.0, one).await?;
+        } else {
+            self.1.enqueue_batch(&mut self.0, msgs).await?;
+        }
+        Ok(())
+    }
+    async fn commit(self: Box<Self>) -> anyhow::Result<()> {
+        Ok(self.0.commit().await?)
+    }
+    async fn rollback(self: Box<Self>) -> anyhow::Result<()> {
+        Ok(self.0.rollback().await?)
+    }
+}
+
+#[async_trait]
+impl Fixture for PgFixture {
+    fn store(&self) -> Arc<dyn Store> {
+        Arc::new(self.store.clone())
+    }
+    async fn begin(&self) -> anyhow::Result<Box<dyn OpenTx>> {
+        let tx = self.store.pool().begin().await?;
+        Ok(Box::new(PgTx(tx, self.store.outbox().clone())))
+    }
+    async fn cleanup(&self) -> anyhow::Result<()> {
+        drop_schema(&self.store).await
+    }
+}
+
+#[async_trait]
+impl Backend for Postgres {
+    async fn fixture(&self) -> anyhow::Result<Box<dyn Fixture>> {
+        let store = fresh_store().await?;
+        store.migrate().await?;
+        Ok(Box::new(PgFixture { store }))
+    }
+}
