@@ -202,7 +202,28 @@ pub mod tests {
             enqueue(f, &msgs).await?;
             all.extend(msgs);
         }
-        let rec = drain(f.store(), drain_config()).await;
+        // The sink runs a batch concurrently: it must never hold two messages of one key.
+        let rec = Recorder::default();
+        let in_flight = Arc::new(Mutex::new(HashSet::new()));
+        let overlaps = Arc::new(Mutex::new(0usize));
+        let (r, busy, over) = (rec.clone(), in_flight.clone(), overlaps.clone());
+        let sink = HandlerSink::new(move |m: Message| {
+            let (r, busy, over) = (r.clone(), busy.clone(), over.clone());
+            async move {
+                let key = m.key.clone();
+                if !busy.lock().unwrap().insert(key.clone()) {
+                    *over.lock().unwrap() += 1;
+                }
+                r.push(m);
+                tokio::task::yield_now().await;
+                busy.lock().unwrap().remove(&key);
+                Ok(())
+            }
+        });
+        Relay::with_config(f.store(), Arc::new(sink), drain_config())
+            .run(futures::future::pending())
+            .await;
+        ensure!(*overlaps.lock().unwrap() == 0, "two messages of one key were in flight at once");
         ensure!(rec.ids().len() == all.len(), "delivered {} of {}", rec.ids().len(), all.len());
         for key in ["k0", "k1", "k2"] {
             let want: Vec<_> = all.iter().filter(|m| m.key_ref() == Some(key)).map(NewMessage::id).collect();
