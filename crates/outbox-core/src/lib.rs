@@ -55,9 +55,7 @@ mod retry;
 mod sink;
 mod store;
 
-pub use message::{
-    JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Status, parse_headers,
-};
+pub use message::{JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Status, parse_headers};
 pub use partition::{PARTITIONS, partition_for};
 pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats, default_relay_id};
 pub use retry::RetryPolicy;

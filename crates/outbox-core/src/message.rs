@@ -259,10 +259,10 @@ pub fn parse_headers(raw: &str) -> BTreeMap<String, String> {
 }
 
 pub(crate) fn payload_value(content_type: &str, payload: &[u8]) -> serde_json::Value {
-    if content_type.starts_with(JSON) {
-        if let Ok(v) = serde_json::from_slice(payload) {
-            return v;
-        }
+    if content_type.starts_with(JSON)
+        && let Ok(v) = serde_json::from_slice(payload)
+    {
+        return v;
     }
     serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
 }
@@ -336,12 +336,18 @@ mod tests {
         let m = NewMessage::json("t", "e", &1)
             .unwrap()
             .delay(Duration::from_secs(10));
-        assert_eq!(m.available_at_from(now), now + chrono::Duration::seconds(10));
+        assert_eq!(
+            m.available_at_from(now),
+            now + chrono::Duration::seconds(10)
+        );
     }
 
     #[test]
     fn payload_value_decodes_json_and_falls_back_to_text() {
-        assert_eq!(payload_value(JSON, b"{\"a\":1}"), serde_json::json!({"a": 1}));
+        assert_eq!(
+            payload_value(JSON, b"{\"a\":1}"),
+            serde_json::json!({"a": 1})
+        );
         assert_eq!(payload_value("text/plain", b"hi"), serde_json::json!("hi"));
     }
 }

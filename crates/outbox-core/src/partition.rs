@@ -24,7 +24,10 @@ mod tests {
     #[test]
     fn partition_is_stable_across_releases() {
         // Pinned values: changing them would re-shuffle stored rows between partitions.
-        assert_eq!(partition_for(Some("order-1"), Uuid::nil()), (crc32fast::hash(b"order-1") % 1024) as i32);
+        assert_eq!(
+            partition_for(Some("order-1"), Uuid::nil()),
+            (crc32fast::hash(b"order-1") % 1024) as i32
+        );
         assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
     }
 

@@ -60,11 +60,7 @@ impl Default for RelayConfig {
 
 /// A relay id that differs between processes and between relays of one process.
 pub fn default_relay_id() -> String {
-    format!(
-        "relay-{}-{:04x}",
-        std::process::id(),
-        rand::random::<u16>()
-    )
+    format!("relay-{}-{:04x}", std::process::id(), rand::random::<u16>())
 }
 
 /// Live counters of a relay, readable while it runs.
@@ -290,7 +286,9 @@ impl Run<'_> {
 
     async fn deliver(&mut self, batch: Vec<Message>) {
         let stats = &self.relay.stats;
-        stats.claimed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats
+            .claimed
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let sink = self.relay.sink.clone();
         let mut publish = pin!(sink.publish(&batch));
         let outcomes = if self.stopping {
@@ -399,10 +397,16 @@ impl Run<'_> {
 
     async fn release(&mut self, batch: &[Message]) {
         let ids: Vec<Uuid> = batch.iter().map(|m| m.id).collect();
-        warn!(count = ids.len(), "shutdown timeout: releasing unfinished messages");
+        warn!(
+            count = ids.len(),
+            "shutdown timeout: releasing unfinished messages"
+        );
         let store = self.relay.store.clone();
         let relay_id = self.config().relay_id.clone();
-        if self.persist("release", || store.release(&relay_id, &ids)).await {
+        if self
+            .persist("release", || store.release(&relay_id, &ids))
+            .await
+        {
             self.relay
                 .stats
                 .released

@@ -70,7 +70,8 @@ mod tests {
     fn backoff_doubles_within_jitter_bounds_and_caps() {
         let p = policy();
         for attempt in 1..=6 {
-            let full = (Duration::from_millis(100) * (1 << (attempt - 1))).min(Duration::from_secs(1));
+            let full =
+                (Duration::from_millis(100) * (1 << (attempt - 1))).min(Duration::from_secs(1));
             for _ in 0..50 {
                 let d = p.backoff(attempt);
                 assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");

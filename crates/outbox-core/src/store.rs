@@ -19,7 +19,9 @@ pub enum StoreError {
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("migration {version} failed: {reason}")]
     Migration { version: i64, reason: String },
-    #[error("the database schema is at version {found}, newer than this build knows ({known}); upgrade outbox")]
+    #[error(
+        "the database schema is at version {found}, newer than this build knows ({known}); upgrade outbox"
+    )]
     SchemaTooNew { found: i64, known: i64 },
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -51,9 +51,9 @@ pub(crate) async fn migrate_to(pool: &PgPool, cfg: &PgConfig, target: i64) -> St
         .execute(&mut *tx)
         .await
         .map_err(StoreError::database)?;
-    let current: i64 = sqlx::query(AssertSqlSafe(cfg.render(
-        "SELECT coalesce(max(version), 0) FROM {schema}.{p}schema_migrations",
-    )))
+    let current: i64 = sqlx::query(AssertSqlSafe(
+        cfg.render("SELECT coalesce(max(version), 0) FROM {schema}.{p}schema_migrations"),
+    ))
     .fetch_one(&mut *tx)
     .await
     .and_then(|row| row.try_get(0))
@@ -73,11 +73,7 @@ pub(crate) async fn migrate_to(pool: &PgPool, cfg: &PgConfig, target: i64) -> St
     tx.commit().await.map_err(StoreError::database)
 }
 
-async fn apply(
-    tx: &mut sqlx::PgConnection,
-    cfg: &PgConfig,
-    m: &Migration,
-) -> StoreResult<()> {
+async fn apply(tx: &mut sqlx::PgConnection, cfg: &PgConfig, m: &Migration) -> StoreResult<()> {
     let failed = |e: sqlx::Error| StoreError::Migration {
         version: m.version,
         reason: e.to_string(),
@@ -94,6 +90,10 @@ async fn apply(
     .execute(&mut *tx)
     .await
     .map_err(failed)?;
-    tracing::info!(version = m.version, description = m.description, "applied migration");
+    tracing::info!(
+        version = m.version,
+        description = m.description,
+        "applied migration"
+    );
     Ok(())
 }

@@ -25,7 +25,10 @@ impl Default for PgConfig {
 impl PgConfig {
     /// Names are spliced into SQL, so only plain lower-case identifiers are accepted.
     pub fn validate(&self) -> Result<(), StoreError> {
-        for (what, name) in [("schema", &self.schema), ("table prefix", &self.table_prefix)] {
+        for (what, name) in [
+            ("schema", &self.schema),
+            ("table prefix", &self.table_prefix),
+        ] {
             let mut chars = name.chars();
             let ok = chars
                 .next()
@@ -85,13 +88,19 @@ impl Sql {
             insert: r(INSERT),
             insert_batch: r(INSERT_BATCH),
             claim: r(&CLAIM.replace("{columns}", COLUMNS)),
-            ack_delete: r("DELETE FROM {schema}.{p}messages WHERE id = ANY($1) AND status = 'in_flight'"),
-            ack_keep: r("UPDATE {schema}.{p}messages SET status = 'delivered', delivered_at = now(), locked_by = NULL \
-                 WHERE id = ANY($1) AND status = 'in_flight'"),
+            ack_delete: r(
+                "DELETE FROM {schema}.{p}messages WHERE id = ANY($1) AND status = 'in_flight'",
+            ),
+            ack_keep: r(
+                "UPDATE {schema}.{p}messages SET status = 'delivered', delivered_at = now(), locked_by = NULL \
+                 WHERE id = ANY($1) AND status = 'in_flight'",
+            ),
             fail: r(FAIL),
-            release: r("UPDATE {schema}.{p}messages SET status = 'pending', available_at = now(), \
+            release: r(
+                "UPDATE {schema}.{p}messages SET status = 'pending', available_at = now(), \
                  attempts = greatest(attempts - 1, 0), locked_by = NULL \
-                 WHERE id = ANY($1) AND locked_by = $2 AND status = 'in_flight'"),
+                 WHERE id = ANY($1) AND locked_by = $2 AND status = 'in_flight'",
+            ),
             purge_delivered: r("DELETE FROM {schema}.{p}messages WHERE seq IN (\
                  SELECT seq FROM {schema}.{p}messages \
                  WHERE status = 'delivered' AND delivered_at <= now() - $1 * interval '1 millisecond' \
@@ -100,9 +109,11 @@ impl Sql {
             dead_list: r(&format!(
                 "SELECT {COLUMNS} FROM {{schema}}.{{p}}messages m WHERE m.status = 'dead' ORDER BY m.seq LIMIT $1"
             )),
-            dead_retry: r("UPDATE {schema}.{p}messages SET status = 'pending', attempts = 0, available_at = now(), \
+            dead_retry: r(
+                "UPDATE {schema}.{p}messages SET status = 'pending', attempts = 0, available_at = now(), \
                  dead_at = NULL, locked_by = NULL \
-                 WHERE status = 'dead' AND ($1::uuid[] IS NULL OR id = ANY($1))"),
+                 WHERE status = 'dead' AND ($1::uuid[] IS NULL OR id = ANY($1))",
+            ),
             dead_purge: r("DELETE FROM {schema}.{p}messages WHERE status = 'dead' \
                  AND ($1::bigint IS NULL OR dead_at <= now() - $1 * interval '1 millisecond')"),
             park: r(PARK),

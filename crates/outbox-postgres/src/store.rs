@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Failure, Message, NewMessage, Retention, StatusCounts, Status, Store, StoreError, StoreResult,
+    Failure, Message, NewMessage, Retention, Status, StatusCounts, Store, StoreError, StoreResult,
     Waiter, parse_headers,
 };
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
@@ -77,12 +77,24 @@ impl PgOutbox {
             .bind(msgs.iter().map(NewMessage::id).collect::<Vec<_>>())
             .bind(col(&|m| m.topic().to_owned()))
             .bind(col(&|m| m.message_type().to_owned()))
-            .bind(msgs.iter().map(|m| m.key_ref().map(str::to_owned)).collect::<Vec<_>>())
+            .bind(
+                msgs.iter()
+                    .map(|m| m.key_ref().map(str::to_owned))
+                    .collect::<Vec<_>>(),
+            )
             .bind(msgs.iter().map(NewMessage::partition).collect::<Vec<_>>())
-            .bind(msgs.iter().map(|m| m.payload().to_vec()).collect::<Vec<_>>())
+            .bind(
+                msgs.iter()
+                    .map(|m| m.payload().to_vec())
+                    .collect::<Vec<_>>(),
+            )
             .bind(col(&|m| m.content_type().to_owned()))
             .bind(col(&NewMessage::headers_json))
-            .bind(msgs.iter().map(NewMessage::absolute_available_at).collect::<Vec<_>>())
+            .bind(
+                msgs.iter()
+                    .map(NewMessage::absolute_available_at)
+                    .collect::<Vec<_>>(),
+            )
             .bind(
                 msgs.iter()
                     .map(|m| m.delay_duration().map(millis))
@@ -284,10 +296,7 @@ impl Store for PgStore {
 
     async fn waiter(&self, relay: &str) -> StoreResult<Box<dyn Waiter>> {
         let mut listener = PgListener::connect_with(&self.pool).await.map_err(db)?;
-        listener
-            .listen(&self.config.channel())
-            .await
-            .map_err(db)?;
+        listener.listen(&self.config.channel()).await.map_err(db)?;
         Ok(Box::new(PgWaiter {
             store: self.clone(),
             listener,

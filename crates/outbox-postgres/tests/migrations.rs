@@ -27,7 +27,10 @@ async fn upgrades_from_the_first_version_with_data_intact() -> anyhow::Result<()
     let got = store.claim("r", 10, Duration::from_secs(30)).await?;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].id, msg.id());
-    assert_eq!(got[0].json::<serde_json::Value>()?, serde_json::json!({"n": 7}));
+    assert_eq!(
+        got[0].json::<serde_json::Value>()?,
+        serde_json::json!({"n": 7})
+    );
     assert_eq!(store.ack(&[msg.id()], Retention::Delete).await?, 1);
     common::drop_schema(&store).await
 }
@@ -63,19 +66,27 @@ async fn refuses_a_schema_newer_than_the_build() -> anyhow::Result<()> {
     .execute(store.pool())
     .await?;
     let err = store.migrate().await.unwrap_err();
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 999, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 999, .. }),
+        "{err}"
+    );
     common::drop_schema(&store).await
 }
 
 #[tokio::test]
 async fn table_prefix_keeps_outboxes_apart() -> anyhow::Result<()> {
     let a = common::fresh_store().await?;
-    let config = PgConfig { schema: a.config().schema.clone(), table_prefix: "billing_".into() };
+    let config = PgConfig {
+        schema: a.config().schema.clone(),
+        table_prefix: "billing_".into(),
+    };
     let b = PgStore::with_config(a.pool().clone(), config)?;
     a.migrate().await?;
     b.migrate().await?;
     let mut tx = a.pool().begin().await?;
-    b.outbox().enqueue(&mut tx, &outbox_testkit::msg("t", 1)).await?;
+    b.outbox()
+        .enqueue(&mut tx, &outbox_testkit::msg("t", 1))
+        .await?;
     tx.commit().await?;
     assert_eq!(a.status().await?.pending, 0);
     assert_eq!(b.status().await?.pending, 1);
@@ -84,8 +95,18 @@ async fn table_prefix_keeps_outboxes_apart() -> anyhow::Result<()> {
 
 #[test]
 fn rejects_names_that_are_not_plain_identifiers() {
-    for (schema, prefix) in [("public; drop table x", "outbox_"), ("public", "Outbox"), ("", "o_")] {
-        let config = PgConfig { schema: schema.into(), table_prefix: prefix.into() };
-        assert!(matches!(config.validate(), Err(StoreError::Config(_))), "{schema:?} {prefix:?}");
+    for (schema, prefix) in [
+        ("public; drop table x", "outbox_"),
+        ("public", "Outbox"),
+        ("", "o_"),
+    ] {
+        let config = PgConfig {
+            schema: schema.into(),
+            table_prefix: prefix.into(),
+        };
+        assert!(
+            matches!(config.validate(), Err(StoreError::Config(_))),
+            "{schema:?} {prefix:?}"
+        );
     }
 }

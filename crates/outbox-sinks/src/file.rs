@@ -154,10 +154,21 @@ mod tests {
     #[tokio::test]
     async fn from_url_reports_bad_urls() {
         use crate::{SinkUrlError, from_url};
-        assert!(matches!(from_url("nothing").await, Err(SinkUrlError::NoScheme(_))));
-        assert!(matches!(from_url("kafka://127.0.0.1:9092").await, Err(SinkUrlError::Unsupported(s)) if s == "kafka"));
-        assert!(matches!(from_url("file:").await, Err(SinkUrlError::MissingPath(_))));
-        assert!(matches!(from_url("file:/nonexistent-dir/x/y.jsonl").await, Err(SinkUrlError::Open { .. })));
+        assert!(matches!(
+            from_url("nothing").await,
+            Err(SinkUrlError::NoScheme(_))
+        ));
+        assert!(
+            matches!(from_url("kafka://127.0.0.1:9092").await, Err(SinkUrlError::Unsupported(s)) if s == "kafka")
+        );
+        assert!(matches!(
+            from_url("file:").await,
+            Err(SinkUrlError::MissingPath(_))
+        ));
+        assert!(matches!(
+            from_url("file:/nonexistent-dir/x/y.jsonl").await,
+            Err(SinkUrlError::Open { .. })
+        ));
         assert_eq!(from_url("null:").await.unwrap().name(), "null");
     }
 }

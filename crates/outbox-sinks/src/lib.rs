@@ -27,7 +27,9 @@ pub use file::{FileSink, StdoutSink};
 pub enum SinkUrlError {
     #[error("sink {0:?} has no scheme; expected one of file:PATH, stdout:, null:")]
     NoScheme(String),
-    #[error("sink scheme {0:?} is not supported by this build; supported: file:PATH, stdout:, null:")]
+    #[error(
+        "sink scheme {0:?} is not supported by this build; supported: file:PATH, stdout:, null:"
+    )]
     Unsupported(String),
     #[error("sink {0:?} needs a path, as in file:/var/lib/outbox/events.jsonl")]
     MissingPath(String),

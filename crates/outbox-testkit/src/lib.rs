@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox_core::{
-    HandlerSink, Message, NewMessage, Relay, RelayConfig, RelayState, Retention, RetryPolicy, SinkError,
-    Status, Store,
+    HandlerSink, Message, NewMessage, Relay, RelayConfig, RelayState, Retention, RetryPolicy,
+    SinkError, Status, Store,
 };
 use uuid::Uuid;
 
@@ -156,7 +156,10 @@ pub mod tests {
         let got = f.store().claim("r1", 10, LEASE).await?;
         ensure!(got.len() == 1 && got[0].id == m.id(), "claimed {got:?}");
         ensure!(got[0].attempts == 1 && got[0].status == Status::InFlight);
-        ensure!(f.store().claim("r2", 10, LEASE).await?.is_empty(), "claimed twice");
+        ensure!(
+            f.store().claim("r2", 10, LEASE).await?.is_empty(),
+            "claimed twice"
+        );
         ensure!(f.store().ack(&[m.id()], Retention::Delete).await? == 1);
         ensure!(f.store().status().await? == Default::default());
         Ok(())
@@ -166,9 +169,15 @@ pub mod tests {
         let store = f.store();
         let mut open = f.begin().await?;
         open.enqueue(&[msg("t", 1)]).await?;
-        ensure!(store.claim("r", 10, LEASE).await?.is_empty(), "saw an uncommitted row");
+        ensure!(
+            store.claim("r", 10, LEASE).await?.is_empty(),
+            "saw an uncommitted row"
+        );
         open.rollback().await?;
-        ensure!(store.claim("r", 10, LEASE).await?.is_empty(), "saw a rolled-back row");
+        ensure!(
+            store.claim("r", 10, LEASE).await?.is_empty(),
+            "saw a rolled-back row"
+        );
         ensure!(store.status().await?.pending == 0);
 
         let mut open = f.begin().await?;
@@ -223,11 +232,28 @@ pub mod tests {
         Relay::with_config(f.store(), Arc::new(sink), drain_config())
             .run(futures::future::pending())
             .await;
-        ensure!(*overlaps.lock().unwrap() == 0, "two messages of one key were in flight at once");
-        ensure!(rec.ids().len() == all.len(), "delivered {} of {}", rec.ids().len(), all.len());
+        ensure!(
+            *overlaps.lock().unwrap() == 0,
+            "two messages of one key were in flight at once"
+        );
+        ensure!(
+            rec.ids().len() == all.len(),
+            "delivered {} of {}",
+            rec.ids().len(),
+            all.len()
+        );
         for key in ["k0", "k1", "k2"] {
-            let want: Vec<_> = all.iter().filter(|m| m.key_ref() == Some(key)).map(NewMessage::id).collect();
-            let got: Vec<_> = rec.messages().iter().filter(|m| m.key.as_deref() == Some(key)).map(|m| m.id).collect();
+            let want: Vec<_> = all
+                .iter()
+                .filter(|m| m.key_ref() == Some(key))
+                .map(NewMessage::id)
+                .collect();
+            let got: Vec<_> = rec
+                .messages()
+                .iter()
+                .filter(|m| m.key.as_deref() == Some(key))
+                .map(|m| m.id)
+                .collect();
             ensure!(got == want, "key {key} out of order");
         }
         Ok(())
@@ -237,7 +263,11 @@ pub mod tests {
         let msgs: Vec<_> = (0..2000)
             .map(|n| {
                 let m = msg("t", n);
-                if n % 4 == 0 { m.key(format!("k{}", n % 40)) } else { m }
+                if n % 4 == 0 {
+                    m.key(format!("k{}", n % 40))
+                } else {
+                    m
+                }
             })
             .collect();
         enqueue(f, &msgs).await?;
@@ -260,7 +290,12 @@ pub mod tests {
                 *counts.entry(id).or_default() += 1;
             }
         }
-        ensure!(counts.len() == msgs.len(), "delivered {} distinct of {}", counts.len(), msgs.len());
+        ensure!(
+            counts.len() == msgs.len(),
+            "delivered {} distinct of {}",
+            counts.len(),
+            msgs.len()
+        );
         let dup = counts.values().filter(|&&c| c > 1).count();
         ensure!(dup == 0, "{dup} messages delivered more than once");
         ensure!(f.store().status().await?.pending == 0);
@@ -275,9 +310,15 @@ pub mod tests {
         let first = f.store().claim("a", 10, Duration::ZERO).await?;
         ensure!(first.len() == 1 && first[0].id == m.id());
         let again = f.store().claim("b", 10, LEASE).await?;
-        ensure!(again.len() == 1 && again[0].id == m.id(), "not reclaimed: {again:?}");
+        ensure!(
+            again.len() == 1 && again[0].id == m.id(),
+            "not reclaimed: {again:?}"
+        );
         ensure!(again[0].attempts == 2);
-        ensure!(f.store().claim("c", 10, LEASE).await?.is_empty(), "key order broken");
+        ensure!(
+            f.store().claim("c", 10, LEASE).await?.is_empty(),
+            "key order broken"
+        );
         f.store().ack(&[m.id()], Retention::Delete).await?;
         let after = f.store().claim("c", 10, LEASE).await?;
         ensure!(after.len() == 1 && after[0].id == next.id());
@@ -290,10 +331,17 @@ pub mod tests {
         f.store().claim("a", 10, Duration::ZERO).await?;
         f.store().claim("b", 10, LEASE).await?;
         // "a" wakes up and reports a failure for a message it no longer holds.
-        let failure = outbox_core::Failure { id: m.id(), error: "late".into(), retry_in: None };
+        let failure = outbox_core::Failure {
+            id: m.id(),
+            error: "late".into(),
+            retry_in: None,
+        };
         f.store().fail("a", &[failure]).await?;
         let s = f.store().status().await?;
-        ensure!(s.in_flight == 1 && s.dead == 0, "lost lease overwrote the claim: {s:?}");
+        ensure!(
+            s.in_flight == 1 && s.dead == 0,
+            "lost lease overwrote the claim: {s:?}"
+        );
         Ok(())
     }
 
@@ -316,21 +364,35 @@ pub mod tests {
         enqueue(f, std::slice::from_ref(&m)).await?;
         // A long backoff: after the first failure the message waits, not claimable.
         let slow = RelayConfig {
-            retry: RetryPolicy { max_attempts: 3, base_delay: Duration::from_secs(3600), max_delay: Duration::from_secs(3600) },
+            retry: RetryPolicy {
+                max_attempts: 3,
+                base_delay: Duration::from_secs(3600),
+                max_delay: Duration::from_secs(3600),
+            },
             ..drain_config()
         };
         let attempts = Arc::new(Mutex::new(HashMap::new()));
-        let sink = Arc::new(failing_sink(attempts.clone(), SinkError::transient("broker down")));
-        let report = Relay::with_config(f.store(), sink.clone(), slow).run(futures::future::pending()).await;
+        let sink = Arc::new(failing_sink(
+            attempts.clone(),
+            SinkError::transient("broker down"),
+        ));
+        let report = Relay::with_config(f.store(), sink.clone(), slow)
+            .run(futures::future::pending())
+            .await;
         ensure!(report.retried == 1 && report.dead == 0, "{report:?}");
-        ensure!(f.store().claim("x", 10, LEASE).await?.is_empty(), "retried before its backoff");
+        ensure!(
+            f.store().claim("x", 10, LEASE).await?.is_empty(),
+            "retried before its backoff"
+        );
         let s = f.store().status().await?;
         ensure!(s.pending == 1, "{s:?}");
 
         // With no backoff it is retried until max_attempts, then dead with its error kept.
         let m2 = msg("t", 2);
         enqueue(f, std::slice::from_ref(&m2)).await?;
-        let report = Relay::with_config(f.store(), sink, drain_config()).run(futures::future::pending()).await;
+        let report = Relay::with_config(f.store(), sink, drain_config())
+            .run(futures::future::pending())
+            .await;
         ensure!(report.dead == 1 && report.retried == 2, "{report:?}");
         let dead = f.store().dead_list(10).await?;
         ensure!(dead.len() == 1 && dead[0].id == m2.id());
@@ -343,8 +405,13 @@ pub mod tests {
         let m = msg("t", 1);
         enqueue(f, std::slice::from_ref(&m)).await?;
         let attempts = Arc::new(Mutex::new(HashMap::new()));
-        let sink = Arc::new(failing_sink(attempts, SinkError::permanent("schema mismatch")));
-        let report = Relay::with_config(f.store(), sink, drain_config()).run(futures::future::pending()).await;
+        let sink = Arc::new(failing_sink(
+            attempts,
+            SinkError::permanent("schema mismatch"),
+        ));
+        let report = Relay::with_config(f.store(), sink, drain_config())
+            .run(futures::future::pending())
+            .await;
         ensure!(report.dead == 1 && report.retried == 0, "{report:?}");
         let dead = f.store().dead_list(10).await?;
         ensure!(dead[0].attempts == 1 && dead[0].last_error.as_deref() == Some("schema mismatch"));
@@ -354,7 +421,9 @@ pub mod tests {
     pub async fn failing_key_does_not_block_other_keys(f: &dyn Fixture) -> R {
         let poison = msg("t", 0).key("bad");
         let behind = msg("t", 1).key("bad");
-        let others: Vec<_> = (2..22).map(|n| msg("t", n).key(format!("good{n}"))).collect();
+        let others: Vec<_> = (2..22)
+            .map(|n| msg("t", n).key(format!("good{n}")))
+            .collect();
         let mut all = vec![poison.clone(), behind.clone()];
         all.extend(others.iter().cloned());
         enqueue(f, &all).await?;
@@ -372,13 +441,25 @@ pub mod tests {
             }
         });
         let config = RelayConfig {
-            retry: RetryPolicy { max_attempts: 5, base_delay: Duration::from_secs(3600), max_delay: Duration::from_secs(3600) },
+            retry: RetryPolicy {
+                max_attempts: 5,
+                base_delay: Duration::from_secs(3600),
+                max_delay: Duration::from_secs(3600),
+            },
             ..drain_config()
         };
-        Relay::with_config(f.store(), Arc::new(sink), config).run(futures::future::pending()).await;
+        Relay::with_config(f.store(), Arc::new(sink), config)
+            .run(futures::future::pending())
+            .await;
         let delivered: HashSet<_> = rec.ids().into_iter().collect();
-        ensure!(others.iter().all(|m| delivered.contains(&m.id())), "other keys were held back");
-        ensure!(!delivered.contains(&behind.id()), "a later message overtook its failing predecessor");
+        ensure!(
+            others.iter().all(|m| delivered.contains(&m.id())),
+            "other keys were held back"
+        );
+        ensure!(
+            !delivered.contains(&behind.id()),
+            "a later message overtook its failing predecessor"
+        );
         Ok(())
     }
 
@@ -389,14 +470,21 @@ pub mod tests {
         let claimed = store.claim("r", 10, LEASE).await?;
         let failures: Vec<_> = claimed
             .iter()
-            .map(|m| outbox_core::Failure { id: m.id, error: "boom".into(), retry_in: None })
+            .map(|m| outbox_core::Failure {
+                id: m.id,
+                error: "boom".into(),
+                retry_in: None,
+            })
             .collect();
         store.fail("r", &failures).await?;
         ensure!(store.status().await?.dead == 3);
         ensure!(store.dead_retry(Some(&[msgs[0].id()])).await? == 1);
         let again = store.claim("r", 10, LEASE).await?;
         ensure!(again.len() == 1 && again[0].id == msgs[0].id() && again[0].attempts == 1);
-        ensure!(store.dead_purge(Some(Duration::from_secs(3600))).await? == 0, "purged young dead letters");
+        ensure!(
+            store.dead_purge(Some(Duration::from_secs(3600))).await? == 0,
+            "purged young dead letters"
+        );
         ensure!(store.dead_purge(None).await? == 2);
         ensure!(store.dead_retry(None).await? == 0);
         let s = store.status().await?;
@@ -407,13 +495,25 @@ pub mod tests {
     pub async fn retention_keeps_then_purges_delivered(f: &dyn Fixture) -> R {
         let msgs: Vec<_> = (0..5).map(|n| msg("t", n)).collect();
         enqueue(f, &msgs).await?;
-        let config = RelayConfig { retention: Retention::Keep(Duration::from_secs(3600)), ..drain_config() };
+        let config = RelayConfig {
+            retention: Retention::Keep(Duration::from_secs(3600)),
+            ..drain_config()
+        };
         let rec = drain(f.store(), config).await;
         ensure!(rec.ids().len() == 5);
         let s = f.store().status().await?;
         ensure!(s.delivered == 5 && s.pending == 0, "{s:?}");
-        ensure!(f.store().purge_delivered(Duration::from_secs(3600), 10).await? == 0, "purged inside the window");
-        ensure!(f.store().purge_delivered(Duration::ZERO, 2).await? == 2, "purge ignores its batch bound");
+        ensure!(
+            f.store()
+                .purge_delivered(Duration::from_secs(3600), 10)
+                .await?
+                == 0,
+            "purged inside the window"
+        );
+        ensure!(
+            f.store().purge_delivered(Duration::ZERO, 2).await? == 2,
+            "purge ignores its batch bound"
+        );
         ensure!(f.store().purge_delivered(Duration::ZERO, 10).await? == 3);
         ensure!(f.store().status().await?.delivered == 0);
         Ok(())
@@ -424,7 +524,10 @@ pub mod tests {
         let now = msg("t", 2);
         enqueue(f, &[later, now.clone()]).await?;
         let got = f.store().claim("r", 10, LEASE).await?;
-        ensure!(got.len() == 1 && got[0].id == now.id(), "delayed message was claimed early");
+        ensure!(
+            got.len() == 1 && got[0].id == now.id(),
+            "delayed message was claimed early"
+        );
         ensure!(f.store().status().await?.pending == 1);
         Ok(())
     }
@@ -434,7 +537,10 @@ pub mod tests {
         enqueue(f, std::slice::from_ref(&m)).await?;
         f.store().claim("r", 10, LEASE).await?;
         f.store().release("other", &[m.id()]).await?;
-        ensure!(f.store().status().await?.in_flight == 1, "released another relay's claim");
+        ensure!(
+            f.store().status().await?.in_flight == 1,
+            "released another relay's claim"
+        );
         f.store().release("r", &[m.id()]).await?;
         let again = f.store().claim("r", 10, LEASE).await?;
         ensure!(again.len() == 1 && again[0].attempts == 1, "{again:?}");
@@ -446,14 +552,29 @@ pub mod tests {
         enqueue(f, &msgs).await?;
         let store = f.store();
         let s = store.status().await?;
-        ensure!(s.pending == 4 && s.oldest_pending_age_seconds.is_some_and(|a| a >= 0.0), "{s:?}");
+        ensure!(
+            s.pending == 4 && s.oldest_pending_age_seconds.is_some_and(|a| a >= 0.0),
+            "{s:?}"
+        );
         let c = store.claim("r", 3, LEASE).await?;
-        store.ack(&[c[0].id], Retention::Keep(Duration::from_secs(60))).await?;
         store
-            .fail("r", &[outbox_core::Failure { id: c[1].id, error: "x".into(), retry_in: None }])
+            .ack(&[c[0].id], Retention::Keep(Duration::from_secs(60)))
+            .await?;
+        store
+            .fail(
+                "r",
+                &[outbox_core::Failure {
+                    id: c[1].id,
+                    error: "x".into(),
+                    retry_in: None,
+                }],
+            )
             .await?;
         let s = store.status().await?;
-        ensure!((s.pending, s.in_flight, s.delivered, s.dead) == (1, 1, 1, 1), "{s:?}");
+        ensure!(
+            (s.pending, s.in_flight, s.delivered, s.dead) == (1, 1, 1, 1),
+            "{s:?}"
+        );
         Ok(())
     }
 
@@ -473,7 +594,11 @@ pub mod tests {
                 Ok(())
             }
         });
-        let config = RelayConfig { exit_when_idle: false, batch_size: 5, ..drain_config() };
+        let config = RelayConfig {
+            exit_when_idle: false,
+            batch_size: 5,
+            ..drain_config()
+        };
         let report = Relay::with_config(f.store(), Arc::new(sink), config)
             .run(async move {
                 started_rx.recv().await;
@@ -510,7 +635,10 @@ pub mod tests {
             .await;
         ensure!(report.released == 1 && report.delivered == 0, "{report:?}");
         let again = f.store().claim("r", 10, LEASE).await?;
-        ensure!(again.len() == 1 && again[0].id == m.id() && again[0].attempts == 1, "{again:?}");
+        ensure!(
+            again.len() == 1 && again[0].id == m.id() && again[0].attempts == 1,
+            "{again:?}"
+        );
         Ok(())
     }
 
@@ -541,7 +669,10 @@ pub mod tests {
             let m = msg("t", n);
             enqueue(f, std::slice::from_ref(&m)).await?;
             let got = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
-            ensure!(got == Ok(Some(m.id())), "message {n} not delivered after commit: {got:?}");
+            ensure!(
+                got == Ok(Some(m.id())),
+                "message {n} not delivered after commit: {got:?}"
+            );
         }
         let _ = stop_tx.send(());
         handle.await?;
@@ -549,17 +680,34 @@ pub mod tests {
     }
 
     pub async fn headers_and_payload_round_trip(f: &dyn Fixture) -> R {
-        let json = NewMessage::json("t", "e", &serde_json::json!({"amount": "10.50", "ok": true}))?
-            .key("k")
-            .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
-        let bytes = NewMessage::bytes("t", "blob", "application/octet-stream", vec![0u8, 159, 146, 150])?;
+        let json = NewMessage::json(
+            "t",
+            "e",
+            &serde_json::json!({"amount": "10.50", "ok": true}),
+        )?
+        .key("k")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        );
+        let bytes = NewMessage::bytes(
+            "t",
+            "blob",
+            "application/octet-stream",
+            vec![0u8, 159, 146, 150],
+        )?;
         enqueue(f, &[json.clone(), bytes.clone()]).await?;
         let got = f.store().claim("r", 10, LEASE).await?;
         ensure!(got.len() == 2);
         ensure!(got[0].headers == *json.header_map() && got[0].key.as_deref() == Some("k"));
-        ensure!(got[0].json::<serde_json::Value>()? == serde_json::json!({"amount": "10.50", "ok": true}));
+        ensure!(
+            got[0].json::<serde_json::Value>()?
+                == serde_json::json!({"amount": "10.50", "ok": true})
+        );
         ensure!(got[0].message_type == "e" && got[0].partition == json.partition());
-        ensure!(got[1].payload == bytes.payload() && got[1].content_type == "application/octet-stream");
+        ensure!(
+            got[1].payload == bytes.payload() && got[1].content_type == "application/octet-stream"
+        );
         Ok(())
     }
 

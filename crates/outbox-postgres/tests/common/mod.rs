@@ -23,14 +23,22 @@ pub fn schema_name() -> String {
 
 /// A store in a fresh schema, not yet migrated.
 pub async fn fresh_store() -> anyhow::Result<PgStore> {
-    let pool = PgPoolOptions::new().max_connections(8).connect(&url()).await?;
-    let config = PgConfig { schema: schema_name(), ..PgConfig::default() };
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url())
+        .await?;
+    let config = PgConfig {
+        schema: schema_name(),
+        ..PgConfig::default()
+    };
     Ok(PgStore::with_config(pool, config)?)
 }
 
 pub async fn drop_schema(store: &PgStore) -> anyhow::Result<()> {
     let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", store.config().schema);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(store.pool()).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(store.pool())
+        .await?;
     Ok(())
 }
 
@@ -40,7 +48,10 @@ pub struct PgFixture {
     store: PgStore,
 }
 
-pub struct PgTx(sqlx::Transaction<'static, sqlx::Postgres>, outbox_postgres::PgOutbox);
+pub struct PgTx(
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    outbox_postgres::PgOutbox,
+);
 
 #[async_trait]
 impl OpenTx for PgTx {
