@@ -1,0 +1,444 @@
+//! [`SqliteStore`] (the relay's side) and [`SqliteOutbox`] (the writer's side).
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use outbox_core::{
+    Failure, Message, NewMessage, PollingWaiter, Retention, Status, StatusCounts, Store,
+    StoreError, StoreResult, Waiter, parse_headers,
+};
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool, Transaction};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::migrate::{LATEST_VERSION, migrate_to};
+
+/// Where the outbox lives in the database file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteConfig {
+    /// Prefix of every table and index name.
+    pub table_prefix: String,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        Self {
+            table_prefix: "outbox_".into(),
+        }
+    }
+}
+
+impl SqliteConfig {
+    /// The prefix is spliced into SQL, so only plain lower-case identifiers are accepted.
+    pub fn validate(&self) -> StoreResult<()> {
+        let p = &self.table_prefix;
+        let mut chars = p.chars();
+        let ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && p.len() <= 40;
+        if ok {
+            Ok(())
+        } else {
+            Err(StoreError::Config(format!(
+                "table prefix {p:?} must be a lower-case identifier ([a-z_][a-z0-9_]*, at most 40 characters)"
+            )))
+        }
+    }
+}
+
+/// An enqueue that the database refused; the caller's transaction should be rolled back.
+#[derive(Debug, thiserror::Error)]
+#[error("could not enqueue outbox message: {0}")]
+pub struct EnqueueError(#[from] sqlx::Error);
+
+type Query = sqlx::query::Query<'static, Sqlite, SqliteArguments>;
+
+fn q(sql: &Arc<str>) -> Query {
+    sqlx::query(AssertSqlSafe(sql.clone()))
+}
+
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::database(e)
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A list of ids as one JSON-array parameter, read back with `json_each`.
+fn id_list(ids: &[Uuid]) -> String {
+    serde_json::to_string(&ids.iter().map(Uuid::to_string).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".into())
+}
+
+const COLUMNS: &str = "id, seq, topic, type, key, partition, payload, content_type, headers, \
+     created_at, available_at, attempts, last_error, status";
+
+/// Columns bound per enqueued row; SQLite allows 32766 parameters per statement.
+const INSERT_COLUMNS: usize = 10;
+const ROWS_PER_INSERT: usize = 32_766 / INSERT_COLUMNS;
+
+#[derive(Debug)]
+struct Sql {
+    insert_head: String,
+    claim: Arc<str>,
+    ack_delete: Arc<str>,
+    ack_keep: Arc<str>,
+    fail_retry: Arc<str>,
+    fail_dead: Arc<str>,
+    release: Arc<str>,
+    purge_delivered: Arc<str>,
+    status: Arc<str>,
+    dead_list: Arc<str>,
+    dead_retry_some: Arc<str>,
+    dead_retry_all: Arc<str>,
+    dead_purge: Arc<str>,
+}
+
+impl Sql {
+    fn new(p: &str) -> Self {
+        let r = |t: &str| -> Arc<str> { t.replace("{p}", p).replace("{columns}", COLUMNS).into() };
+        Self {
+            insert_head: format!(
+                "INSERT INTO {p}messages (id, topic, type, key, partition, payload, content_type, \
+                 headers, created_at, available_at) VALUES "
+            ),
+            claim: r("UPDATE {p}messages \
+                 SET status = 'in_flight', locked_by = ?1, attempts = attempts + 1, available_at = ?2 \
+                 WHERE seq IN (\
+                   SELECT c.seq FROM {p}messages c \
+                   WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= ?3 \
+                     AND (c.key IS NULL OR NOT EXISTS (\
+                       SELECT 1 FROM {p}messages e \
+                       WHERE e.key = c.key AND e.seq < c.seq AND e.status IN ('pending', 'in_flight'))) \
+                   ORDER BY c.available_at, c.seq LIMIT ?4) \
+                 RETURNING {columns}"),
+            ack_delete: r("DELETE FROM {p}messages \
+                 WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'in_flight'"),
+            ack_keep: r(
+                "UPDATE {p}messages SET status = 'delivered', delivered_at = ?2, locked_by = NULL \
+                 WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'in_flight'",
+            ),
+            fail_retry: r("UPDATE {p}messages \
+                 SET status = 'pending', available_at = ?2, last_error = ?3, locked_by = NULL \
+                 WHERE id = ?1 AND locked_by = ?4 AND status = 'in_flight'"),
+            fail_dead: r("UPDATE {p}messages \
+                 SET status = 'dead', dead_at = ?2, last_error = ?3, locked_by = NULL \
+                 WHERE id = ?1 AND locked_by = ?4 AND status = 'in_flight'"),
+            release: r(
+                "UPDATE {p}messages SET status = 'pending', available_at = ?3, \
+                 attempts = max(attempts - 1, 0), locked_by = NULL \
+                 WHERE id IN (SELECT value FROM json_each(?1)) AND locked_by = ?2 AND status = 'in_flight'",
+            ),
+            purge_delivered: r("DELETE FROM {p}messages WHERE seq IN (\
+                 SELECT seq FROM {p}messages WHERE status = 'delivered' AND delivered_at <= ?1 \
+                 ORDER BY delivered_at LIMIT ?2)"),
+            status: r("SELECT \
+                 coalesce(sum(status = 'pending'), 0) AS pending, \
+                 coalesce(sum(status = 'in_flight'), 0) AS in_flight, \
+                 coalesce(sum(status = 'delivered'), 0) AS delivered, \
+                 coalesce(sum(status = 'dead'), 0) AS dead, \
+                 min(CASE WHEN status = 'pending' THEN created_at END) AS oldest \
+                 FROM {p}messages"),
+            dead_list: r(
+                "SELECT {columns} FROM {p}messages WHERE status = 'dead' ORDER BY seq LIMIT ?1",
+            ),
+            dead_retry_some: r(
+                "UPDATE {p}messages SET status = 'pending', attempts = 0, available_at = ?2, \
+                 dead_at = NULL, locked_by = NULL \
+                 WHERE status = 'dead' AND id IN (SELECT value FROM json_each(?1))",
+            ),
+            dead_retry_all: r(
+                "UPDATE {p}messages SET status = 'pending', attempts = 0, available_at = ?1, \
+                 dead_at = NULL, locked_by = NULL WHERE status = 'dead'",
+            ),
+            dead_purge: r("DELETE FROM {p}messages WHERE status = 'dead' AND dead_at <= ?1"),
+        }
+    }
+}
+
+/// The writer's handle: enqueues messages inside the caller's transaction.
+#[derive(Debug, Clone)]
+pub struct SqliteOutbox {
+    sql: Arc<Sql>,
+}
+
+impl SqliteOutbox {
+    /// Adds one message to the outbox as part of `tx`.
+    pub async fn enqueue(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        msg: &NewMessage,
+    ) -> Result<(), EnqueueError> {
+        self.enqueue_batch(tx, std::slice::from_ref(msg)).await
+    }
+
+    /// Adds many messages as part of `tx` in one multi-row statement (more only past SQLite's
+    /// parameter limit); `seq` follows the slice's order.
+    pub async fn enqueue_batch(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        msgs: &[NewMessage],
+    ) -> Result<(), EnqueueError> {
+        let now = Utc::now();
+        for chunk in msgs.chunks(ROWS_PER_INSERT) {
+            let mut sql = self.sql.insert_head.clone();
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 { "(" } else { ", (" });
+                let base = i * INSERT_COLUMNS;
+                let marks: Vec<String> = (1..=INSERT_COLUMNS)
+                    .map(|c| format!("?{}", base + c))
+                    .collect();
+                sql.push_str(&marks.join(", "));
+                sql.push(')');
+            }
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for m in chunk {
+                query = query
+                    .bind(m.id().to_string())
+                    .bind(m.topic().to_owned())
+                    .bind(m.message_type().to_owned())
+                    .bind(m.key_ref().map(str::to_owned))
+                    .bind(m.partition())
+                    .bind(m.payload().to_vec())
+                    .bind(m.content_type().to_owned())
+                    .bind(m.headers_json())
+                    .bind(now.timestamp_millis())
+                    .bind(m.available_at_from(now).timestamp_millis());
+            }
+            query.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The outbox in a SQLite database file, for relays and operators.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    config: Arc<SqliteConfig>,
+    outbox: SqliteOutbox,
+    notify: Arc<Notify>,
+}
+
+impl SqliteStore {
+    /// A store with the default table prefix on an existing pool.
+    pub fn new(pool: SqlitePool) -> Self {
+        Self::with_config(pool, SqliteConfig::default()).expect("default names are valid")
+    }
+
+    pub fn with_config(pool: SqlitePool, config: SqliteConfig) -> StoreResult<Self> {
+        config.validate()?;
+        let sql = Arc::new(Sql::new(&config.table_prefix));
+        Ok(Self {
+            pool,
+            config: Arc::new(config),
+            outbox: SqliteOutbox { sql },
+            notify: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Opens (creating when missing) the database file of `url` (`sqlite://PATH`).
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        Self::connect_with(url, SqliteConfig::default()).await
+    }
+
+    pub async fn connect_with(url: &str, config: SqliteConfig) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("invalid SQLite URL {url:?}: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(db)?;
+        Self::with_config(pool, config)
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub fn config(&self) -> &SqliteConfig {
+        &self.config
+    }
+
+    /// The writer's handle, cheap to clone.
+    pub fn outbox(&self) -> &SqliteOutbox {
+        &self.outbox
+    }
+
+    /// Wakes a relay of this process that sleeps on this store; call it after commit.
+    pub fn notify(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Applies migrations up to `version` only (for staged upgrades and their tests).
+    pub async fn migrate_to(&self, version: i64) -> StoreResult<()> {
+        migrate_to(&self.pool, &self.config.table_prefix, version).await
+    }
+
+    fn sql(&self) -> &Sql {
+        &self.outbox.sql
+    }
+
+    async fn execute(&self, query: Query) -> StoreResult<u64> {
+        Ok(query.execute(&self.pool).await.map_err(db)?.rows_affected())
+    }
+
+    async fn fetch_messages(&self, query: Query) -> StoreResult<Vec<Message>> {
+        let rows = query.fetch_all(&self.pool).await.map_err(db)?;
+        let mut out = rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        out.sort_by_key(|m| m.seq);
+        Ok(out)
+    }
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+fn message_from_row(row: &SqliteRow) -> Result<Message, sqlx::Error> {
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    Ok(Message {
+        id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        seq: row.try_get("seq")?,
+        topic: row.try_get("topic")?,
+        message_type: row.try_get("type")?,
+        key: row.try_get("key")?,
+        partition: row.try_get("partition")?,
+        payload: row.try_get("payload")?,
+        content_type: row.try_get("content_type")?,
+        headers: parse_headers(row.try_get("headers")?),
+        created_at: time(row.try_get("created_at")?),
+        available_at: time(row.try_get("available_at")?),
+        attempts: row.try_get("attempts")?,
+        last_error: row.try_get("last_error")?,
+        status: Status::parse(&status).unwrap_or(Status::Pending),
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        migrate_to(&self.pool, &self.config.table_prefix, LATEST_VERSION).await
+    }
+
+    async fn claim(&self, relay: &str, limit: usize, lease: Duration) -> StoreResult<Vec<Message>> {
+        let now = now_ms();
+        let query = q(&self.sql().claim)
+            .bind(relay.to_owned())
+            .bind(now.saturating_add(ms(lease)))
+            .bind(now)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.fetch_messages(query).await
+    }
+
+    async fn ack(&self, ids: &[Uuid], retention: Retention) -> StoreResult<u64> {
+        let query = match retention {
+            Retention::Delete => q(&self.sql().ack_delete).bind(id_list(ids)),
+            Retention::Keep(_) => q(&self.sql().ack_keep).bind(id_list(ids)).bind(now_ms()),
+        };
+        self.execute(query).await
+    }
+
+    async fn fail(&self, relay: &str, failures: &[Failure]) -> StoreResult<()> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        for f in failures {
+            let query = match f.retry_in {
+                Some(d) => q(&self.sql().fail_retry)
+                    .bind(f.id.to_string())
+                    .bind(now.saturating_add(ms(d))),
+                None => q(&self.sql().fail_dead).bind(f.id.to_string()).bind(now),
+            };
+            query
+                .bind(f.error.clone())
+                .bind(relay.to_owned())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn release(&self, relay: &str, ids: &[Uuid]) -> StoreResult<()> {
+        let query = q(&self.sql().release)
+            .bind(id_list(ids))
+            .bind(relay.to_owned())
+            .bind(now_ms());
+        self.execute(query).await.map(drop)
+    }
+
+    async fn purge_delivered(&self, older_than: Duration, limit: usize) -> StoreResult<u64> {
+        let query = q(&self.sql().purge_delivered)
+            .bind(now_ms().saturating_sub(ms(older_than)))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.execute(query).await
+    }
+
+    async fn status(&self) -> StoreResult<StatusCounts> {
+        let row = q(&self.sql().status)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        let get = |name: &str| row.try_get::<i64, _>(name).map_err(db);
+        let oldest: Option<i64> = row.try_get("oldest").map_err(db)?;
+        Ok(StatusCounts {
+            pending: get("pending")?,
+            in_flight: get("in_flight")?,
+            delivered: get("delivered")?,
+            dead: get("dead")?,
+            oldest_pending_age_seconds: oldest.map(|t| (now_ms() - t).max(0) as f64 / 1000.0),
+        })
+    }
+
+    async fn dead_list(&self, limit: usize) -> StoreResult<Vec<Message>> {
+        let query = q(&self.sql().dead_list).bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.fetch_messages(query).await
+    }
+
+    async fn dead_retry(&self, ids: Option<&[Uuid]>) -> StoreResult<u64> {
+        let query = match ids {
+            Some(ids) => q(&self.sql().dead_retry_some)
+                .bind(id_list(ids))
+                .bind(now_ms()),
+            None => q(&self.sql().dead_retry_all).bind(now_ms()),
+        };
+        let n = self.execute(query).await?;
+        if n > 0 {
+            self.notify();
+        }
+        Ok(n)
+    }
+
+    async fn dead_purge(&self, older_than: Option<Duration>) -> StoreResult<u64> {
+        let cutoff = older_than.map_or(i64::MAX, |d| now_ms().saturating_sub(ms(d)));
+        self.execute(q(&self.sql().dead_purge).bind(cutoff)).await
+    }
+
+    async fn waiter(&self, _relay: &str) -> StoreResult<Box<dyn Waiter>> {
+        Ok(Box::new(PollingWaiter::new(self.notify.clone())))
+    }
+}

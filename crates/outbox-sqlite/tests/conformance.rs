@@ -1,0 +1,5 @@
+//! The shared conformance suite on real SQLite files.
+
+mod common;
+
+outbox_testkit::conformance_tests!(common::Sqlite);
