@@ -1,1 +1,35 @@
-fn main() {}
+//! The `outbox` command: a thin shell over the library crates. Run the relay, migrate, enqueue,
+//! and inspect or repair an outbox on PostgreSQL or SQLite.
+
+mod cli;
+mod commands;
+mod config;
+mod store;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::Cli;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::usage_error(e),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(e) => fail(&e),
+    }
+}
+
+/// One readable line on stderr, and a non-zero exit.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    let line = format!("{e:#}").replace('\n', " ");
+    eprintln!("error: {line}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,222 @@
+//! Command-line arguments. Every option also reads an `OUTBOX_*` environment variable, and the
+//! settings of `--config FILE` fill in what neither gives.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox",
+    version,
+    about = "Transactional outbox: deliver the events your transactions commit, never lost, in order per key",
+    long_about = None,
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Database holding the outbox: postgres://…, sqlite://PATH (mysql:// is not supported yet)
+    #[arg(
+        long,
+        global = true,
+        env = "OUTBOX_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+
+    /// PostgreSQL schema of the outbox tables [default: public]
+    #[arg(long, global = true, env = "OUTBOX_SCHEMA")]
+    pub schema: Option<String>,
+
+    /// Prefix of the outbox tables [default: outbox_]
+    #[arg(long, global = true, env = "OUTBOX_TABLE_PREFIX")]
+    pub table_prefix: Option<String>,
+
+    /// TOML file with settings (keys as the long options, with underscores)
+    #[arg(long, global = true, env = "OUTBOX_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Log filter, as in RUST_LOG [default: info]
+    #[arg(long, global = true, env = "OUTBOX_LOG")]
+    pub log: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the outbox schema (idempotent)
+    Migrate,
+    /// Enqueue messages in one transaction, from flags or a JSON-lines file
+    Enqueue(EnqueueArgs),
+    /// Run the relay: claim pending messages, deliver them to a sink, retry, dead-letter
+    Relay(RelayArgs),
+    /// Counts of pending, in-flight, delivered and dead messages
+    Status(JsonFlag),
+    /// List, retry and purge dead messages
+    #[command(subcommand)]
+    Dead(DeadCommand),
+    /// The payment demo of the outbox pattern
+    Demo,
+    /// Measure the relay's drain rate on the configured database
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Topic of the message
+    #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+    pub topic: Option<String>,
+    /// Type of the message (for example payment.created)
+    #[arg(
+        long = "type",
+        required_unless_present = "file",
+        conflicts_with = "file"
+    )]
+    pub message_type: Option<String>,
+    /// Ordering key: messages with the same key are delivered in order
+    #[arg(long, conflicts_with = "file")]
+    pub key: Option<String>,
+    /// JSON payload
+    #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+    pub payload: Option<String>,
+    /// Header NAME=VALUE (repeatable)
+    #[arg(long = "header", value_name = "NAME=VALUE", conflicts_with = "file")]
+    pub headers: Vec<String>,
+    /// Deliver no earlier than this long after commit (for example 30s)
+    #[arg(long, value_parser = parse_duration, conflicts_with = "file")]
+    pub delay: Option<Duration>,
+    /// JSON lines {"topic","type","key","payload","headers"} to enqueue together; - for stdin
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct RelayArgs {
+    /// Where to deliver: file:PATH, stdout:, null:
+    #[arg(long, env = "OUTBOX_SINK")]
+    pub sink: Option<String>,
+    /// Messages claimed per round trip [default: 100]
+    #[arg(long, env = "OUTBOX_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    /// How long a claim is held before another relay may take it over [default: 30s]
+    #[arg(long, env = "OUTBOX_LEASE", value_parser = parse_duration)]
+    pub lease: Option<Duration>,
+    /// Polling fallback when no wake-up arrives [default: 1s]
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL", value_parser = parse_duration)]
+    pub poll_interval: Option<Duration>,
+    /// Attempts before a message is dead [default: 10]
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS")]
+    pub max_attempts: Option<i32>,
+    /// Backoff after the first failure, doubled per attempt [default: 1s]
+    #[arg(long, env = "OUTBOX_RETRY_BASE", value_parser = parse_duration)]
+    pub retry_base: Option<Duration>,
+    /// Longest backoff [default: 10m]
+    #[arg(long, env = "OUTBOX_RETRY_MAX", value_parser = parse_duration)]
+    pub retry_max: Option<Duration>,
+    /// Keep delivered messages this long (0 deletes them at once) [default: 0]
+    #[arg(long, env = "OUTBOX_RETENTION", value_parser = parse_duration)]
+    pub retention: Option<Duration>,
+    /// On SIGINT/SIGTERM, how long the batch in hand may take [default: 10s]
+    #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+    /// Name of this relay's leases [default: relay-PID-RANDOM]
+    #[arg(long, env = "OUTBOX_RELAY_ID")]
+    pub relay_id: Option<String>,
+    /// Do not create or upgrade the schema at start
+    #[arg(long, env = "OUTBOX_NO_MIGRATE")]
+    pub no_migrate: bool,
+    /// Exit once nothing is left to deliver (drain mode)
+    #[arg(long)]
+    pub exit_when_idle: bool,
+    /// Validate the configuration and exit
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List dead messages with their last error
+    List {
+        #[command(flatten)]
+        json: JsonFlag,
+        /// At most this many [default: 100]
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Make dead messages pending again, with a fresh attempt count
+    Retry {
+        /// Ids of the messages to retry
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<uuid::Uuid>,
+        /// Retry every dead message
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead messages
+    Purge {
+        /// Only those dead for longer than this (for example 7d)
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Messages to enqueue and drain
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: usize,
+    /// Messages claimed per round trip
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: usize,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (expected for example 500ms, 30s, 5m, 7d)"))
+}
+
+/// Help and version go to stdout with success; usage errors become one line and exit 2.
+pub fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let text = e.to_string();
+    let line: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:"))
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .collect();
+    eprintln!("{} (see outbox --help)", line.join(" "));
+    ExitCode::from(2)
+}

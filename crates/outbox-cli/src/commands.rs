@@ -1,0 +1,372 @@
+//! One function per subcommand.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use outbox_core::{NewMessage, Relay, RelayConfig, Store, StoreError};
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::cli::{BenchArgs, Cli, Command, DeadCommand, EnqueueArgs, RelayArgs};
+use crate::config::{FileConfig, StoreSettings, relay_settings, store_settings};
+use crate::store::AnyStore;
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let file = FileConfig::load(cli.global.config.as_deref())?;
+    init_logging(cli.global.log.as_deref().or(file.log.as_deref()));
+    if let Command::Demo = cli.command {
+        println!("outbox demo: the payment demo is not available in this version yet.");
+        println!("Try: outbox relay --database-url sqlite://outbox.db --sink stdout:");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let settings = store_settings(&cli.global, &file)?;
+    match cli.command {
+        Command::Migrate => migrate(&settings).await,
+        Command::Enqueue(args) => enqueue(&settings, args).await,
+        Command::Relay(args) => relay(&settings, &file, args).await,
+        Command::Status(f) => status(&settings, f.json).await,
+        Command::Dead(cmd) => dead(&settings, cmd).await,
+        Command::Bench(args) => bench(&settings, args).await,
+        Command::Demo => unreachable!("handled above"),
+    }
+    .map(|()| ExitCode::SUCCESS)
+}
+
+fn init_logging(filter: Option<&str>) {
+    let filter = filter
+        .map(str::to_owned)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Opens and migrates the store, for the commands that need the schema to exist.
+async fn open_migrated(settings: &StoreSettings) -> anyhow::Result<AnyStore> {
+    let store = AnyStore::open(settings, true).await?;
+    store.store().migrate().await?;
+    Ok(store)
+}
+
+async fn migrate(settings: &StoreSettings) -> anyhow::Result<()> {
+    open_migrated(settings).await?;
+    eprintln!("outbox schema is up to date");
+    Ok(())
+}
+
+/// One line of `enqueue --file`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    topic: String,
+    #[serde(rename = "type")]
+    message_type: String,
+    key: Option<String>,
+    payload: serde_json::Value,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+impl Line {
+    fn into_message(self) -> anyhow::Result<NewMessage> {
+        let mut m =
+            NewMessage::json(self.topic, self.message_type, &self.payload)?.headers(self.headers);
+        if let Some(key) = self.key {
+            m = m.key(key);
+        }
+        Ok(m)
+    }
+}
+
+/// Parses every line before anything is written, so a bad line rejects the whole file.
+fn read_lines(reader: impl BufRead, source: &str) -> anyhow::Result<Vec<NewMessage>> {
+    let mut msgs = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("reading {source}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: Line = serde_json::from_str(&line)
+            .map_err(|e| anyhow::anyhow!("{source} line {}: {e}; nothing was enqueued", i + 1))?;
+        msgs.push(
+            parsed
+                .into_message()
+                .with_context(|| format!("{source} line {}; nothing was enqueued", i + 1))?,
+        );
+    }
+    if msgs.is_empty() {
+        bail!("{source} holds no messages");
+    }
+    Ok(msgs)
+}
+
+fn message_from_flags(args: EnqueueArgs) -> anyhow::Result<NewMessage> {
+    let payload: serde_json::Value = serde_json::from_str(args.payload.as_deref().unwrap_or(""))
+        .context("--payload is not valid JSON")?;
+    let mut m = NewMessage::json(
+        args.topic.unwrap_or_default(),
+        args.message_type.unwrap_or_default(),
+        &payload,
+    )?;
+    if let Some(key) = args.key {
+        m = m.key(key);
+    }
+    if let Some(delay) = args.delay {
+        m = m.delay(delay);
+    }
+    for h in args.headers {
+        let Some((name, value)) = h.split_once('=') else {
+            bail!("--header {h:?} must be NAME=VALUE");
+        };
+        m = m.header(name.trim(), value);
+    }
+    Ok(m)
+}
+
+async fn enqueue(settings: &StoreSettings, args: EnqueueArgs) -> anyhow::Result<()> {
+    let msgs = match &args.file {
+        Some(path) if path.as_os_str() == "-" => read_lines(std::io::stdin().lock(), "stdin")?,
+        Some(path) => {
+            let f = std::fs::File::open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            read_lines(std::io::BufReader::new(f), &path.display().to_string())?
+        }
+        None => vec![message_from_flags(args)?],
+    };
+    let store = open_migrated(settings).await?;
+    store.enqueue_all(&msgs).await?;
+    let mut out = std::io::stdout().lock();
+    for m in &msgs {
+        writeln!(out, "{}", m.id())?;
+    }
+    eprintln!("enqueued {} message(s)", msgs.len());
+    Ok(())
+}
+
+async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> anyhow::Result<()> {
+    let (sink_url, config) = relay_settings(&args, file)?;
+    let sink = outbox_sinks::from_url(&sink_url).await?;
+    let store = AnyStore::open(settings, false).await?;
+    if args.check {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    let store = store.store();
+    if !args.no_migrate && !wait_for_migration(store.as_ref()).await? {
+        return Ok(());
+    }
+    let report = Relay::with_config(store, sink, config)
+        .run(shutdown_signal())
+        .await;
+    info!(
+        delivered = report.delivered,
+        retried = report.retried,
+        dead = report.dead,
+        "done"
+    );
+    Ok(())
+}
+
+/// Migrates at start, waiting for a database that is not up yet; false if told to stop first.
+async fn wait_for_migration(store: &dyn Store) -> anyhow::Result<bool> {
+    let mut pause = Duration::from_millis(200);
+    let mut warned = false;
+    let mut stop = std::pin::pin!(shutdown_signal());
+    loop {
+        match store.migrate().await {
+            Ok(()) => return Ok(true),
+            Err(e @ StoreError::Database(_)) => {
+                if !warned {
+                    warn!(error = %e, "database unavailable; waiting for it");
+                    warned = true;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = &mut stop => return Ok(false),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    info!("shutting down");
+}
+
+async fn status(settings: &StoreSettings, json: bool) -> anyhow::Result<()> {
+    let store = open_migrated(settings).await?;
+    let s = store.store().status().await?;
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        println!("pending    {}", s.pending);
+        println!("in_flight  {}", s.in_flight);
+        println!("delivered  {}", s.delivered);
+        println!("dead       {}", s.dead);
+        match s.oldest_pending_age_seconds {
+            Some(age) => println!("oldest pending  {age:.1}s"),
+            None => println!("oldest pending  -"),
+        }
+    }
+    Ok(())
+}
+
+async fn dead(settings: &StoreSettings, cmd: DeadCommand) -> anyhow::Result<()> {
+    let store = open_migrated(settings).await?.store();
+    match cmd {
+        DeadCommand::List { json, limit } => {
+            let dead = store.dead_list(limit).await?;
+            if json.json {
+                let entries: Vec<_> = dead.iter().map(dead_entry).collect();
+                println!("{}", serde_json::to_string(&entries)?);
+            } else if dead.is_empty() {
+                println!("no dead messages");
+            } else {
+                for m in &dead {
+                    println!(
+                        "{}  {}  {}  key={}  attempts={}  error={}",
+                        m.id,
+                        m.topic,
+                        m.message_type,
+                        m.key.as_deref().unwrap_or("-"),
+                        m.attempts,
+                        m.last_error.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        DeadCommand::Retry { ids, all } => {
+            let n = store
+                .dead_retry(if all { None } else { Some(&ids) })
+                .await?;
+            if !all && (n as usize) < ids.len() {
+                bail!(
+                    "{n} of {} messages retried; the others are not dead (or do not exist)",
+                    ids.len()
+                );
+            }
+            println!("{n} message(s) pending again");
+        }
+        DeadCommand::Purge { older_than } => {
+            let n = store.dead_purge(older_than).await?;
+            println!("{n} dead message(s) deleted");
+        }
+    }
+    Ok(())
+}
+
+fn dead_entry(m: &outbox_core::Message) -> serde_json::Value {
+    serde_json::json!({
+        "id": m.id,
+        "topic": m.topic,
+        "type": m.message_type,
+        "key": m.key,
+        "attempts": m.attempts,
+        "last_error": m.last_error,
+        "payload": m.payload_value(),
+        "headers": m.headers,
+        "created_at": m.created_at,
+    })
+}
+
+/// Enqueues N messages in batches and drains them with the null sink.
+async fn bench(settings: &StoreSettings, args: BenchArgs) -> anyhow::Result<()> {
+    let store = open_migrated(settings).await?;
+    let started = Instant::now();
+    let chunk = 1000;
+    for start in (0..args.messages).step_by(chunk) {
+        let msgs = (start..(start + chunk).min(args.messages))
+            .map(|i| NewMessage::json("bench", "bench.event", &serde_json::json!({"n": i})))
+            .collect::<Result<Vec<_>, _>>()?;
+        store.enqueue_all(&msgs).await?;
+    }
+    let enqueue_secs = started.elapsed().as_secs_f64();
+    let config = RelayConfig {
+        batch_size: args.batch_size,
+        exit_when_idle: true,
+        ..RelayConfig::default()
+    };
+    let started = Instant::now();
+    let report = Relay::with_config(store.store(), Arc::new(outbox_sinks::NullSink), config)
+        .run(std::future::pending())
+        .await;
+    let drain_secs = started.elapsed().as_secs_f64();
+    let result = serde_json::json!({
+        "messages": args.messages,
+        "enqueue_batched_per_second": args.messages as f64 / enqueue_secs,
+        "drained": report.delivered,
+        "drain_per_second": report.delivered as f64 / drain_secs,
+        "batch_size": args.batch_size,
+    });
+    if args.json {
+        println!("{result}");
+    } else {
+        println!(
+            "enqueued {} messages in {enqueue_secs:.2}s ({:.0}/s, batches of {chunk})",
+            args.messages,
+            args.messages as f64 / enqueue_secs
+        );
+        println!(
+            "drained  {} messages in {drain_secs:.2}s ({:.0}/s, null sink, claim batch {})",
+            report.delivered,
+            report.delivered as f64 / drain_secs,
+            args.batch_size
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_line_rejects_the_file_and_names_the_line() {
+        let input =
+            "{\"topic\":\"t\",\"type\":\"e\",\"payload\":{}}\n\n{\"topic\":\"t\",\"payload\":1}\n";
+        let err = read_lines(input.as_bytes(), "events.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("events.jsonl line 3"), "{err}");
+        assert!(err.contains("type"), "{err}");
+    }
+
+    #[test]
+    fn lines_become_messages_with_keys_and_headers() {
+        let input = "{\"topic\":\"t\",\"type\":\"e\",\"key\":\"k\",\"payload\":{\"a\":1},\"headers\":{\"h\":\"v\"}}\n";
+        let msgs = read_lines(input.as_bytes(), "stdin").unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].key_ref(), Some("k"));
+        assert_eq!(msgs[0].header_map().get("h").map(String::as_str), Some("v"));
+        assert_eq!(msgs[0].payload(), b"{\"a\":1}");
+    }
+}

@@ -1,0 +1,197 @@
+//! Settings: flags and `OUTBOX_*` variables first, then the TOML file, then defaults.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use outbox_core::{RelayConfig, Retention, RetryPolicy, default_relay_id};
+use serde::Deserialize;
+
+use crate::cli::{Global, RelayArgs, parse_duration};
+
+/// The TOML file. Keys are the long options with underscores; unknown keys are errors, so a
+/// typo never silently falls back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub database_url: Option<String>,
+    pub schema: Option<String>,
+    pub table_prefix: Option<String>,
+    pub log: Option<String>,
+    pub sink: Option<String>,
+    pub batch_size: Option<usize>,
+    pub lease: Option<String>,
+    pub poll_interval: Option<String>,
+    pub max_attempts: Option<i32>,
+    pub retry_base: Option<String>,
+    pub retry_max: Option<String>,
+    pub retention: Option<String>,
+    pub shutdown_timeout: Option<String>,
+    pub relay_id: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            let msg = e.message().to_owned();
+            let at = e
+                .span()
+                .map(|s| format!(" at line {}", text[..s.start].lines().count().max(1)))
+                .unwrap_or_default();
+            anyhow::anyhow!("config file {}{at}: {msg}", path.display())
+        })
+    }
+}
+
+/// Where the outbox is.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub database_url: String,
+    pub schema: Option<String>,
+    pub table_prefix: Option<String>,
+}
+
+pub fn store_settings(global: &Global, file: &FileConfig) -> anyhow::Result<StoreSettings> {
+    let Some(database_url) = global.database_url.clone().or(file.database_url.clone()) else {
+        bail!(
+            "no database: pass --database-url URL or set OUTBOX_DATABASE_URL (postgres://… or sqlite://PATH)"
+        );
+    };
+    Ok(StoreSettings {
+        database_url,
+        schema: global.schema.clone().or(file.schema.clone()),
+        table_prefix: global.table_prefix.clone().or(file.table_prefix.clone()),
+    })
+}
+
+fn duration(
+    flag: Option<Duration>,
+    file: &Option<String>,
+    name: &str,
+    default: Duration,
+) -> anyhow::Result<Duration> {
+    if let Some(d) = flag {
+        return Ok(d);
+    }
+    match file {
+        Some(s) => parse_duration(s).map_err(|e| anyhow::anyhow!("config key {name} = {s:?}: {e}")),
+        None => Ok(default),
+    }
+}
+
+/// The relay's settings, with every value checked.
+pub fn relay_settings(
+    args: &RelayArgs,
+    file: &FileConfig,
+) -> anyhow::Result<(String, RelayConfig)> {
+    let defaults = RelayConfig::default();
+    let retry_defaults = RetryPolicy::default();
+    let Some(sink) = args.sink.clone().or(file.sink.clone()) else {
+        bail!("no sink: pass --sink URL (file:PATH, stdout:, null:) or set OUTBOX_SINK");
+    };
+    let batch_size = args
+        .batch_size
+        .or(file.batch_size)
+        .unwrap_or(defaults.batch_size);
+    if !(1..=10_000).contains(&batch_size) {
+        bail!("batch size must be between 1 and 10000, got {batch_size}");
+    }
+    let max_attempts = args
+        .max_attempts
+        .or(file.max_attempts)
+        .unwrap_or(retry_defaults.max_attempts);
+    if max_attempts < 1 {
+        bail!("max attempts must be at least 1, got {max_attempts}");
+    }
+    let lease = duration(args.lease, &file.lease, "lease", defaults.lease)?;
+    if lease < Duration::from_millis(100) {
+        bail!("lease must be at least 100ms, got {lease:?}");
+    }
+    let retention = duration(args.retention, &file.retention, "retention", Duration::ZERO)?;
+    let config = RelayConfig {
+        relay_id: args
+            .relay_id
+            .clone()
+            .or(file.relay_id.clone())
+            .unwrap_or_else(default_relay_id),
+        batch_size,
+        lease,
+        poll_interval: duration(
+            args.poll_interval,
+            &file.poll_interval,
+            "poll_interval",
+            defaults.poll_interval,
+        )?
+        .max(Duration::from_millis(10)),
+        retry: RetryPolicy {
+            max_attempts,
+            base_delay: duration(
+                args.retry_base,
+                &file.retry_base,
+                "retry_base",
+                retry_defaults.base_delay,
+            )?,
+            max_delay: duration(
+                args.retry_max,
+                &file.retry_max,
+                "retry_max",
+                retry_defaults.max_delay,
+            )?,
+        },
+        retention: if retention.is_zero() {
+            Retention::Delete
+        } else {
+            Retention::Keep(retention)
+        },
+        shutdown_timeout: duration(
+            args.shutdown_timeout,
+            &file.shutdown_timeout,
+            "shutdown_timeout",
+            defaults.shutdown_timeout,
+        )?,
+        exit_when_idle: args.exit_when_idle,
+        ..defaults
+    };
+    Ok((sink, config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file: FileConfig = toml::from_str(
+            "sink = \"null:\"\nbatch_size = 7\nlease = \"45s\"\nretention = \"1h\"\n",
+        )
+        .unwrap();
+        let args = RelayArgs {
+            batch_size: Some(9),
+            ..RelayArgs::default()
+        };
+        let (sink, cfg) = relay_settings(&args, &file).unwrap();
+        assert_eq!(sink, "null:");
+        assert_eq!(cfg.batch_size, 9);
+        assert_eq!(cfg.lease, Duration::from_secs(45));
+        assert_eq!(cfg.retention, Retention::Keep(Duration::from_secs(3600)));
+        assert_eq!(cfg.poll_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let file: FileConfig = toml::from_str("sink = \"null:\"\nlease = \"soon\"").unwrap();
+        let err = relay_settings(&RelayArgs::default(), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lease"), "{err}");
+        let err = toml::from_str::<FileConfig>("batchsize = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}

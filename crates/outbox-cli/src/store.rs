@@ -1,0 +1,127 @@
+//! Opens the store a database URL names.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use outbox_core::{NewMessage, Store};
+use outbox_postgres::{PgConfig, PgStore};
+use outbox_sqlite::{SqliteConfig, SqliteStore};
+use sqlx::postgres::PgPoolOptions;
+
+use crate::config::StoreSettings;
+
+/// A store of either kind, for the commands that need the writer's side too.
+#[derive(Clone)]
+pub enum AnyStore {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+impl AnyStore {
+    /// Opens the store. With `eager`, connects now so that a wrong URL or a stopped server is
+    /// reported at once; the relay opens lazily and waits for the database instead.
+    pub async fn open(s: &StoreSettings, eager: bool) -> anyhow::Result<Self> {
+        let url = s.database_url.as_str();
+        let shown = redact(url);
+        let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
+        match scheme {
+            "postgres" | "postgresql" => {
+                let mut config = PgConfig::default();
+                if let Some(schema) = &s.schema {
+                    config.schema = schema.clone();
+                }
+                if let Some(prefix) = &s.table_prefix {
+                    config.table_prefix = prefix.clone();
+                }
+                let options = PgPoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(5));
+                let pool = if eager {
+                    options
+                        .connect(url)
+                        .await
+                        .with_context(|| format!("cannot connect to {shown}"))?
+                } else {
+                    options
+                        .connect_lazy(url)
+                        .with_context(|| format!("invalid database URL {shown}"))?
+                };
+                Ok(Self::Postgres(PgStore::with_config(pool, config)?))
+            }
+            "sqlite" => {
+                if s.schema.is_some() {
+                    bail!("--schema applies to PostgreSQL only; use --table-prefix with SQLite");
+                }
+                let mut config = SqliteConfig::default();
+                if let Some(prefix) = &s.table_prefix {
+                    config.table_prefix = prefix.clone();
+                }
+                let store = SqliteStore::connect_with(url, config)
+                    .await
+                    .with_context(|| format!("cannot open {shown}"))?;
+                Ok(Self::Sqlite(store))
+            }
+            "mysql" | "mariadb" => {
+                bail!("the MySQL/MariaDB store is not available yet; use postgres:// or sqlite://")
+            }
+            "" => bail!(
+                "database URL {shown:?} has no scheme; expected postgres://… or sqlite://PATH"
+            ),
+            other => bail!(
+                "unknown database URL scheme {other:?}; expected postgres://… or sqlite://PATH"
+            ),
+        }
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Self::Postgres(s) => Arc::new(s.clone()),
+            Self::Sqlite(s) => Arc::new(s.clone()),
+        }
+    }
+
+    /// Enqueues all messages in one transaction: all of them or none.
+    pub async fn enqueue_all(&self, msgs: &[NewMessage]) -> anyhow::Result<()> {
+        match self {
+            Self::Postgres(s) => {
+                let mut tx = s.pool().begin().await?;
+                s.outbox().enqueue_batch(&mut tx, msgs).await?;
+                tx.commit().await?;
+            }
+            Self::Sqlite(s) => {
+                let mut tx = s.pool().begin().await?;
+                s.outbox().enqueue_batch(&mut tx, msgs).await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Hides the password of a URL in messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,501 @@
+//! The real `outbox` binary against real PostgreSQL and SQLite.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn pg_url() -> String {
+    std::env::var("OUTBOX_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// An outbox of its own: a fresh PostgreSQL schema or a fresh SQLite file.
+struct Db {
+    url: String,
+    schema: Option<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Db {
+    fn postgres() -> Self {
+        Self {
+            url: pg_url(),
+            schema: Some(format!("cli_{}", uuid::Uuid::now_v7().simple())),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self {
+            url: format!("sqlite://{}", dir.path().join("outbox.db").display()),
+            schema: None,
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_outbox"));
+        c.args(args)
+            .env("OUTBOX_DATABASE_URL", &self.url)
+            .env("OUTBOX_LOG", "warn")
+            .env_remove("OUTBOX_SINK")
+            .stdin(Stdio::null());
+        if let Some(s) = &self.schema {
+            c.env("OUTBOX_SCHEMA", s);
+        }
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run outbox")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "outbox {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).unwrap()
+    }
+
+    /// Enqueues `n` keyed messages from a file; returns their ids in order.
+    fn enqueue_many(&self, n: usize, keys: usize) -> Vec<String> {
+        let file = self.path("in.jsonl");
+        let lines: String = (0..n)
+            .map(|i| format!("{{\"topic\":\"orders\",\"type\":\"order.created\",\"key\":\"k{}\",\"payload\":{{\"n\":{i}}}}}\n", i % keys))
+            .collect();
+        std::fs::write(&file, lines).unwrap();
+        self.ok(&["enqueue", "--file", file.to_str().unwrap()])
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Some(schema) = &self.schema {
+            let _ = Command::new("psql")
+                .args([
+                    &pg_url(),
+                    "-qc",
+                    &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+                ])
+                .output();
+        }
+    }
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits for a condition that an external process brings about, failing after a generous bound.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn stderr_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "expected one line on stderr, got: {err}"
+    );
+    err
+}
+
+fn relay_to_file(db: &Db, sink: &Path, extra: &[&str]) -> Child {
+    let sink = format!("file:{}", sink.display());
+    let mut args = vec!["relay", "--sink", &sink];
+    args.extend_from_slice(extra);
+    db.cmd(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn enqueue_relay_and_check_order(db: &Db) {
+    let ids = db.enqueue_many(500, 7);
+    assert_eq!(ids.len(), 500);
+    assert_eq!(db.status()["pending"], 500);
+    let sink = db.path("out.jsonl");
+    let mut relay = relay_to_file(db, &sink, &["--exit-when-idle", "--batch-size", "50"]);
+    assert!(relay.wait().unwrap().success());
+    let out = lines(&sink);
+    let got: Vec<&str> = out.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(got.len(), 500);
+    assert_eq!(got.iter().collect::<HashSet<_>>().len(), 500);
+    for k in 0..7 {
+        let key = format!("k{k}");
+        let want: Vec<&str> = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 7 == k)
+            .map(|(_, id)| id.as_str())
+            .collect();
+        let seen: Vec<&str> = out
+            .iter()
+            .filter(|l| l["key"] == key.as_str())
+            .map(|l| l["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(seen, want, "key {key} out of order");
+    }
+    let first = &out[0];
+    assert_eq!(first["topic"], "orders");
+    assert_eq!(first["type"], "order.created");
+    assert_eq!(first["attempt"], 1);
+    assert!(first["payload"]["n"].is_number() && first["headers"].is_object());
+    let s = db.status();
+    assert_eq!(
+        (s["pending"].as_i64(), s["in_flight"].as_i64()),
+        (Some(0), Some(0))
+    );
+}
+
+#[test]
+fn enqueue_and_relay_to_a_file_on_postgres() {
+    enqueue_relay_and_check_order(&Db::postgres());
+}
+
+#[test]
+fn enqueue_and_relay_to_a_file_on_sqlite() {
+    enqueue_relay_and_check_order(&Db::sqlite());
+}
+
+/// SIGKILL mid-stream, restart: every message reaches the sink (duplicates allowed).
+fn killed_relay_loses_nothing(db: &Db) {
+    let ids = db.enqueue_many(3000, 50);
+    let sink = db.path("out.jsonl");
+    let args = [
+        "--batch-size",
+        "20",
+        "--lease",
+        "1s",
+        "--poll-interval",
+        "100ms",
+    ];
+    let mut first = relay_to_file(db, &sink, &args);
+    wait_until("the first relay to deliver some messages", || {
+        lines(&sink).len() >= 300
+    });
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let delivered_before = lines(&sink).len();
+    assert!(
+        delivered_before < 3000,
+        "the relay finished before it could be killed"
+    );
+
+    let mut second = relay_to_file(db, &sink, &args);
+    wait_until("the restarted relay to drain the outbox", || {
+        let s = db.status();
+        s["pending"] == 0 && s["in_flight"] == 0
+    });
+    signal(&second, "-TERM");
+    assert!(
+        second.wait().unwrap().success(),
+        "relay did not exit cleanly on SIGTERM"
+    );
+    let seen: HashSet<String> = lines(&sink)
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_owned())
+        .collect();
+    let missing = ids.iter().filter(|id| !seen.contains(*id)).count();
+    assert_eq!(missing, 0, "{missing} messages lost after SIGKILL");
+}
+
+#[test]
+fn killed_relay_loses_nothing_on_postgres() {
+    killed_relay_loses_nothing(&Db::postgres());
+}
+
+#[test]
+fn killed_relay_loses_nothing_on_sqlite() {
+    killed_relay_loses_nothing(&Db::sqlite());
+}
+
+#[test]
+fn undeliverable_messages_go_dead_and_can_be_retried_and_purged() {
+    let db = Db::sqlite();
+    let id = db.ok(&[
+        "enqueue",
+        "--topic",
+        "mail",
+        "--type",
+        "mail.send",
+        "--key",
+        "u1",
+        "--payload",
+        "{\"to\":\"a@b.c\"}",
+    ]);
+    let id = id.trim();
+    // /dev/full accepts the open and fails every write: a transient error each time.
+    let mut relay = db
+        .cmd(&[
+            "relay",
+            "--sink",
+            "file:/dev/full",
+            "--max-attempts",
+            "2",
+            "--retry-base",
+            "0",
+            "--exit-when-idle",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(relay.wait().unwrap().success());
+    let dead: Value = serde_json::from_str(&db.ok(&["dead", "list", "--json"])).unwrap();
+    let entry = &dead[0];
+    assert_eq!(entry["id"], id);
+    assert_eq!(entry["attempts"], 2);
+    assert_eq!(entry["key"], "u1");
+    assert_eq!(entry["payload"]["to"], "a@b.c");
+    assert!(
+        entry["last_error"].as_str().unwrap().contains("/dev/full"),
+        "{entry}"
+    );
+    assert_eq!(db.status()["dead"], 1);
+
+    let out = db.run(&["dead", "retry", &uuid::Uuid::now_v7().to_string()]);
+    assert!(!out.status.success(), "retrying an unknown id must fail");
+    db.ok(&["dead", "retry", id]);
+    assert_eq!(db.status()["pending"], 1);
+    let sink = db.path("out.jsonl");
+    assert!(
+        relay_to_file(&db, &sink, &["--exit-when-idle"])
+            .wait()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(lines(&sink)[0]["id"], id);
+
+    db.ok(&["enqueue", "--topic", "t", "--type", "e", "--payload", "1"]);
+    let mut relay = db
+        .cmd(&[
+            "relay",
+            "--sink",
+            "file:/dev/full",
+            "--max-attempts",
+            "1",
+            "--exit-when-idle",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(relay.wait().unwrap().success());
+    assert_eq!(db.status()["dead"], 1);
+    assert!(
+        db.ok(&["dead", "purge", "--older-than", "1h"])
+            .starts_with('0')
+    );
+    assert!(db.ok(&["dead", "purge"]).starts_with('1'));
+    assert_eq!(db.status()["dead"], 0);
+}
+
+#[test]
+fn a_bad_line_rejects_the_whole_file() {
+    let db = Db::postgres();
+    let file = db.path("bad.jsonl");
+    std::fs::write(
+        &file,
+        "{\"topic\":\"t\",\"type\":\"e\",\"payload\":{}}\n{\"topic\":\"t\",\"type\":\"e\",\"payload\":{}}\nnot json\n",
+    )
+    .unwrap();
+    let out = db.run(&["enqueue", "--file", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr_line(&out);
+    assert!(err.contains("line 3"), "{err}");
+    db.ok(&["migrate"]);
+    assert_eq!(
+        db.status()["pending"],
+        0,
+        "part of a rejected file was enqueued"
+    );
+}
+
+#[test]
+fn enqueue_reads_stdin() {
+    let db = Db::sqlite();
+    let mut child = db
+        .cmd(&["enqueue", "--file", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"topic\":\"a\",\"type\":\"x\",\"payload\":1}\n{\"topic\":\"b\",\"type\":\"y\",\"payload\":2,\"headers\":{\"h\":\"v\"}}\n")
+        .unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    assert_eq!(db.status()["pending"], 2);
+}
+
+#[test]
+fn errors_are_one_readable_line_and_non_zero() {
+    let db = Db::sqlite();
+    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        (
+            &["status"],
+            &[("OUTBOX_DATABASE_URL", "oracle://x")],
+            "unknown database URL scheme",
+        ),
+        (
+            &["status"],
+            &[("OUTBOX_DATABASE_URL", "nothing")],
+            "no scheme",
+        ),
+        (
+            &["status"],
+            &[(
+                "OUTBOX_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:1/test",
+            )],
+            "cannot connect",
+        ),
+        (
+            &["status"],
+            &[("OUTBOX_DATABASE_URL", "mysql://root@127.0.0.1/test")],
+            "not available yet",
+        ),
+        (
+            &[
+                "enqueue",
+                "--topic",
+                "t",
+                "--type",
+                "e",
+                "--payload",
+                "{oops",
+            ],
+            &[],
+            "--payload is not valid JSON",
+        ),
+        (
+            &["enqueue", "--topic", "t", "--payload", "1"],
+            &[],
+            "--type",
+        ),
+        (
+            &["enqueue", "--topic", "", "--type", "e", "--payload", "1"],
+            &[],
+            "topic must not be empty",
+        ),
+        (&["relay"], &[], "no sink"),
+        (
+            &["relay", "--sink", "kafka://127.0.0.1:9092"],
+            &[],
+            "not supported by this build",
+        ),
+        (
+            &["relay", "--sink", "null:", "--lease", "forever"],
+            &[],
+            "forever",
+        ),
+        (&["dead", "retry"], &[], "required"),
+    ];
+    for (args, env, expected) in cases {
+        let mut cmd = db.cmd(args);
+        for (k, v) in *env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr_line(&out);
+        assert!(
+            err.contains(expected),
+            "{args:?}: {err:?} lacks {expected:?}"
+        );
+    }
+}
+
+#[test]
+fn config_file_supplies_settings_and_rejects_typos() {
+    let db = Db::sqlite();
+    let config = db.path("outbox.toml");
+    std::fs::write(
+        &config,
+        format!("database_url = \"{}\"\nsink = \"null:\"\n", db.url),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["relay", "--check", "--config", config.to_str().unwrap()])
+        .env_remove("OUTBOX_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        &config,
+        "database_url = \"sqlite://x.db\"\nbatch_sise = 3\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["status", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("batch_sise"));
+}
+
+#[test]
+fn every_command_describes_itself() {
+    for cmd in [
+        &["--help"][..],
+        &["relay", "--help"],
+        &["dead", "--help"],
+        &["enqueue", "--help"],
+        &["status", "--help"],
+        &["migrate", "--help"],
+        &["bench", "--help"],
+        &["demo", "--help"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(cmd)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage:"),
+            "{cmd:?}"
+        );
+    }
+}
