@@ -366,10 +366,13 @@ fn enqueue_reads_stdin() {
     assert_eq!(db.status()["pending"], 2);
 }
 
+/// Arguments, extra environment, and what the error line must say.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn errors_are_one_readable_line_and_non_zero() {
     let db = Db::sqlite();
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         (
             &["status"],
             &[("OUTBOX_DATABASE_URL", "oracle://x")],
