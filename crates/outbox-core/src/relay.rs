@@ -4,11 +4,13 @@
 
 use std::future::Future;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -25,6 +27,9 @@ pub struct RelayConfig {
     pub relay_id: String,
     /// Messages claimed per round trip.
     pub batch_size: usize,
+    /// Batches being delivered at once: the next batch is claimed while the previous one is
+    /// published and acked, which hides the sink's and the database's round trips.
+    pub in_flight_batches: usize,
     /// How long a claim stays with this relay before others may take it over.
     pub lease: Duration,
     /// The polling fallback when no wake-up arrives; an idle relay queries about once per interval.
@@ -46,6 +51,7 @@ impl Default for RelayConfig {
         Self {
             relay_id: default_relay_id(),
             batch_size: 100,
+            in_flight_batches: 2,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             retry: RetryPolicy::default(),
@@ -110,11 +116,19 @@ pub enum RelayState {
 
 /// Delivers an outbox to a sink. See the crate docs for the guarantees.
 pub struct Relay {
+    shared: Arc<Shared>,
+}
+
+/// What the main loop and the delivery tasks share.
+struct Shared {
     store: Arc<dyn Store>,
     sink: Arc<dyn Sink>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
-    state: tokio::sync::watch::Sender<RelayState>,
+    state: watch::Sender<RelayState>,
+    health: Mutex<Health>,
+    /// Set once shutdown was requested.
+    stop: watch::Sender<bool>,
 }
 
 type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
@@ -126,133 +140,173 @@ impl Relay {
 
     pub fn with_config(store: Arc<dyn Store>, sink: Arc<dyn Sink>, config: RelayConfig) -> Self {
         Self {
-            store,
-            sink,
-            config,
-            stats: Arc::default(),
-            state: tokio::sync::watch::Sender::new(RelayState::Starting),
+            shared: Arc::new(Shared {
+                store,
+                sink,
+                config,
+                stats: Arc::default(),
+                state: watch::Sender::new(RelayState::Starting),
+                health: Mutex::default(),
+                stop: watch::Sender::new(false),
+            }),
         }
     }
 
-    /// Follows the relay's state while it runs.
-    pub fn state(&self) -> tokio::sync::watch::Receiver<RelayState> {
-        self.state.subscribe()
-    }
-
     pub fn config(&self) -> &RelayConfig {
-        &self.config
+        &self.shared.config
     }
 
     pub fn stats(&self) -> Arc<RelayStats> {
-        self.stats.clone()
+        self.shared.stats.clone()
     }
 
-    /// Runs until `shutdown` completes (or, in drain mode, until the outbox is empty). The batch
-    /// in hand when `shutdown` fires is finished and acked within the shutdown timeout, else
+    /// Follows the relay's state while it runs.
+    pub fn state(&self) -> watch::Receiver<RelayState> {
+        self.shared.state.subscribe()
+    }
+
+    /// Runs until `shutdown` completes (or, in drain mode, until the outbox is empty). Batches
+    /// in hand when `shutdown` fires are finished and acked within the shutdown timeout, else
     /// released; nothing is lost either way.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> RelayReport {
+        let shared = self.shared;
         let mut shutdown = pin!(shutdown);
-        let mut run = Run {
-            relay: &self,
+        info!(relay = %shared.config.relay_id, sink = shared.sink.name(), "relay started");
+        let mut main = MainLoop {
+            shared: shared.clone(),
             shutdown: shutdown.as_mut(),
-            stopping: false,
-            health: Health::default(),
+            tasks: JoinSet::new(),
         };
-        info!(relay = %self.config.relay_id, sink = self.sink.name(), "relay started");
-        run.main_loop().await;
-        self.state.send_replace(RelayState::Stopped);
-        let report = self.stats.report();
-        info!(relay = %self.config.relay_id, delivered = report.delivered, dead = report.dead, "relay stopped");
+        main.run().await;
+        main.finish().await;
+        shared.state.send_replace(RelayState::Stopped);
+        let report = shared.stats.report();
+        info!(relay = %shared.config.relay_id, delivered = report.delivered, dead = report.dead, "relay stopped");
         report
     }
 }
 
-/// The state of one `run`.
-struct Run<'a> {
-    relay: &'a Relay,
-    shutdown: Shutdown<'a>,
-    stopping: bool,
-    health: Health,
+impl Shared {
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn down(&self, e: &StoreError) -> Duration {
+        self.state.send_replace(RelayState::DatabaseDown);
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .down(e)
+    }
+
+    fn up(&self) {
+        self.state.send_replace(RelayState::Working);
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).up();
+    }
 }
 
-impl Run<'_> {
+/// Claims batches and hands each to a delivery task; sleeps when there is nothing to claim.
+struct MainLoop<'a> {
+    shared: Arc<Shared>,
+    shutdown: Shutdown<'a>,
+    tasks: JoinSet<()>,
+}
+
+impl MainLoop<'_> {
     fn config(&self) -> &RelayConfig {
-        &self.relay.config
-    }
-
-    fn down(&mut self, e: &StoreError) -> Duration {
-        self.relay.state.send_replace(RelayState::DatabaseDown);
-        self.health.down(e)
-    }
-
-    fn up(&mut self) {
-        self.relay.state.send_replace(RelayState::Working);
-        self.health.up();
+        &self.shared.config
     }
 
     /// True once shutdown was requested; polls the signal without waiting.
-    fn should_stop(&mut self) -> bool {
-        if !self.stopping && self.shutdown.as_mut().now_or_never().is_some() {
-            self.stopping = true;
+    fn stop_requested(&mut self) -> bool {
+        if !self.shared.stopping() && self.shutdown.as_mut().now_or_never().is_some() {
+            self.shared.stop.send_replace(true);
         }
-        self.stopping
+        self.shared.stopping()
     }
 
     /// Sleeps, or returns early (true) when shutdown is requested.
     async fn sleep_or_stop(&mut self, d: Duration) -> bool {
-        if self.stopping {
+        if self.shared.stopping() {
             return true;
         }
         tokio::select! {
-            _ = self.shutdown.as_mut() => { self.stopping = true; true }
+            _ = self.shutdown.as_mut() => { self.shared.stop.send_replace(true); true }
             _ = tokio::time::sleep(d) => false,
         }
     }
 
-    async fn main_loop(&mut self) {
+    /// Waits for one delivery task to end, or for shutdown.
+    async fn wait_for_a_task(&mut self) {
+        tokio::select! {
+            Some(done) = self.tasks.join_next() => report_panic(done),
+            _ = self.shutdown.as_mut(), if !self.shared.stopping() => {
+                self.shared.stop.send_replace(true);
+            }
+        }
+    }
+
+    async fn run(&mut self) {
         let Some(mut waiter) = self.connect_waiter().await else {
             return;
         };
         let mut next_purge = Instant::now();
-        while !self.should_stop() {
+        while !self.stop_requested() {
+            if self.tasks.len() >= self.config().in_flight_batches.max(1) {
+                self.wait_for_a_task().await;
+                continue;
+            }
             self.purge_if_due(&mut next_purge).await;
             let cfg = self.config();
             let claimed = self
-                .relay
+                .shared
                 .store
                 .claim(&cfg.relay_id, cfg.batch_size, cfg.lease)
                 .await;
             match claimed {
                 Err(e) => {
-                    let pause = self.down(&e);
+                    let pause = self.shared.down(&e);
                     self.sleep_or_stop(pause).await;
                 }
                 Ok(batch) if batch.is_empty() => {
-                    self.up();
-                    if self.config().exit_when_idle || self.idle(waiter.as_mut()).await {
+                    self.shared.up();
+                    // Batches still in delivery may free later messages of their keys.
+                    if !self.tasks.is_empty() {
+                        self.wait_for_a_task().await;
+                    } else if self.config().exit_when_idle || self.idle(waiter.as_mut()).await {
                         return;
                     }
                 }
                 Ok(batch) => {
-                    self.up();
+                    self.shared.up();
                     if let Err(e) = waiter.busy().await {
                         debug!(error = %e, "could not withdraw wake-up registration");
                     }
-                    self.deliver(batch).await;
+                    let n = batch.len() as u64;
+                    self.shared.stats.claimed.fetch_add(n, Ordering::Relaxed);
+                    self.tasks.spawn(deliver(self.shared.clone(), batch));
                 }
             }
         }
     }
 
+    /// Lets every delivery task finish (each bounded by the shutdown timeout).
+    async fn finish(&mut self) {
+        self.shared.stop.send_replace(true);
+        while let Some(done) = self.tasks.join_next().await {
+            report_panic(done);
+        }
+    }
+
     async fn connect_waiter(&mut self) -> Option<Box<dyn Waiter>> {
         loop {
-            match self.relay.store.waiter(&self.config().relay_id).await {
+            match self.shared.store.waiter(&self.config().relay_id).await {
                 Ok(w) => {
-                    self.up();
+                    self.shared.up();
                     return Some(w);
                 }
                 Err(e) => {
-                    let pause = self.down(&e);
+                    let pause = self.shared.down(&e);
                     if self.sleep_or_stop(pause).await {
                         return None;
                     }
@@ -267,151 +321,21 @@ impl Run<'_> {
             Ok(true) => return false,
             Ok(false) => {}
             Err(e) => {
-                let pause = self.down(&e);
+                let pause = self.shared.down(&e);
                 return self.sleep_or_stop(pause).await;
             }
         }
-        self.relay.state.send_replace(RelayState::Idle);
+        self.shared.state.send_replace(RelayState::Idle);
         let poll = self.config().poll_interval;
         let woke = tokio::select! {
-            _ = self.shutdown.as_mut() => { self.stopping = true; return true; }
+            _ = self.shutdown.as_mut() => { self.shared.stop.send_replace(true); return true; }
             r = waiter.idle(poll) => r,
         };
         if let Err(e) = woke {
-            let pause = self.down(&e);
+            let pause = self.shared.down(&e);
             return self.sleep_or_stop(pause).await;
         }
         false
-    }
-
-    async fn deliver(&mut self, batch: Vec<Message>) {
-        let stats = &self.relay.stats;
-        stats
-            .claimed
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let sink = self.relay.sink.clone();
-        let mut publish = pin!(sink.publish(&batch));
-        let outcomes = if self.stopping {
-            None
-        } else {
-            tokio::select! {
-                o = &mut publish => Some(o),
-                _ = self.shutdown.as_mut() => { self.stopping = true; None }
-            }
-        };
-        let outcomes = match outcomes {
-            Some(o) => o,
-            None => match tokio::time::timeout(self.config().shutdown_timeout, publish).await {
-                Ok(o) => o,
-                Err(_) => return self.release(&batch).await,
-            },
-        };
-        self.settle(&batch, outcomes).await;
-    }
-
-    /// Acks delivered messages and records failures; retries store errors with backoff.
-    async fn settle(&mut self, batch: &[Message], outcomes: Vec<Delivery>) {
-        let (acks, failures) = self.classify(batch, outcomes);
-        let retention = self.config().retention;
-        if !acks.is_empty() {
-            let store = self.relay.store.clone();
-            if self
-                .persist("ack", || store.ack(&acks, retention).map(|r| r.map(drop)))
-                .await
-            {
-                self.relay
-                    .stats
-                    .delivered
-                    .fetch_add(acks.len() as u64, Ordering::Relaxed);
-            }
-        }
-        if !failures.is_empty() {
-            let store = self.relay.store.clone();
-            let relay_id = self.config().relay_id.clone();
-            self.persist("fail", || store.fail(&relay_id, &failures))
-                .await;
-        }
-    }
-
-    fn classify(&self, batch: &[Message], outcomes: Vec<Delivery>) -> (Vec<Uuid>, Vec<Failure>) {
-        let stats = &self.relay.stats;
-        let mut outcomes = outcomes.into_iter();
-        let mut acks = Vec::with_capacity(batch.len());
-        let mut failures = Vec::new();
-        for msg in batch {
-            let outcome = outcomes
-                .next()
-                .unwrap_or_else(|| Err(SinkError::transient("sink returned no outcome")));
-            match outcome {
-                Ok(()) => acks.push(msg.id),
-                Err(err) => {
-                    let retry_in = self.config().retry.decide(msg.attempts, &err);
-                    if retry_in.is_some() {
-                        stats.retried.fetch_add(1, Ordering::Relaxed);
-                        debug!(id = %msg.id, attempt = msg.attempts, error = %err, "delivery failed; will retry");
-                    } else {
-                        stats.dead.fetch_add(1, Ordering::Relaxed);
-                        warn!(id = %msg.id, topic = %msg.topic, attempt = msg.attempts, error = %err, "message is dead");
-                    }
-                    failures.push(Failure {
-                        id: msg.id,
-                        error: err.to_string(),
-                        retry_in,
-                    });
-                }
-            }
-        }
-        (acks, failures)
-    }
-
-    /// Runs a store write until it succeeds. While stopping it gives up after a few tries: the
-    /// leases then expire and the messages are delivered again, which is safe.
-    async fn persist<F, Fut>(&mut self, what: &str, op: F) -> bool
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<(), StoreError>>,
-    {
-        let mut tries = 0;
-        loop {
-            match op().await {
-                Ok(()) => {
-                    self.up();
-                    return true;
-                }
-                Err(e) => {
-                    tries += 1;
-                    let pause = self.down(&e);
-                    if (self.stopping && tries >= 3) || tries >= 1000 {
-                        warn!(op = what, error = %e, "giving up; the leases will expire and the messages be delivered again");
-                        return false;
-                    }
-                    if self.stopping {
-                        tokio::time::sleep(pause.min(Duration::from_millis(200))).await;
-                    } else {
-                        self.sleep_or_stop(pause).await;
-                    }
-                }
-            }
-        }
-    }
-
-    async fn release(&mut self, batch: &[Message]) {
-        let ids: Vec<Uuid> = batch.iter().map(|m| m.id).collect();
-        warn!(
-            count = ids.len(),
-            "shutdown timeout: releasing unfinished messages"
-        );
-        let store = self.relay.store.clone();
-        let relay_id = self.config().relay_id.clone();
-        if self
-            .persist("release", || store.release(&relay_id, &ids))
-            .await
-        {
-            self.relay
-                .stats
-                .released
-                .fetch_add(ids.len() as u64, Ordering::Relaxed);
-        }
     }
 
     async fn purge_if_due(&mut self, next: &mut Instant) {
@@ -424,16 +348,143 @@ impl Run<'_> {
         *next = Instant::now() + self.config().purge_interval;
         let limit = self.config().purge_batch.max(1);
         loop {
-            match self.relay.store.purge_delivered(window, limit).await {
+            match self.shared.store.purge_delivered(window, limit).await {
                 Ok(n) if (n as usize) < limit => return,
-                Ok(_) if self.should_stop() => return,
+                Ok(_) if self.stop_requested() => return,
                 Ok(_) => tokio::task::yield_now().await,
                 Err(e) => {
-                    self.down(&e);
+                    self.shared.down(&e);
                     return;
                 }
             }
         }
+    }
+}
+
+/// A sink that panics loses nothing: its messages stay in flight until their lease expires.
+fn report_panic(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        warn!(error = %e, "a delivery task failed; its messages will be delivered again after their lease");
+    }
+}
+
+/// Publishes one batch and records the outcome. Once shutdown is requested the publish gets
+/// the shutdown timeout to finish; after that the batch is released.
+async fn deliver(shared: Arc<Shared>, batch: Vec<Message>) {
+    let mut stop = shared.stop.subscribe();
+    let mut publish = pin!(shared.sink.publish(&batch));
+    let outcomes = tokio::select! {
+        o = &mut publish => Some(o),
+        _ = stop.wait_for(|s| *s) => None,
+    };
+    let outcomes = match outcomes {
+        Some(o) => o,
+        None => match tokio::time::timeout(shared.config.shutdown_timeout, publish).await {
+            Ok(o) => o,
+            Err(_) => return release(&shared, &batch).await,
+        },
+    };
+    settle(&shared, &batch, outcomes).await;
+}
+
+/// Acks delivered messages and records failures.
+async fn settle(shared: &Shared, batch: &[Message], outcomes: Vec<Delivery>) {
+    let (acks, failures) = classify(shared, batch, outcomes);
+    let (store, cfg) = (&shared.store, &shared.config);
+    if !acks.is_empty()
+        && persist(shared, "ack", || {
+            store.ack(&acks, cfg.retention).map(|r| r.map(drop))
+        })
+        .await
+    {
+        let n = acks.len() as u64;
+        shared.stats.delivered.fetch_add(n, Ordering::Relaxed);
+    }
+    if !failures.is_empty() {
+        persist(shared, "fail", || store.fail(&cfg.relay_id, &failures)).await;
+    }
+}
+
+fn classify(
+    shared: &Shared,
+    batch: &[Message],
+    outcomes: Vec<Delivery>,
+) -> (Vec<Uuid>, Vec<Failure>) {
+    let stats = &shared.stats;
+    let mut outcomes = outcomes.into_iter();
+    let mut acks = Vec::with_capacity(batch.len());
+    let mut failures = Vec::new();
+    for msg in batch {
+        let outcome = outcomes
+            .next()
+            .unwrap_or_else(|| Err(SinkError::transient("sink returned no outcome")));
+        let err = match outcome {
+            Ok(()) => {
+                acks.push(msg.id);
+                continue;
+            }
+            Err(err) => err,
+        };
+        let retry_in = shared.config.retry.decide(msg.attempts, &err);
+        if retry_in.is_some() {
+            stats.retried.fetch_add(1, Ordering::Relaxed);
+            debug!(id = %msg.id, attempt = msg.attempts, error = %err, "delivery failed; will retry");
+        } else {
+            stats.dead.fetch_add(1, Ordering::Relaxed);
+            warn!(id = %msg.id, topic = %msg.topic, attempt = msg.attempts, error = %err, "message is dead");
+        }
+        failures.push(Failure {
+            id: msg.id,
+            error: err.to_string(),
+            retry_in,
+        });
+    }
+    (acks, failures)
+}
+
+/// Runs a store write until it succeeds. While stopping it gives up after a few tries: the
+/// leases then expire and the messages are delivered again, which is safe.
+async fn persist<F, Fut>(shared: &Shared, what: &str, op: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
+    let mut stop = shared.stop.subscribe();
+    for tries in 1.. {
+        let e = match op().await {
+            Ok(()) => {
+                shared.up();
+                return true;
+            }
+            Err(e) => e,
+        };
+        let pause = shared.down(&e);
+        if (shared.stopping() && tries >= 3) || tries >= 1000 {
+            warn!(op = what, error = %e, "giving up; the leases will expire and the messages be delivered again");
+            return false;
+        }
+        if shared.stopping() {
+            tokio::time::sleep(pause.min(Duration::from_millis(200))).await;
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        }
+    }
+    false
+}
+
+async fn release(shared: &Shared, batch: &[Message]) {
+    let ids: Vec<Uuid> = batch.iter().map(|m| m.id).collect();
+    warn!(
+        count = ids.len(),
+        "shutdown timeout: releasing unfinished messages"
+    );
+    let (store, relay_id) = (&shared.store, &shared.config.relay_id);
+    if persist(shared, "release", || store.release(relay_id, &ids)).await {
+        let n = ids.len() as u64;
+        shared.stats.released.fetch_add(n, Ordering::Relaxed);
     }
 }
 
