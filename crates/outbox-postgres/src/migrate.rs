@@ -25,6 +25,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "wake parked relays, index dead letters",
         sql: include_str!("../migrations/0002_wake_parked_relays.sql"),
     },
+    Migration {
+        version: 3,
+        description: "claim function with a statistics-proof plan",
+        sql: include_str!("../migrations/0003_claim_function.sql"),
+    },
 ];
 
 /// The schema version this build writes.

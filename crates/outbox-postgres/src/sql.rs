@@ -139,23 +139,10 @@ const INSERT_BATCH: &str = "INSERT INTO {schema}.{p}messages \
       WITH ORDINALITY AS b(id, topic, type, key, partition, payload, content_type, headers, at, delay_ms, ord) \
     ORDER BY ord";
 
-/// The claim: deliverable rows (pending and due, or in flight with an expired lease) whose key
-/// has no earlier undelivered message. SKIP LOCKED lets concurrent relays take disjoint rows;
-/// the NOT EXISTS reads committed state, so a key never has two messages in flight.
-const CLAIM: &str = "WITH candidates AS (\
-      SELECT c.seq FROM {schema}.{p}messages c \
-      WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= now() \
-        AND (c.key IS NULL OR NOT EXISTS (\
-          SELECT 1 FROM {schema}.{p}messages e \
-          WHERE e.key = c.key AND e.seq < c.seq AND e.status IN ('pending', 'in_flight'))) \
-      ORDER BY c.available_at, c.seq \
-      LIMIT $1 \
-      FOR UPDATE SKIP LOCKED) \
-    UPDATE {schema}.{p}messages m \
-    SET status = 'in_flight', locked_by = $2, attempts = m.attempts + 1, \
-        available_at = now() + $3 * interval '1 millisecond' \
-    FROM candidates WHERE m.seq = candidates.seq \
-    RETURNING {columns}";
+/// The claim (see migration 3): deliverable rows, pending and due or in flight with an expired
+/// lease, whose key has no earlier undelivered message. SKIP LOCKED lets concurrent relays take
+/// disjoint rows; the NOT EXISTS reads committed state, so a key never has two messages in flight.
+const CLAIM: &str = "SELECT {columns} FROM {schema}.{p}claim($1, $2, $3) m";
 
 /// A NULL delay means dead.
 const FAIL: &str = "UPDATE {schema}.{p}messages m SET \
