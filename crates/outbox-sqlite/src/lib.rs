@@ -37,9 +37,17 @@
 //!   loss may undo the last commits, message and data together, never one without the other)
 //!   and a 5 s busy timeout. Open write transactions with `BEGIN IMMEDIATE`
 //!   (`pool.begin_with("BEGIN IMMEDIATE")`) when they read before they write.
+//! - **Clock**: times are stored as Unix milliseconds read from this process's clock. Every
+//!   writer and relay of a file runs on the same machine, so they share that clock; a clock
+//!   step moves leases and delays by the same amount.
 //! - **Wake-ups**: SQLite has no cross-process notification. The relay polls (once per poll
 //!   interval when idle); a relay in the writer's process is woken at once by
-//!   [`SqliteStore::notify`] after commit.
+//!   [`SqliteStore::notify`] (or the [`SqliteStore::notifier`] handle) after commit.
+//! - **Schema**: versioned migrations embedded in the binary, each applied in its own
+//!   `BEGIN IMMEDIATE` transaction and recorded in `{prefix}schema_migrations`, so processes
+//!   starting together apply each version once; a file migrated by a newer build is refused
+//!   rather than guessed at. Several outboxes can share a file under different table prefixes
+//!   ([`SqliteConfig`]).
 
 mod migrate;
 mod store;

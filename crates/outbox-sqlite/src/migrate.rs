@@ -1,8 +1,12 @@
-//! Embedded, versioned schema migrations. Each version runs in one `BEGIN IMMEDIATE`
-//! transaction, which takes SQLite's write lock first, so concurrent processes apply it once.
+//! Embedded, versioned schema migrations, recorded in `{prefix}schema_migrations`.
+//!
+//! Each version runs in its own `BEGIN IMMEDIATE` transaction. That takes SQLite's write lock
+//! before the current version is read, so when several processes migrate at once the others
+//! wait (busy timeout), then see the version applied and skip it: every version runs once.
+//! A failure leaves the earlier versions applied and the failing one not at all.
 
 use outbox_core::{StoreError, StoreResult};
-use sqlx::{AssertSqlSafe, Row, SqlitePool};
+use sqlx::{AssertSqlSafe, Row, SqliteConnection, SqlitePool};
 
 struct Migration {
     version: i64,
@@ -30,11 +34,42 @@ fn render(template: &str, prefix: &str) -> String {
     template.replace("{p}", prefix)
 }
 
+/// Applies, in order, every migration up to `target` that the database lacks.
 pub(crate) async fn migrate_to(pool: &SqlitePool, prefix: &str, target: i64) -> StoreResult<()> {
+    while apply_next(pool, prefix, target).await? {}
+    Ok(())
+}
+
+/// Applies the first missing migration up to `target`; false when there is none left.
+async fn apply_next(pool: &SqlitePool, prefix: &str, target: i64) -> StoreResult<bool> {
     let mut tx = pool
         .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(StoreError::database)?;
+    let current = current_version(&mut tx, prefix).await?;
+    if current > LATEST_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            known: LATEST_VERSION,
+        });
+    }
+    let Some(m) = MIGRATIONS
+        .iter()
+        .find(|m| m.version > current && m.version <= target)
+    else {
+        return Ok(false);
+    };
+    apply(&mut tx, prefix, m).await?;
+    tx.commit().await.map_err(StoreError::database)?;
+    tracing::info!(
+        version = m.version,
+        description = m.description,
+        "applied migration"
+    );
+    Ok(true)
+}
+
+async fn current_version(conn: &mut SqliteConnection, prefix: &str) -> StoreResult<i64> {
     let setup = render(
         "CREATE TABLE IF NOT EXISTS {p}schema_migrations (
              version INTEGER PRIMARY KEY,
@@ -43,50 +78,37 @@ pub(crate) async fn migrate_to(pool: &SqlitePool, prefix: &str, target: i64) -> 
         prefix,
     );
     sqlx::raw_sql(AssertSqlSafe(setup))
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await
         .map_err(StoreError::database)?;
-    let current: i64 = sqlx::query(AssertSqlSafe(render(
+    sqlx::query(AssertSqlSafe(render(
         "SELECT coalesce(max(version), 0) FROM {p}schema_migrations",
         prefix,
     )))
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut *conn)
     .await
     .and_then(|row| row.try_get(0))
-    .map_err(StoreError::database)?;
-    if current > LATEST_VERSION {
-        return Err(StoreError::SchemaTooNew {
-            found: current,
-            known: LATEST_VERSION,
-        });
-    }
-    for m in MIGRATIONS
-        .iter()
-        .filter(|m| m.version > current && m.version <= target)
-    {
-        let failed = |e: sqlx::Error| StoreError::Migration {
-            version: m.version,
-            reason: e.to_string(),
-        };
-        sqlx::raw_sql(AssertSqlSafe(render(m.sql, prefix)))
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-        sqlx::query(AssertSqlSafe(render(
-            "INSERT INTO {p}schema_migrations (version, description, applied_at) VALUES (?1, ?2, ?3)",
-            prefix,
-        )))
-        .bind(m.version)
-        .bind(m.description)
-        .bind(chrono::Utc::now().timestamp_millis())
-        .execute(&mut *tx)
+    .map_err(StoreError::database)
+}
+
+async fn apply(conn: &mut SqliteConnection, prefix: &str, m: &Migration) -> StoreResult<()> {
+    let failed = |e: sqlx::Error| StoreError::Migration {
+        version: m.version,
+        reason: e.to_string(),
+    };
+    sqlx::raw_sql(AssertSqlSafe(render(m.sql, prefix)))
+        .execute(&mut *conn)
         .await
         .map_err(failed)?;
-        tracing::info!(
-            version = m.version,
-            description = m.description,
-            "applied migration"
-        );
-    }
-    tx.commit().await.map_err(StoreError::database)
+    sqlx::query(AssertSqlSafe(render(
+        "INSERT INTO {p}schema_migrations (version, description, applied_at) VALUES (?1, ?2, ?3)",
+        prefix,
+    )))
+    .bind(m.version)
+    .bind(m.description)
+    .bind(chrono::Utc::now().timestamp_millis())
+    .execute(&mut *conn)
+    .await
+    .map_err(failed)?;
+    Ok(())
 }

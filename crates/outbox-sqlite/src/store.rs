@@ -289,6 +289,13 @@ impl SqliteStore {
         self.notify.notify_one();
     }
 
+    /// The wake-up handle that this store's waiters sleep on, for writers that keep it apart
+    /// from the store: `notify_one()` after commit wakes one idle relay, `notify_waiters()`
+    /// all of them. Another process's relay is not woken and finds the rows at its next poll.
+    pub fn notifier(&self) -> Arc<Notify> {
+        self.notify.clone()
+    }
+
     /// Applies migrations up to `version` only (for staged upgrades and their tests).
     pub async fn migrate_to(&self, version: i64) -> StoreResult<()> {
         migrate_to(&self.pool, &self.config.table_prefix, version).await
@@ -365,7 +372,8 @@ impl Store for SqliteStore {
 
     async fn fail(&self, relay: &str, failures: &[Failure]) -> StoreResult<()> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        // Take the write lock up front so the batch never has to upgrade a read lock.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
         for f in failures {
             let query = match f.retry_in {
                 Some(d) => q(&self.sql().fail_retry)
