@@ -113,6 +113,9 @@ pub struct RelayArgs {
     /// Messages claimed per round trip [default: 100]
     #[arg(long, env = "OUTBOX_BATCH_SIZE")]
     pub batch_size: Option<usize>,
+    /// Batches delivered at once; the next is claimed while earlier ones are published [default: 2]
+    #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES")]
+    pub in_flight_batches: Option<usize>,
     /// How long a claim is held before another relay may take it over [default: 30s]
     #[arg(long, env = "OUTBOX_LEASE", value_parser = parse_duration)]
     pub lease: Option<Duration>,

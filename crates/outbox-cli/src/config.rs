@@ -20,6 +20,7 @@ pub struct FileConfig {
     pub log: Option<String>,
     pub sink: Option<String>,
     pub batch_size: Option<usize>,
+    pub in_flight_batches: Option<usize>,
     pub lease: Option<String>,
     pub poll_interval: Option<String>,
     pub max_attempts: Option<i32>,
@@ -101,6 +102,13 @@ pub fn relay_settings(
     if !(1..=10_000).contains(&batch_size) {
         bail!("batch size must be between 1 and 10000, got {batch_size}");
     }
+    let in_flight_batches = args
+        .in_flight_batches
+        .or(file.in_flight_batches)
+        .unwrap_or(defaults.in_flight_batches);
+    if !(1..=64).contains(&in_flight_batches) {
+        bail!("in-flight batches must be between 1 and 64, got {in_flight_batches}");
+    }
     let max_attempts = args
         .max_attempts
         .or(file.max_attempts)
@@ -120,6 +128,7 @@ pub fn relay_settings(
             .or(file.relay_id.clone())
             .unwrap_or_else(default_relay_id),
         batch_size,
+        in_flight_batches,
         lease,
         poll_interval: duration(
             args.poll_interval,
