@@ -63,8 +63,8 @@ pub enum Command {
     /// List, retry and purge dead messages
     #[command(subcommand)]
     Dead(DeadCommand),
-    /// The payment demo of the outbox pattern
-    Demo,
+    /// The payment system of the outbox pattern: API, worker, gateway and e-mail
+    Demo(DemoArgs),
     /// Measure the relay's drain rate on the configured database
     Bench(BenchArgs),
 }
@@ -176,6 +176,56 @@ pub enum DeadCommand {
         #[arg(long, value_parser = parse_duration)]
         older_than: Option<Duration>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Parts to run in this process: all, api, worker or gateway
+    #[arg(long, default_value = "all", env = "OUTBOX_DEMO_ROLE")]
+    pub role: outbox_payments::Role,
+    /// Address of the payment API (port 0 picks a free port)
+    #[arg(long, default_value = "127.0.0.1:8080", env = "OUTBOX_LISTEN")]
+    pub listen: std::net::SocketAddr,
+    /// Address of the simulated payment gateway
+    #[arg(long, default_value = "127.0.0.1:0", env = "OUTBOX_GATEWAY_LISTEN")]
+    pub gateway_listen: std::net::SocketAddr,
+    /// Use this payment gateway instead of starting the simulated one
+    #[arg(long, env = "OUTBOX_GATEWAY_URL")]
+    pub gateway_url: Option<String>,
+    /// Share of charge attempts the simulated gateway declines, 0 to 1
+    #[arg(long, default_value_t = 0.3, env = "OUTBOX_DECLINE_RATE")]
+    pub decline_rate: f64,
+    /// Latency range of the simulated gateway in milliseconds, MIN-MAX
+    #[arg(long, default_value = "50-300", env = "OUTBOX_GATEWAY_LATENCY", value_parser = parse_range)]
+    pub gateway_latency: std::ops::RangeInclusive<u64>,
+    /// Charge attempts before a payment is rejected
+    #[arg(long, default_value_t = 4, env = "OUTBOX_MAX_DECLINES")]
+    pub max_declines: i64,
+    /// Folder for e-mails as .eml files when no SMTP server is given
+    #[arg(long, default_value = "outbox-data/mail", env = "OUTBOX_MAIL_DIR")]
+    pub mail_dir: PathBuf,
+    /// Send e-mails through this SMTP server (smtp://host:port)
+    #[arg(long, env = "OUTBOX_SMTP_URL")]
+    pub smtp_url: Option<String>,
+    /// Polling fallback of the worker
+    #[arg(long, default_value = "1s", env = "OUTBOX_POLL_INTERVAL", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+}
+
+fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u64>, String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let (a, b): (u64, u64) = (
+        a.trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not MIN-MAX in milliseconds"))?,
+        b.trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not MIN-MAX in milliseconds"))?,
+    );
+    if a > b {
+        return Err(format!("{s:?}: MIN is larger than MAX"));
+    }
+    Ok(a..=b)
 }
 
 #[derive(Debug, Args)]

@@ -18,10 +18,12 @@ use crate::store::AnyStore;
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let file = FileConfig::load(cli.global.config.as_deref())?;
     init_logging(cli.global.log.as_deref().or(file.log.as_deref()));
-    if let Command::Demo = cli.command {
-        println!("outbox demo: the payment demo is not available in this version yet.");
-        println!("Try: outbox relay --database-url sqlite://outbox.db --sink stdout:");
-        return Ok(ExitCode::SUCCESS);
+    if let Command::Demo(args) = cli.command {
+        let url = cli.global.database_url.or(file.database_url);
+        let schema = cli.global.schema.or(file.schema);
+        return crate::demo::run(url, schema, args)
+            .await
+            .map(|()| ExitCode::SUCCESS);
     }
     let settings = store_settings(&cli.global, &file)?;
     match cli.command {
@@ -31,7 +33,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(f) => status(&settings, f.json).await,
         Command::Dead(cmd) => dead(&settings, cmd).await,
         Command::Bench(args) => bench(&settings, args).await,
-        Command::Demo => unreachable!("handled above"),
+        Command::Demo(_) => unreachable!("handled above"),
     }
     .map(|()| ExitCode::SUCCESS)
 }
@@ -200,7 +202,7 @@ async fn wait_for_migration(store: &dyn Store) -> anyhow::Result<bool> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

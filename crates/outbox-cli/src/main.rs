@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod config;
+mod demo;
 mod store;
 
 use std::process::ExitCode;

@@ -1,0 +1,265 @@
+//! The payment tables, written together with outbox messages in one transaction, on
+//! PostgreSQL or SQLite through the library's public API.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use outbox_core::{NewMessage, Store};
+use outbox_postgres::PgStore;
+use outbox_sqlite::SqliteStore;
+use serde::{Deserialize, Serialize};
+use sqlx::{AssertSqlSafe, Row};
+use uuid::Uuid;
+
+/// The database of the demo: the payments and their outbox.
+#[derive(Clone)]
+pub enum Db {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+/// Runs the same code on either pool: the statements are the same, the types differ.
+macro_rules! on_db {
+    ($db:expr, $store:ident => $body:expr) => {
+        match $db {
+            Db::Postgres($store) => $body,
+            Db::Sqlite($store) => $body,
+        }
+    };
+}
+
+/// A payment as stored and as `GET /api/payments/{id}` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Payment {
+    pub payment_id: Uuid,
+    pub status: String,
+    pub amount: String,
+    pub currency: String,
+    pub attempts: i64,
+    pub last_decline_reason: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(skip)]
+    pub card_holder_email: String,
+    #[serde(skip)]
+    pub card_holder_name: String,
+}
+
+/// A validated purchase.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewPayment {
+    pub token_card: String,
+    pub amount: rust_decimal::Decimal,
+    pub currency: String,
+    pub card_holder_email: String,
+    pub card_holder_name: String,
+}
+
+/// The event payload of `payment.created`, `payment.paid` and `payment.rejected`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PaymentEvent {
+    pub payment_id: Uuid,
+    pub amount: String,
+    pub currency: String,
+    pub token_card: String,
+    pub card_holder_email: String,
+    pub card_holder_name: String,
+    pub reason: Option<String>,
+    pub charge_id: Option<String>,
+}
+
+/// What `create` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Created {
+    New(Uuid),
+    /// The idempotency key was used before with the same request.
+    Replay(Uuid),
+    /// The idempotency key was used before with another request.
+    KeyReused,
+}
+
+pub const TOPIC: &str = "payments";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS {s}payments (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    token_card TEXT NOT NULL,
+    card_holder_email TEXT NOT NULL,
+    card_holder_name TEXT NOT NULL,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    last_decline_reason TEXT,
+    charge_id TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}payment_idempotency (
+    key TEXT PRIMARY KEY,
+    request TEXT NOT NULL,
+    payment_id TEXT NOT NULL
+);";
+
+const COLUMNS: &str = "id, status, amount, currency, card_holder_email, card_holder_name, \
+    attempts, last_decline_reason, created_at, updated_at";
+
+impl Db {
+    pub fn store(&self) -> Arc<dyn Store> {
+        on_db!(self, s => Arc::new(s.clone()))
+    }
+
+    /// SQL for this database: tables in the outbox's schema, `$n` or `?n` placeholders.
+    fn sql(&self, template: &str) -> AssertSqlSafe<String> {
+        let text = match self {
+            Db::Postgres(s) => template.replace("{s}", &format!("{}.", s.config().schema)),
+            Db::Sqlite(_) => template.replace("{s}", "").replace('$', "?"),
+        };
+        AssertSqlSafe(text)
+    }
+
+    /// Creates the outbox schema and the payment tables.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        self.store().migrate().await?;
+        on_db!(self, s => sqlx::raw_sql(self.sql(SCHEMA)).execute(s.pool()).await.map(drop))?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> bool {
+        on_db!(self, s => sqlx::query("SELECT 1").execute(s.pool()).await.is_ok())
+    }
+
+    /// Writes the payment and its `payment.created` event in one transaction, honouring the
+    /// idempotency key: nothing is written twice for one key.
+    pub async fn create(
+        &self,
+        p: &NewPayment,
+        idempotency: Option<(&str, &str)>,
+    ) -> anyhow::Result<Created> {
+        let id = Uuid::now_v7();
+        let now = Utc::now().to_rfc3339();
+        let event = PaymentEvent {
+            payment_id: id,
+            amount: p.amount.to_string(),
+            currency: p.currency.clone(),
+            token_card: p.token_card.clone(),
+            card_holder_email: p.card_holder_email.clone(),
+            card_holder_name: p.card_holder_name.clone(),
+            reason: None,
+            charge_id: None,
+        };
+        let msg = NewMessage::json(TOPIC, "payment.created", &event)?.key(id.to_string());
+        on_db!(self, s => {
+            let mut tx = s.pool().begin().await?;
+            if let Some((key, request)) = idempotency {
+                let inserted = sqlx::query(self.sql(
+                    "INSERT INTO {s}payment_idempotency (key, request, payment_id) VALUES ($1, $2, $3) \
+                     ON CONFLICT (key) DO NOTHING"))
+                    .bind(key).bind(request).bind(id.to_string())
+                    .execute(&mut *tx).await?.rows_affected();
+                if inserted == 0 {
+                    tx.rollback().await?;
+                    return self.replay(key, request).await;
+                }
+            }
+            sqlx::query(self.sql(
+                "INSERT INTO {s}payments (id, status, amount, currency, token_card, card_holder_email, \
+                 card_holder_name, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $7)"))
+                .bind(id.to_string()).bind(p.amount.to_string()).bind(&p.currency).bind(&p.token_card)
+                .bind(&p.card_holder_email).bind(&p.card_holder_name).bind(&now)
+                .execute(&mut *tx).await?;
+            s.outbox().enqueue(&mut tx, &msg).await?;
+            tx.commit().await?;
+        });
+        if let Db::Sqlite(s) = self {
+            s.notify();
+        }
+        Ok(Created::New(id))
+    }
+
+    async fn replay(&self, key: &str, request: &str) -> anyhow::Result<Created> {
+        let row = on_db!(self, s => sqlx::query(self.sql(
+            "SELECT request, payment_id FROM {s}payment_idempotency WHERE key = $1"))
+            .bind(key).fetch_one(s.pool()).await
+            .and_then(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?))))?;
+        Ok(if row.0 == request {
+            Created::Replay(row.1.parse()?)
+        } else {
+            Created::KeyReused
+        })
+    }
+
+    pub async fn get(&self, id: Uuid) -> anyhow::Result<Option<Payment>> {
+        let sql = format!("SELECT {COLUMNS} FROM {{s}}payments WHERE id = $1");
+        let row = on_db!(self, s => sqlx::query(self.sql(&sql)).bind(id.to_string())
+            .fetch_optional(s.pool()).await?
+            .map(|r| payment_from_row(&r)).transpose()?);
+        Ok(row)
+    }
+
+    /// Counts a decline; returns the declines so far.
+    pub async fn record_decline(&self, id: Uuid, reason: &str) -> anyhow::Result<i64> {
+        let now = Utc::now().to_rfc3339();
+        let n = on_db!(self, s => sqlx::query(self.sql(
+            "UPDATE {s}payments SET attempts = attempts + 1, last_decline_reason = $2, updated_at = $3 \
+             WHERE id = $1 AND status = 'pending' RETURNING attempts"))
+            .bind(id.to_string()).bind(reason).bind(&now)
+            .fetch_optional(s.pool()).await?
+            .map(|r| r.try_get::<i64, _>(0)).transpose()?);
+        Ok(n.unwrap_or(0))
+    }
+
+    /// Moves a pending payment to `paid` or `rejected` and enqueues the matching event, in one
+    /// transaction. A payment already finished is left alone and no event is written, so a
+    /// duplicated delivery changes nothing.
+    pub async fn finish(
+        &self,
+        event: &PaymentEvent,
+        status: &str,
+        counted_attempt: bool,
+    ) -> anyhow::Result<bool> {
+        let now = Utc::now().to_rfc3339();
+        let kind = format!("payment.{status}");
+        let msg = NewMessage::json(TOPIC, &kind, event)?.key(event.payment_id.to_string());
+        let finished = on_db!(self, s => {
+            let mut tx = s.pool().begin().await?;
+            let n = sqlx::query(self.sql(
+                "UPDATE {s}payments SET status = $2, charge_id = $3, last_decline_reason = coalesce($4, last_decline_reason), \
+                 attempts = attempts + $5, updated_at = $6 WHERE id = $1 AND status = 'pending'"))
+                .bind(event.payment_id.to_string()).bind(status).bind(&event.charge_id)
+                .bind(&event.reason).bind(i64::from(counted_attempt)).bind(&now)
+                .execute(&mut *tx).await?.rows_affected();
+            if n == 1 {
+                s.outbox().enqueue(&mut tx, &msg).await?;
+            }
+            tx.commit().await?;
+            n == 1
+        });
+        if let Db::Sqlite(s) = self {
+            s.notify();
+        }
+        Ok(finished)
+    }
+}
+
+fn payment_from_row<R: Row>(r: &R) -> anyhow::Result<Payment>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: String = r.try_get("id")?;
+    Ok(Payment {
+        payment_id: id.parse()?,
+        status: r.try_get("status")?,
+        amount: r.try_get("amount")?,
+        currency: r.try_get("currency")?,
+        attempts: r.try_get("attempts")?,
+        last_decline_reason: r.try_get("last_decline_reason")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        card_holder_email: r.try_get("card_holder_email")?,
+        card_holder_name: r.try_get("card_holder_name")?,
+    })
+}

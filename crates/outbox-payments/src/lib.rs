@@ -1,0 +1,220 @@
+//! # outbox-payments
+//!
+//! The payment system of the transactional outbox pattern, end to end, built only on the
+//! library's public API. It is what `outbox demo` runs.
+//!
+//! 1. A client `POST`s a purchase to the **API**, which validates it and, in one transaction,
+//!    writes the payment (`pending`) and the `payment.created` event, then answers `202`.
+//! 2. The **worker** (a relay with in-process handlers) charges the **gateway** with the
+//!    payment id as idempotency key, then marks the payment `paid` (or, after repeated declines,
+//!    `rejected`) and enqueues `payment.paid` / `payment.rejected` in the same transaction.
+//! 3. Those events e-mail the card holder (SMTP, or `.eml` files in a folder).
+//!
+//! Because every event is committed with the data it describes, a crash of the API or the
+//! worker at any point loses nothing; because the gateway honours the idempotency key, a
+//! redelivered or duplicated `payment.created` never charges twice.
+
+pub mod api;
+pub mod db;
+pub mod gateway;
+pub mod mail;
+mod openapi;
+pub mod validate;
+pub mod worker;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use outbox_postgres::{PgConfig, PgStore};
+use outbox_sqlite::SqliteStore;
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use db::Db;
+pub use gateway::GatewayConfig;
+
+/// Which parts of the system this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    All,
+    Api,
+    Worker,
+    Gateway,
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "all" => Role::All,
+            "api" => Role::Api,
+            "worker" => Role::Worker,
+            "gateway" => Role::Gateway,
+            other => {
+                return Err(format!(
+                    "unknown role {other:?}; expected all, api, worker or gateway"
+                ));
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub database_url: String,
+    /// PostgreSQL schema for the payment and outbox tables.
+    pub schema: Option<String>,
+    pub role: Role,
+    pub listen: SocketAddr,
+    pub gateway_listen: SocketAddr,
+    /// Use this gateway instead of starting the simulated one.
+    pub gateway_url: Option<String>,
+    pub gateway: GatewayConfig,
+    pub mail_dir: PathBuf,
+    pub smtp_url: Option<String>,
+    pub max_declines: i64,
+    pub poll_interval: Duration,
+}
+
+/// Opens the demo's database: `postgres://…` or `sqlite://PATH` (created when missing).
+pub async fn open_db(url: &str, schema: Option<&str>) -> anyhow::Result<Db> {
+    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .context("cannot connect to PostgreSQL")?;
+        let mut config = PgConfig::default();
+        if let Some(s) = schema {
+            config.schema = s.to_owned();
+        }
+        Ok(Db::Postgres(PgStore::with_config(pool, config)?))
+    } else if url.starts_with("sqlite:") {
+        if let Some(dir) = url
+            .trim_start_matches("sqlite:")
+            .trim_start_matches("//")
+            .rsplit_once('/')
+            .map(|(d, _)| d)
+            .filter(|d| !d.is_empty())
+        {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {dir}"))?;
+        }
+        Ok(Db::Sqlite(SqliteStore::connect(url).await?))
+    } else {
+        anyhow::bail!("the demo runs on postgres://… or sqlite://PATH, not {url:?}")
+    }
+}
+
+/// The process-wide Prometheus recorder (installed once, shared by every server).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+        })
+        .clone()
+}
+
+/// What a started demo serves.
+#[derive(Debug, Clone, Default)]
+pub struct Urls {
+    pub api: Option<String>,
+    pub gateway: Option<String>,
+}
+
+/// Starts the parts of `opts.role`, calls `ready` with their URLs, and serves until `shutdown`.
+pub async fn run(
+    opts: DemoOptions,
+    ready: impl FnOnce(&Urls),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut urls = Urls::default();
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let runs = |r: Role| opts.role == Role::All || opts.role == r;
+    if runs(Role::Gateway) && opts.gateway_url.is_none() {
+        let listener = TcpListener::bind(opts.gateway_listen)
+            .await
+            .context("gateway listen address")?;
+        urls.gateway = Some(format!("http://{}", listener.local_addr()?));
+        let app = gateway::router(opts.gateway.clone());
+        let stop = stopped();
+        tasks.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    let db = if runs(Role::Api) || runs(Role::Worker) {
+        let db = open_db(&opts.database_url, opts.schema.as_deref()).await?;
+        db.migrate().await?;
+        Some(db)
+    } else {
+        None
+    };
+    if let (true, Some(db)) = (runs(Role::Api), &db) {
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .context("API listen address")?;
+        urls.api = Some(format!("http://{}", listener.local_addr()?));
+        let app = api::router(api::ApiState {
+            db: db.clone(),
+            metrics: metrics_handle(),
+        });
+        let stop = stopped();
+        tasks.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    if let (true, Some(db)) = (runs(Role::Worker), db) {
+        let gateway_url = opts
+            .gateway_url
+            .clone()
+            .or(urls.gateway.clone())
+            .context("the worker needs --gateway-url (or run the gateway in this process)")?;
+        let worker = worker::Worker {
+            db,
+            gateway: gateway::GatewayClient::new(&gateway_url)?,
+            mailer: mail::Mailer::new(opts.smtp_url.as_deref(), opts.mail_dir.clone())?,
+            max_declines: opts.max_declines,
+        };
+        let config = outbox_core::RelayConfig {
+            poll_interval: opts.poll_interval,
+            ..worker::Worker::relay_config()
+        };
+        let relay = worker.relay(config);
+        let stop = stopped();
+        tasks.spawn(async move {
+            relay.run(stop).await;
+            Ok(())
+        });
+    }
+    ready(&urls);
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    while let Some(done) = tasks.join_next().await {
+        done.context("a demo task panicked")??;
+    }
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! The worker: the relay with in-process handlers for the payment events.
+//!
+//! - `payment.created`: charge the gateway with the payment id as idempotency key; approved →
+//!   `paid` and `payment.paid`, in one transaction. A decline is retried with backoff up to
+//!   `max_declines` charge attempts, then `rejected` and `payment.rejected`. A gateway that does
+//!   not answer is not a decline: the message is retried and no attempt is counted.
+//! - `payment.paid` / `payment.rejected`: e-mail the card holder.
+
+use std::sync::Arc;
+
+use outbox_core::{Delivery, HandlerSink, Message, Relay, RelayConfig, RetryPolicy, SinkError};
+
+use crate::db::{Db, PaymentEvent};
+use crate::gateway::{ChargeOutcome, ChargeRequest, GatewayClient};
+use crate::mail::Mailer;
+
+pub struct Worker {
+    pub db: Db,
+    pub gateway: GatewayClient,
+    pub mailer: Mailer,
+    /// Charge attempts before a payment is rejected (the seed: 4).
+    pub max_declines: i64,
+}
+
+impl Worker {
+    /// A relay delivering the payment events to this worker's handlers.
+    pub fn relay(self, config: RelayConfig) -> Relay {
+        let worker = Arc::new(self);
+        let store = worker.db.store();
+        let sink = HandlerSink::new(move |m: Message| {
+            let worker = worker.clone();
+            async move { worker.handle(m).await }
+        });
+        Relay::with_config(store, Arc::new(sink), config)
+    }
+
+    /// Retries quickly (declines are part of the flow) and long enough to ride out a gateway
+    /// restart before a message is set aside as dead.
+    pub fn relay_config() -> RelayConfig {
+        RelayConfig {
+            retry: RetryPolicy {
+                max_attempts: 50,
+                base_delay: std::time::Duration::from_millis(200),
+                max_delay: std::time::Duration::from_secs(10),
+            },
+            ..RelayConfig::default()
+        }
+    }
+
+    async fn handle(&self, m: Message) -> Delivery {
+        let event: PaymentEvent = m
+            .json()
+            .map_err(|e| SinkError::permanent(format!("bad payload: {e}")))?;
+        match m.message_type.as_str() {
+            "payment.created" => self.charge(event).await,
+            kind @ ("payment.paid" | "payment.rejected") => {
+                self.mailer.send(kind, &event, m.id).await
+            }
+            other => Err(SinkError::permanent(format!("no handler for {other}"))),
+        }
+    }
+
+    async fn charge(&self, mut event: PaymentEvent) -> Delivery {
+        let transient = |e: anyhow::Error| SinkError::transient(e.to_string());
+        let id = event.payment_id;
+        let Some(payment) = self.db.get(id).await.map_err(transient)? else {
+            return Err(SinkError::permanent(format!("payment {id} does not exist")));
+        };
+        if payment.status != "pending" {
+            return Ok(()); // a duplicate delivery of a payment already settled
+        }
+        let request = ChargeRequest {
+            amount: event.amount.clone(),
+            currency: event.currency.clone(),
+            token_card: event.token_card.clone(),
+        };
+        let outcome = self
+            .gateway
+            .charge(&id.to_string(), &request)
+            .await
+            .map_err(|e| SinkError::transient(e.to_string()))?;
+        match outcome {
+            ChargeOutcome::Approved { charge_id } => {
+                event.charge_id = Some(charge_id);
+                self.db
+                    .finish(&event, "paid", true)
+                    .await
+                    .map_err(transient)?;
+                Ok(())
+            }
+            ChargeOutcome::Declined { reason } if payment.attempts + 1 >= self.max_declines => {
+                event.reason = Some(reason);
+                self.db
+                    .finish(&event, "rejected", true)
+                    .await
+                    .map_err(transient)?;
+                Ok(())
+            }
+            ChargeOutcome::Declined { reason } => {
+                self.db
+                    .record_decline(id, &reason)
+                    .await
+                    .map_err(transient)?;
+                Err(SinkError::transient(format!("declined: {reason}")))
+            }
+        }
+    }
+}
