@@ -210,6 +210,9 @@ pub struct DemoArgs {
     /// Polling fallback of the worker
     #[arg(long, default_value = "1s", env = "OUTBOX_POLL_INTERVAL", value_parser = parse_duration)]
     pub poll_interval: Duration,
+    /// How long the worker holds a claimed event before another worker may take it over
+    #[arg(long, default_value = "30s", env = "OUTBOX_LEASE", value_parser = parse_duration)]
+    pub lease: Duration,
 }
 
 fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u64>, String> {

@@ -39,6 +39,7 @@ pub async fn run(
         smtp_url: args.smtp_url.clone(),
         max_declines: args.max_declines,
         poll_interval: args.poll_interval,
+        lease: args.lease,
     };
     let role = args.role;
     let mail = match &args.smtp_url {

@@ -81,6 +81,8 @@ pub struct DemoOptions {
     pub smtp_url: Option<String>,
     pub max_declines: i64,
     pub poll_interval: Duration,
+    /// How long the worker holds a claimed event before another worker may take it over.
+    pub lease: Duration,
 }
 
 /// Opens the demo's database: `postgres://…` or `sqlite://PATH` (created when missing).
@@ -201,6 +203,7 @@ pub async fn run(
         };
         let config = outbox_core::RelayConfig {
             poll_interval: opts.poll_interval,
+            lease: opts.lease,
             ..worker::Worker::relay_config()
         };
         let relay = worker.relay(config);
