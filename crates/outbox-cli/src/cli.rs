@@ -213,6 +213,9 @@ pub struct DemoArgs {
     /// How long the worker holds a claimed event before another worker may take it over
     #[arg(long, default_value = "30s", env = "OUTBOX_LEASE", value_parser = parse_duration)]
     pub lease: Duration,
+    /// Benchmark baseline: the API writes payments without their outbox event
+    #[arg(long, hide = true)]
+    pub without_outbox: bool,
 }
 
 fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u64>, String> {

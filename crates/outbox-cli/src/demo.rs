@@ -40,6 +40,7 @@ pub async fn run(
         max_declines: args.max_declines,
         poll_interval: args.poll_interval,
         lease: args.lease,
+        write_events: !args.without_outbox,
     };
     let role = args.role;
     let mail = match &args.smtp_url {

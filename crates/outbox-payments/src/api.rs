@@ -23,6 +23,8 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 pub struct ApiState {
     pub db: Db,
     pub metrics: PrometheusHandle,
+    /// False only to measure the API without its outbox write (a benchmark baseline).
+    pub write_events: bool,
 }
 
 /// An RFC 9457 problem.
@@ -164,7 +166,11 @@ async fn create_payment(
     let fingerprint = serde_json::to_string(&payment).unwrap_or_default();
     let created = state
         .db
-        .create(&payment, key.as_deref().map(|k| (k, fingerprint.as_str())))
+        .create(
+            &payment,
+            key.as_deref().map(|k| (k, fingerprint.as_str())),
+            state.write_events,
+        )
         .await
         .map_err(internal)?;
     match created {

@@ -83,6 +83,8 @@ pub struct DemoOptions {
     pub poll_interval: Duration,
     /// How long the worker holds a claimed event before another worker may take it over.
     pub lease: Duration,
+    /// False only to measure the API without its outbox write: payments then never settle.
+    pub write_events: bool,
 }
 
 /// Opens the demo's database: `postgres://…` or `sqlite://PATH` (created when missing).
@@ -180,6 +182,7 @@ pub async fn run(
         let app = api::router(api::ApiState {
             db: db.clone(),
             metrics: metrics_handle(),
+            write_events: opts.write_events,
         });
         let stop = stopped();
         tasks.spawn(async move {

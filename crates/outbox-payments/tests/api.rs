@@ -24,6 +24,7 @@ async fn start() -> Api {
     let app = router(ApiState {
         db: db.clone(),
         metrics: metrics_handle(),
+        write_events: true,
     });
     tokio::spawn(async move { axum::serve(listener, app).await });
     let http = reqwest::Client::builder()

@@ -302,6 +302,7 @@ impl Store for PgStore {
             listener,
             relay: relay.to_owned(),
             parked_until: None,
+            settle: PgWaiter::FIRST_SETTLE,
         }))
     }
 }
@@ -313,6 +314,8 @@ struct PgWaiter {
     relay: String,
     /// Local view of the registration's expiry; `None` when not registered.
     parked_until: Option<Instant>,
+    /// The next sleep right after parking, doubled per sleep up to the poll interval.
+    settle: Duration,
 }
 
 impl PgWaiter {
@@ -320,11 +323,20 @@ impl PgWaiter {
     /// stops costing writers a NOTIFY soon after.
     const REGISTRATION: Duration = Duration::from_secs(60);
 
+    /// A writer whose trigger ran just before the registration committed, and whose own
+    /// commit lands after the relay's last claim, sends no NOTIFY. Right after parking the
+    /// relay therefore polls at 5, 10, 20 … ms until it reaches its poll interval, which
+    /// catches such commits within milliseconds for a handful of extra queries per idle spell.
+    const FIRST_SETTLE: Duration = Duration::from_millis(5);
+
     async fn park(&mut self) -> StoreResult<()> {
         let query = q(&self.store.sql().park)
             .bind(self.relay.clone())
             .bind(millis(Self::REGISTRATION));
         self.store.execute(query).await?;
+        if self.parked_until.is_none() {
+            self.settle = Self::FIRST_SETTLE;
+        }
         self.parked_until = Some(Instant::now() + Self::REGISTRATION);
         Ok(())
     }
@@ -347,7 +359,9 @@ impl Waiter for PgWaiter {
     }
 
     async fn idle(&mut self, timeout: Duration) -> StoreResult<()> {
-        match tokio::time::timeout(timeout, self.listener.recv()).await {
+        let sleep = timeout.min(self.settle);
+        self.settle = self.settle.saturating_mul(2);
+        match tokio::time::timeout(sleep, self.listener.recv()).await {
             Err(_elapsed) => Ok(()),
             Ok(Ok(_notification)) => {
                 // Several writers may have notified; one claim serves them all.
