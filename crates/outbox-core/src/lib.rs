@@ -62,6 +62,7 @@ pub use retry::RetryPolicy;
 pub use sink::{Delivery, HandlerSink, Sink, SinkError};
 pub use store::{
     Failure, PollingWaiter, Retention, StatusCounts, Store, StoreError, StoreResult, Waiter,
+    check_identifier,
 };
 
 pub use async_trait::async_trait;

@@ -27,6 +27,24 @@ pub enum StoreError {
     Config(String),
 }
 
+/// Checks a name that a store splices into SQL (schema, table prefix): only plain lower-case
+/// identifiers of at most 40 characters are accepted, so no configuration can inject SQL.
+pub fn check_identifier(what: &str, name: &str) -> Result<(), StoreError> {
+    let mut chars = name.chars();
+    let ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 40;
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Config(format!(
+            "{what} {name:?} must be a lower-case identifier ([a-z_][a-z0-9_]*, at most 40 characters)"
+        )))
+    }
+}
+
 impl StoreError {
     pub fn database(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         StoreError::Database(Box::new(e))

@@ -129,6 +129,18 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Serves `app` until `stop` completes, finishing requests in progress.
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await?;
+    Ok(())
+}
+
 /// What a started demo serves.
 #[derive(Debug, Clone, Default)]
 pub struct Urls {
@@ -158,14 +170,11 @@ pub async fn run(
             .await
             .context("gateway listen address")?;
         urls.gateway = Some(format!("http://{}", listener.local_addr()?));
-        let app = gateway::router(opts.gateway.clone());
-        let stop = stopped();
-        tasks.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-                .map_err(anyhow::Error::from)
-        });
+        tasks.spawn(serve(
+            listener,
+            gateway::router(opts.gateway.clone()),
+            stopped(),
+        ));
     }
     let db = if runs(Role::Api) || runs(Role::Worker) {
         let db = open_db(&opts.database_url, opts.schema.as_deref()).await?;
@@ -184,13 +193,7 @@ pub async fn run(
             metrics: metrics_handle(),
             write_events: opts.write_events,
         });
-        let stop = stopped();
-        tasks.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-                .map_err(anyhow::Error::from)
-        });
+        tasks.spawn(serve(listener, app, stopped()));
     }
     if let (true, Some(db)) = (runs(Role::Worker), db) {
         let gateway_url = opts

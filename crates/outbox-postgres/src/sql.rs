@@ -25,23 +25,8 @@ impl Default for PgConfig {
 impl PgConfig {
     /// Names are spliced into SQL, so only plain lower-case identifiers are accepted.
     pub fn validate(&self) -> Result<(), StoreError> {
-        for (what, name) in [
-            ("schema", &self.schema),
-            ("table prefix", &self.table_prefix),
-        ] {
-            let mut chars = name.chars();
-            let ok = chars
-                .next()
-                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-                && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                && name.len() <= 40;
-            if !ok {
-                return Err(StoreError::Config(format!(
-                    "{what} {name:?} must be a lower-case identifier ([a-z_][a-z0-9_]*, at most 40 characters)"
-                )));
-            }
-        }
-        Ok(())
+        outbox_core::check_identifier("schema", &self.schema)?;
+        outbox_core::check_identifier("table prefix", &self.table_prefix)
     }
 
     /// The LISTEN/NOTIFY channel of this outbox.

@@ -38,20 +38,7 @@ impl Default for SqliteConfig {
 impl SqliteConfig {
     /// The prefix is spliced into SQL, so only plain lower-case identifiers are accepted.
     pub fn validate(&self) -> StoreResult<()> {
-        let p = &self.table_prefix;
-        let mut chars = p.chars();
-        let ok = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-            && p.len() <= 40;
-        if ok {
-            Ok(())
-        } else {
-            Err(StoreError::Config(format!(
-                "table prefix {p:?} must be a lower-case identifier ([a-z_][a-z0-9_]*, at most 40 characters)"
-            )))
-        }
+        outbox_core::check_identifier("table prefix", &self.table_prefix)
     }
 }
 
