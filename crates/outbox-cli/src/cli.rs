@@ -107,7 +107,7 @@ pub struct EnqueueArgs {
 
 #[derive(Debug, Args, Default)]
 pub struct RelayArgs {
-    /// Where to deliver: file:PATH, stdout:, null:
+    /// Where to deliver: file:PATH, stdout:, null:, http(s)://…, redis://…, nats://…
     #[arg(long, env = "OUTBOX_SINK")]
     pub sink: Option<String>,
     /// Messages claimed per round trip [default: 100]

@@ -158,8 +158,15 @@ mod tests {
             from_url("nothing").await,
             Err(SinkUrlError::NoScheme(_))
         ));
+        assert!(matches!(
+            from_url("kafka://127.0.0.1:9092").await,
+            Err(SinkUrlError::NeedsFeature {
+                feature: "kafka",
+                ..
+            })
+        ));
         assert!(
-            matches!(from_url("kafka://127.0.0.1:9092").await, Err(SinkUrlError::Unsupported(s)) if s == "kafka")
+            matches!(from_url("gopher://x").await, Err(SinkUrlError::Unsupported(s)) if s == "gopher")
         );
         assert!(matches!(
             from_url("file:").await,

@@ -7,12 +7,22 @@
 //! | `file:PATH` | [`FileSink`]: one JSON line per message, appended | written and fsynced |
 //! | `stdout:` | [`StdoutSink`]: one JSON line per message | written and flushed |
 //! | `null:` | [`NullSink`]: discards, for benchmarks | at once |
+//! | `http(s)://…` | `WebhookSink` (feature `webhook`): signed POST per message | 2xx received |
+//! | `redis://host:port[?maxlen=N&prefix=P]` | `RedisSink` (feature `redis`): `XADD` to the topic's stream | entry appended |
+//! | `nats://host:port[?prefix=P]` | `NatsSink` (feature `nats`): JetStream publish | publish ack from a stream |
 //!
 //! Every sink returns one outcome per message; an I/O failure is transient (the relay retries
 //! with backoff), never a silent drop. Each line carries the message id, which is the
 //! deduplication key downstream: the relay delivers at least once.
 
+pub mod cloudevents;
 mod file;
+#[cfg(feature = "nats")]
+mod nats;
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "webhook")]
+mod webhook;
 
 use std::sync::Arc;
 
@@ -21,23 +31,66 @@ use outbox_core::{Delivery, Message, Sink};
 use serde::Serialize;
 
 pub use file::{FileSink, StdoutSink};
+#[cfg(feature = "nats")]
+pub use nats::NatsSink;
+#[cfg(feature = "redis")]
+pub use redis::RedisSink;
+#[cfg(feature = "webhook")]
+pub use webhook::{WebhookSink, decode_secret, sign};
 
 /// A sink URL that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SinkUrlError {
-    #[error("sink {0:?} has no scheme; expected one of file:PATH, stdout:, null:")]
+    #[error("sink {0:?} has no scheme; expected one of {schemes}", schemes = schemes())]
     NoScheme(String),
-    #[error(
-        "sink scheme {0:?} is not supported by this build; supported: file:PATH, stdout:, null:"
-    )]
+    #[error("sink scheme {0:?} is not supported by this build; supported: {schemes}", schemes = schemes())]
     Unsupported(String),
+    #[error(
+        "sink scheme {scheme:?} needs the cargo feature {feature:?} (build with --features {feature})"
+    )]
+    NeedsFeature {
+        scheme: String,
+        feature: &'static str,
+    },
+    #[error("sink {url}: {reason}")]
+    Invalid { url: String, reason: String },
     #[error("sink {0:?} needs a path, as in file:/var/lib/outbox/events.jsonl")]
     MissingPath(String),
     #[error("cannot open sink file {path}: {reason}")]
     Open { path: String, reason: String },
 }
 
-/// Builds the sink a URL names.
+/// The schemes this build delivers to.
+pub fn schemes() -> String {
+    let mut s = String::from("file:PATH, stdout:, null:");
+    for (on, scheme) in [
+        (cfg!(feature = "webhook"), ", http(s)://"),
+        (cfg!(feature = "redis"), ", redis://"),
+        (cfg!(feature = "nats"), ", nats://"),
+    ] {
+        if on {
+            s.push_str(scheme);
+        }
+    }
+    s
+}
+
+/// Splits `?name=value&…` options off a URL: (the URL without them, the options).
+fn url_options(url: &str) -> (&str, Vec<(&str, &str)>) {
+    match url.split_once('?') {
+        Some((base, query)) => (
+            base,
+            query
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .collect(),
+        ),
+        None => (url, Vec::new()),
+    }
+}
+
+/// Builds the sink a URL names. Webhooks are signed with the secret in
+/// `OUTBOX_WEBHOOK_SECRET` (`whsec_…`) when it is set.
 pub async fn from_url(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
     let (scheme, rest) = url
         .split_once(':')
@@ -56,8 +109,95 @@ pub async fn from_url(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
             })?;
             Ok(Arc::new(sink))
         }
+        "http" | "https" => webhook_sink(url),
+        "redis" | "rediss" => redis_sink(url).await,
+        "nats" => nats_sink(url).await,
+        "kafka" => Err(SinkUrlError::NeedsFeature {
+            scheme: "kafka".into(),
+            feature: "kafka",
+        }),
         other => Err(SinkUrlError::Unsupported(other.to_owned())),
     }
+}
+
+#[cfg(feature = "webhook")]
+fn webhook_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    let secret = std::env::var("OUTBOX_WEBHOOK_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let sink = WebhookSink::new(url, secret.as_deref(), std::time::Duration::from_secs(10))?;
+    Ok(Arc::new(sink))
+}
+
+#[cfg(not(feature = "webhook"))]
+fn webhook_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    Err(SinkUrlError::NeedsFeature {
+        scheme: "http".into(),
+        feature: "webhook",
+    })
+}
+
+#[cfg(feature = "redis")]
+async fn redis_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    let (base, options) = url_options(url);
+    let bad = |reason: String| SinkUrlError::Invalid {
+        url: url.to_owned(),
+        reason,
+    };
+    let (mut prefix, mut max_len) = ("", None);
+    for (name, value) in options {
+        match name {
+            "prefix" => prefix = value,
+            "maxlen" => {
+                max_len = Some(
+                    value
+                        .parse()
+                        .map_err(|_| bad(format!("maxlen {value:?} is not a number")))?,
+                )
+            }
+            other => return Err(bad(format!("unknown option {other:?} (prefix, maxlen)"))),
+        }
+    }
+    let sink = RedisSink::connect(base, prefix, max_len)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(Arc::new(sink))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    Err(SinkUrlError::NeedsFeature {
+        scheme: "redis".into(),
+        feature: "redis",
+    })
+}
+
+#[cfg(feature = "nats")]
+async fn nats_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    let (base, options) = url_options(url);
+    let bad = |reason: String| SinkUrlError::Invalid {
+        url: url.to_owned(),
+        reason,
+    };
+    let mut prefix = "";
+    for (name, value) in options {
+        match name {
+            "prefix" => prefix = value,
+            other => return Err(bad(format!("unknown option {other:?} (prefix)"))),
+        }
+    }
+    let sink = NatsSink::connect(base, prefix)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(Arc::new(sink))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn nats_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    Err(SinkUrlError::NeedsFeature {
+        scheme: "nats".into(),
+        feature: "nats",
+    })
 }
 
 /// Accepts everything and does nothing: measures the relay and the store alone.

@@ -1,0 +1,82 @@
+//! NATS JetStream: each message is published to the subject named after its topic (with an
+//! optional prefix), with `Nats-Msg-Id` = the message id so the server drops duplicates within
+//! its duplicate window, and the CloudEvents attributes as headers. A batch is sent pipelined
+//! and its publish acks awaited together. A subject that no stream captures is an error the
+//! operator sees (the message is retried, then dead with that reason), never a silent loss.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, Context};
+use async_trait::async_trait;
+use outbox_core::{Delivery, Message, Sink, SinkError};
+
+use crate::cloudevents;
+
+pub struct NatsSink {
+    js: Context,
+    subject_prefix: String,
+}
+
+impl NatsSink {
+    /// Connects to `url` (`nats://host:port`). The client reconnects by itself; while the
+    /// server is away publishes fail and the relay retries them.
+    pub async fn connect(
+        url: &str,
+        subject_prefix: &str,
+    ) -> Result<Self, async_nats::ConnectError> {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(url)
+            .await?;
+        Ok(Self {
+            js: jetstream::new(client),
+            subject_prefix: subject_prefix.to_owned(),
+        })
+    }
+
+    fn headers(m: &Message) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Msg-Id", m.id.to_string().as_str());
+        h.insert("content-type", m.content_type.as_str());
+        for (name, value) in cloudevents::headers(m, cloudevents::DEFAULT_SOURCE) {
+            h.insert(name.as_str(), value.as_str());
+        }
+        h
+    }
+}
+
+fn explain(e: impl std::fmt::Display, subject: &str) -> SinkError {
+    let text = e.to_string();
+    if text.contains("no responders") || text.contains("no stream found") {
+        SinkError::transient(format!("no JetStream stream captures subject {subject:?}"))
+    } else {
+        SinkError::transient(format!("NATS publish to {subject:?}: {text}"))
+    }
+}
+
+#[async_trait]
+impl Sink for NatsSink {
+    async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
+        // Send everything first, then collect the acks: one round trip for the whole batch.
+        let mut pending = Vec::with_capacity(batch.len());
+        for m in batch {
+            let subject = format!("{}{}", self.subject_prefix, m.topic);
+            let sent = self
+                .js
+                .publish_with_headers(subject.clone(), Self::headers(m), m.payload.clone().into())
+                .await;
+            pending.push((subject, sent));
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for (subject, sent) in pending {
+            out.push(match sent {
+                Ok(ack) => ack.await.map(drop).map_err(|e| explain(e, &subject)),
+                Err(e) => Err(explain(e, &subject)),
+            });
+        }
+        out
+    }
+
+    fn name(&self) -> &str {
+        "nats"
+    }
+}

@@ -1,0 +1,189 @@
+//! Webhooks: one signed HTTP POST per message, following Standard Webhooks.
+//!
+//! Headers: `webhook-id` (the message id: receivers deduplicate on it), `webhook-timestamp`
+//! (Unix seconds) and `webhook-signature` (`v1,` + base64 HMAC-SHA256 of `id.timestamp.body`
+//! under the `whsec_…` secret), plus the CloudEvents attributes. The body is the payload with
+//! its content type. 2xx acks; 408, 429, 5xx, timeouts and connection errors are transient and
+//! honour `Retry-After`; any other status is permanent (the receiver refuses this message).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures::stream::{self, StreamExt};
+use hmac::{Hmac, Mac};
+use outbox_core::{Delivery, Message, Sink, SinkError};
+use sha2::Sha256;
+
+use crate::cloudevents;
+
+/// Messages of a batch in flight at once.
+const CONCURRENCY: usize = 16;
+
+/// A webhook endpoint.
+pub struct WebhookSink {
+    http: reqwest::Client,
+    url: String,
+    secret: Option<Vec<u8>>,
+}
+
+/// A secret that is not `whsec_` followed by base64.
+#[derive(Debug, thiserror::Error)]
+#[error("webhook secret must be whsec_ followed by base64 ({0})")]
+pub struct BadSecret(String);
+
+/// Decodes a `whsec_…` secret into the HMAC key.
+pub fn decode_secret(secret: &str) -> Result<Vec<u8>, BadSecret> {
+    let b64 = secret
+        .strip_prefix("whsec_")
+        .ok_or_else(|| BadSecret("missing the whsec_ prefix".into()))?;
+    B64.decode(b64).map_err(|e| BadSecret(e.to_string()))
+}
+
+/// The Standard Webhooks signature of one request.
+pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    format!("v1,{}", B64.encode(mac.finalize().into_bytes()))
+}
+
+impl WebhookSink {
+    /// Posts to `url`, signing with `secret` (`whsec_…`) when given.
+    pub fn new(
+        url: &str,
+        secret: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, crate::SinkUrlError> {
+        let bad = |reason: String| crate::SinkUrlError::Invalid {
+            url: url.to_owned(),
+            reason,
+        };
+        // rustls needs one process-wide crypto provider; a second install attempt is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        let secret = secret
+            .map(decode_secret)
+            .transpose()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            http,
+            url: url.to_owned(),
+            secret,
+        })
+    }
+
+    async fn post(&self, m: &Message) -> Delivery {
+        let id = m.id.to_string();
+        let timestamp = chrono::Utc::now().timestamp();
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("content-type", &m.content_type)
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", timestamp.to_string());
+        if let Some(key) = &self.secret {
+            req = req.header("webhook-signature", sign(key, &id, timestamp, &m.payload));
+        }
+        for (name, value) in cloudevents::headers(m, cloudevents::DEFAULT_SOURCE) {
+            req = req.header(name, value);
+        }
+        let resp = req
+            .body(m.payload.clone())
+            .send()
+            .await
+            .map_err(|e| SinkError::transient(format!("POST {}: {e}", self.url)))?;
+        classify(resp.status(), resp.headers())
+    }
+}
+
+fn classify(status: reqwest::StatusCode, headers: &reqwest::header::HeaderMap) -> Delivery {
+    if status.is_success() {
+        return Ok(());
+    }
+    let message = format!("webhook answered {status}");
+    let transient = status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429;
+    if !transient {
+        return Err(SinkError::permanent(message));
+    }
+    let retry_after = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    Err(SinkError::Transient {
+        message,
+        retry_after,
+    })
+}
+
+#[async_trait]
+impl Sink for WebhookSink {
+    async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
+        let posts: Vec<_> = batch.iter().map(|m| self.post(m)).collect();
+        stream::iter(posts).buffered(CONCURRENCY).collect().await
+    }
+
+    fn name(&self) -> &str {
+        "webhook"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_matches_the_standard_webhooks_example() {
+        // The example from the Standard Webhooks specification.
+        let key = decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let sig = sign(
+            &key,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            br#"{"test": 2432232314}"#,
+        );
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn statuses_are_transient_or_permanent() {
+        let none = reqwest::header::HeaderMap::new();
+        assert!(classify(reqwest::StatusCode::NO_CONTENT, &none).is_ok());
+        assert!(
+            classify(reqwest::StatusCode::GONE, &none)
+                .unwrap_err()
+                .is_permanent()
+        );
+        assert!(
+            classify(reqwest::StatusCode::BAD_REQUEST, &none)
+                .unwrap_err()
+                .is_permanent()
+        );
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
+        let err = classify(reqwest::StatusCode::TOO_MANY_REQUESTS, &h).unwrap_err();
+        assert_eq!(
+            err,
+            SinkError::Transient {
+                message: "webhook answered 429 Too Many Requests".into(),
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        assert!(
+            !classify(reqwest::StatusCode::SERVICE_UNAVAILABLE, &none)
+                .unwrap_err()
+                .is_permanent()
+        );
+    }
+
+    #[test]
+    fn secrets_must_be_whsec_base64() {
+        assert!(decode_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
+        assert!(decode_secret("whsec_not base64!").is_err());
+    }
+}
