@@ -10,11 +10,14 @@
 //! | `http(s)://…` | `WebhookSink` (feature `webhook`): signed POST per message | 2xx received |
 //! | `redis://host:port[?maxlen=N&prefix=P]` | `RedisSink` (feature `redis`): `XADD` to the topic's stream | entry appended |
 //! | `nats://host:port[?prefix=P]` | `NatsSink` (feature `nats`): JetStream publish | publish ack from a stream |
+//! | `amqp://user:pass@host:port/vhost[?exchange=E]` | `AmqpSink` (feature `amqp`): RabbitMQ topic exchange, mandatory, persistent | publisher confirm |
 //!
 //! Every sink returns one outcome per message; an I/O failure is transient (the relay retries
 //! with backoff), never a silent drop. Each line carries the message id, which is the
 //! deduplication key downstream: the relay delivers at least once.
 
+#[cfg(feature = "amqp")]
+mod amqp;
 pub mod cloudevents;
 mod file;
 #[cfg(feature = "nats")]
@@ -30,6 +33,8 @@ use async_trait::async_trait;
 use outbox_core::{Delivery, Message, Sink};
 use serde::Serialize;
 
+#[cfg(feature = "amqp")]
+pub use amqp::AmqpSink;
 pub use file::{FileSink, StdoutSink};
 #[cfg(feature = "nats")]
 pub use nats::NatsSink;
@@ -67,6 +72,7 @@ pub fn schemes() -> String {
         (cfg!(feature = "webhook"), ", http(s)://"),
         (cfg!(feature = "redis"), ", redis://"),
         (cfg!(feature = "nats"), ", nats://"),
+        (cfg!(feature = "amqp"), ", amqp://"),
     ] {
         if on {
             s.push_str(scheme);
@@ -112,6 +118,7 @@ pub async fn from_url(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
         "http" | "https" => webhook_sink(url),
         "redis" | "rediss" => redis_sink(url).await,
         "nats" => nats_sink(url).await,
+        "amqp" | "amqps" => amqp_sink(url).await,
         "kafka" => Err(SinkUrlError::NeedsFeature {
             scheme: "kafka".into(),
             feature: "kafka",
@@ -169,6 +176,34 @@ async fn redis_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
     Err(SinkUrlError::NeedsFeature {
         scheme: "redis".into(),
         feature: "redis",
+    })
+}
+
+#[cfg(feature = "amqp")]
+async fn amqp_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    let (base, options) = url_options(url);
+    let bad = |reason: String| SinkUrlError::Invalid {
+        url: url.to_owned(),
+        reason,
+    };
+    let mut exchange = "outbox";
+    for (name, value) in options {
+        match name {
+            "exchange" => exchange = value,
+            other => return Err(bad(format!("unknown option {other:?} (exchange)"))),
+        }
+    }
+    let sink = AmqpSink::connect(base, exchange)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(Arc::new(sink))
+}
+
+#[cfg(not(feature = "amqp"))]
+async fn amqp_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    Err(SinkUrlError::NeedsFeature {
+        scheme: "amqp".into(),
+        feature: "amqp",
     })
 }
 

@@ -255,3 +255,99 @@ mod webhook {
         );
     }
 }
+
+#[cfg(feature = "amqp")]
+mod amqp {
+    use super::*;
+    use lapin::options::{
+        BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::{Connection, ConnectionProperties};
+
+    const URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+    #[tokio::test]
+    async fn rabbitmq_receives_persistent_confirmed_messages_in_order() {
+        let exchange = unique("t_");
+        let sink = outbox_sinks::from_url(&format!("{URI}?exchange={exchange}"))
+            .await
+            .unwrap();
+        let conn = Connection::connect(URI, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let queue = unique("q_");
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "orders".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+        let msgs = batch("orders", 30);
+        assert!(sink.publish(&msgs).await.iter().all(Result::is_ok));
+        for m in &msgs {
+            let got = ch
+                .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                .await
+                .unwrap()
+                .expect("a message");
+            let props = &got.delivery.properties;
+            assert_eq!(
+                props.message_id().as_ref().unwrap().as_str(),
+                m.id.to_string()
+            );
+            assert_eq!(props.kind().as_ref().unwrap().as_str(), "order.created");
+            assert_eq!(*props.delivery_mode(), Some(2));
+            let headers = props.headers().as_ref().unwrap();
+            let header = |name: &str| match headers.inner().get(name) {
+                Some(AMQPValue::LongString(s)) => s.to_string(),
+                other => panic!("{name}: {other:?}"),
+            };
+            assert_eq!(header("ce-id"), m.id.to_string());
+            assert_eq!(header("ce-subject"), m.key.clone().unwrap());
+            assert!(header("traceparent").starts_with("00-"));
+            assert_eq!(got.delivery.data, m.payload);
+            got.delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unroutable_message_is_an_error_not_a_drop() {
+        let exchange = unique("t_");
+        let sink = outbox_sinks::from_url(&format!("{URI}?exchange={exchange}"))
+            .await
+            .unwrap();
+        let out = sink.publish(&batch("nobody.listens", 2)).await;
+        for o in out {
+            let e = o.unwrap_err();
+            assert!(!e.is_permanent());
+            assert!(e.to_string().contains("unroutable"), "{e}");
+        }
+        let conn = Connection::connect(URI, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
