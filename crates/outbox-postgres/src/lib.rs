@@ -41,10 +41,12 @@
 //! - **Schema**: versioned migrations embedded in the binary, applied under an advisory lock,
 //!   in a configurable schema with a configurable table prefix ([`PgConfig`]).
 
+mod inbox;
 mod migrate;
 mod sql;
 mod store;
 
+pub use inbox::PgInbox;
 pub use migrate::LATEST_VERSION;
 pub use sql::PgConfig;
 pub use store::{EnqueueError, PgOutbox, PgStore};

@@ -30,6 +30,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "claim function with a statistics-proof plan",
         sql: include_str!("../migrations/0003_claim_function.sql"),
     },
+    Migration {
+        version: 4,
+        description: "consumer inbox",
+        sql: include_str!("../migrations/0004_inbox.sql"),
+    },
 ];
 
 /// The schema version this build writes.

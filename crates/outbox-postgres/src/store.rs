@@ -112,6 +112,7 @@ pub struct PgStore {
     pool: PgPool,
     config: Arc<PgConfig>,
     outbox: PgOutbox,
+    inbox: crate::PgInbox,
 }
 
 impl PgStore {
@@ -126,6 +127,7 @@ impl PgStore {
         let sql = Arc::new(Sql::new(&config));
         Ok(Self {
             pool,
+            inbox: crate::PgInbox::new(&config),
             config: Arc::new(config),
             outbox: PgOutbox { sql },
         })
@@ -152,6 +154,11 @@ impl PgStore {
     /// The writer's handle, cheap to clone.
     pub fn outbox(&self) -> &PgOutbox {
         &self.outbox
+    }
+
+    /// The consumer's handle: exactly-once effects from at-least-once deliveries.
+    pub fn inbox(&self) -> &crate::PgInbox {
+        &self.inbox
     }
 
     /// Applies migrations up to `version` only (for staged upgrades and their tests).

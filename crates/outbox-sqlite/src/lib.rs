@@ -49,8 +49,10 @@
 //!   rather than guessed at. Several outboxes can share a file under different table prefixes
 //!   ([`SqliteConfig`]).
 
+mod inbox;
 mod migrate;
 mod store;
 
+pub use inbox::SqliteInbox;
 pub use migrate::LATEST_VERSION;
 pub use store::{EnqueueError, SqliteConfig, SqliteOutbox, SqliteStore};

@@ -25,6 +25,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "index dead letters",
         sql: include_str!("../migrations/0002_index_dead_letters.sql"),
     },
+    Migration {
+        version: 3,
+        description: "consumer inbox",
+        sql: include_str!("../migrations/0003_inbox.sql"),
+    },
 ];
 
 /// The schema version this build writes.

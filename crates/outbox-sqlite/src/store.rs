@@ -218,6 +218,7 @@ pub struct SqliteStore {
     pool: SqlitePool,
     config: Arc<SqliteConfig>,
     outbox: SqliteOutbox,
+    inbox: crate::SqliteInbox,
     notify: Arc<Notify>,
 }
 
@@ -232,6 +233,7 @@ impl SqliteStore {
         let sql = Arc::new(Sql::new(&config.table_prefix));
         Ok(Self {
             pool,
+            inbox: crate::SqliteInbox::new(&config.table_prefix),
             config: Arc::new(config),
             outbox: SqliteOutbox { sql },
             notify: Arc::new(Notify::new()),
@@ -269,6 +271,11 @@ impl SqliteStore {
     /// The writer's handle, cheap to clone.
     pub fn outbox(&self) -> &SqliteOutbox {
         &self.outbox
+    }
+
+    /// The consumer's handle: exactly-once effects from at-least-once deliveries.
+    pub fn inbox(&self) -> &crate::SqliteInbox {
+        &self.inbox
     }
 
     /// Wakes a relay of this process that sleeps on this store; call it after commit.

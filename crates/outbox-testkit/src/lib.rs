@@ -19,6 +19,8 @@ use uuid::Uuid;
 #[async_trait]
 pub trait OpenTx: Send {
     async fn enqueue(&mut self, msgs: &[NewMessage]) -> anyhow::Result<()>;
+    /// Records in the inbox that `consumer` processes `id`; false if it already did.
+    async fn record(&mut self, consumer: &str, id: Uuid) -> anyhow::Result<bool>;
     async fn commit(self: Box<Self>) -> anyhow::Result<()>;
     async fn rollback(self: Box<Self>) -> anyhow::Result<()>;
 }
@@ -30,6 +32,8 @@ pub trait Fixture: Send + Sync {
     async fn begin(&self) -> anyhow::Result<Box<dyn OpenTx>>;
     /// Called after a commit, for stores whose relays are woken from the writer's process.
     fn committed(&self) {}
+    /// Forgets inbox ids processed longer than `older_than` ago, at most `limit`.
+    async fn purge_inbox(&self, older_than: Duration, limit: usize) -> anyhow::Result<u64>;
     /// Removes what the fixture created.
     async fn cleanup(&self) -> anyhow::Result<()>;
 }
@@ -65,6 +69,9 @@ macro_rules! conformance_tests {
             idle_relay_is_woken_by_a_commit,
             headers_and_payload_round_trip,
             migrate_is_idempotent,
+            inbox_processes_each_message_once_per_consumer,
+            inbox_record_rolls_back_with_the_effects,
+            inbox_racing_redeliveries_process_once,
         );
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
@@ -726,6 +733,66 @@ pub mod tests {
         ensure!(
             got[1].payload == bytes.payload() && got[1].content_type == "application/octet-stream"
         );
+        Ok(())
+    }
+
+    pub async fn inbox_processes_each_message_once_per_consumer(f: &dyn Fixture) -> R {
+        let id = Uuid::now_v7();
+        let mut tx = f.begin().await?;
+        ensure!(
+            tx.record("billing", id).await?,
+            "first delivery not recorded"
+        );
+        tx.commit().await?;
+        let mut tx = f.begin().await?;
+        ensure!(
+            !tx.record("billing", id).await?,
+            "a redelivery was processed again"
+        );
+        ensure!(
+            tx.record("shipping", id).await?,
+            "consumers must not share their inbox"
+        );
+        tx.commit().await?;
+        ensure!(
+            f.purge_inbox(Duration::from_secs(3600), 10).await? == 0,
+            "purged inside the window"
+        );
+        ensure!(f.purge_inbox(Duration::ZERO, 10).await? == 2);
+        let mut tx = f.begin().await?;
+        ensure!(tx.record("billing", id).await?, "a purged id is forgotten");
+        tx.rollback().await?;
+        Ok(())
+    }
+
+    pub async fn inbox_record_rolls_back_with_the_effects(f: &dyn Fixture) -> R {
+        let id = Uuid::now_v7();
+        let mut tx = f.begin().await?;
+        ensure!(tx.record("billing", id).await?);
+        tx.rollback().await?; // the effects failed: the redelivery must process it
+        let mut tx = f.begin().await?;
+        ensure!(
+            tx.record("billing", id).await?,
+            "a rolled-back record blocked the redelivery"
+        );
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn inbox_racing_redeliveries_process_once(f: &dyn Fixture) -> R {
+        let id = Uuid::now_v7();
+        let mut first = f.begin().await?;
+        ensure!(first.record("billing", id).await?);
+        // The second delivery starts while the first is still in its transaction.
+        let mut second = f.begin().await?;
+        let racing = async move {
+            let r = second.record("billing", id).await;
+            let _ = second.rollback().await;
+            r
+        };
+        let (committed, second) = tokio::join!(first.commit(), racing);
+        committed?;
+        ensure!(!second?, "both deliveries were processed");
         Ok(())
     }
 

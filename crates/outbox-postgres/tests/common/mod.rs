@@ -51,6 +51,7 @@ pub struct PgFixture {
 pub struct PgTx(
     sqlx::Transaction<'static, sqlx::Postgres>,
     outbox_postgres::PgOutbox,
+    outbox_postgres::PgInbox,
 );
 
 #[async_trait]
@@ -62,6 +63,9 @@ impl OpenTx for PgTx {
             self.1.enqueue_batch(&mut self.0, msgs).await?;
         }
         Ok(())
+    }
+    async fn record(&mut self, consumer: &str, id: uuid::Uuid) -> anyhow::Result<bool> {
+        Ok(self.2.record(&mut self.0, consumer, id).await?)
     }
     async fn commit(self: Box<Self>) -> anyhow::Result<()> {
         Ok(self.0.commit().await?)
@@ -78,7 +82,22 @@ impl Fixture for PgFixture {
     }
     async fn begin(&self) -> anyhow::Result<Box<dyn OpenTx>> {
         let tx = self.store.pool().begin().await?;
-        Ok(Box::new(PgTx(tx, self.store.outbox().clone())))
+        Ok(Box::new(PgTx(
+            tx,
+            self.store.outbox().clone(),
+            self.store.inbox().clone(),
+        )))
+    }
+    async fn purge_inbox(
+        &self,
+        older_than: std::time::Duration,
+        limit: usize,
+    ) -> anyhow::Result<u64> {
+        Ok(self
+            .store
+            .inbox()
+            .purge(self.store.pool(), older_than, limit)
+            .await?)
     }
     async fn cleanup(&self) -> anyhow::Result<()> {
         drop_schema(&self.store).await

@@ -27,6 +27,7 @@ pub struct Sqlite;
 pub struct SqliteTx(
     sqlx::Transaction<'static, sqlx::Sqlite>,
     outbox_sqlite::SqliteOutbox,
+    outbox_sqlite::SqliteInbox,
 );
 
 #[async_trait]
@@ -38,6 +39,9 @@ impl OpenTx for SqliteTx {
             self.1.enqueue_batch(&mut self.0, msgs).await?;
         }
         Ok(())
+    }
+    async fn record(&mut self, consumer: &str, id: uuid::Uuid) -> anyhow::Result<bool> {
+        Ok(self.2.record(&mut self.0, consumer, id).await?)
     }
     async fn commit(self: Box<Self>) -> anyhow::Result<()> {
         Ok(self.0.commit().await?)
@@ -54,10 +58,25 @@ impl Fixture for SqliteFile {
     }
     async fn begin(&self) -> anyhow::Result<Box<dyn OpenTx>> {
         let tx = self.store.pool().begin().await?;
-        Ok(Box::new(SqliteTx(tx, self.store.outbox().clone())))
+        Ok(Box::new(SqliteTx(
+            tx,
+            self.store.outbox().clone(),
+            self.store.inbox().clone(),
+        )))
     }
     fn committed(&self) {
         self.store.notify();
+    }
+    async fn purge_inbox(
+        &self,
+        older_than: std::time::Duration,
+        limit: usize,
+    ) -> anyhow::Result<u64> {
+        Ok(self
+            .store
+            .inbox()
+            .purge(self.store.pool(), older_than, limit)
+            .await?)
     }
     async fn cleanup(&self) -> anyhow::Result<()> {
         self.store.pool().close().await;
