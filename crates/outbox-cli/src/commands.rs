@@ -7,12 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use outbox_core::{NewMessage, Relay, RelayConfig, Store, StoreError};
+use outbox_core::{NewMessage, Relay, RelayConfig, Sink, Store, StoreError};
+use outbox_sinks::{Breaker, Route, Router};
 use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::cli::{BenchArgs, Cli, Command, DeadCommand, EnqueueArgs, RelayArgs};
-use crate::config::{FileConfig, StoreSettings, relay_settings, store_settings};
+use crate::config::{
+    FileConfig, RouteConfig, StoreSettings, relay_settings, sink_problems, store_settings,
+};
 use crate::store::AnyStore;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -155,13 +158,12 @@ async fn enqueue(settings: &StoreSettings, args: EnqueueArgs) -> anyhow::Result<
 }
 
 async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> anyhow::Result<()> {
-    let (sink_url, config) = relay_settings(&args, file)?;
-    let sink = outbox_sinks::from_url(&sink_url).await?;
-    let store = AnyStore::open(settings, false).await?;
     if args.check {
-        println!("configuration is valid");
-        return Ok(());
+        return check_relay(settings, file, &args).await;
     }
+    let (sink_url, config) = relay_settings(&args, file)?;
+    let sink = build_sink(sink_url.as_deref(), &file.routes).await?;
+    let store = AnyStore::open(settings, false).await?;
     let store = store.store();
     if !args.no_migrate && !wait_for_migration(store.as_ref()).await? {
         return Ok(());
@@ -176,6 +178,70 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
         "done"
     );
     Ok(())
+}
+
+/// Reports every problem of the relay's configuration at once; connects to nothing.
+async fn check_relay(
+    settings: &StoreSettings,
+    file: &FileConfig,
+    args: &RelayArgs,
+) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    let sink = args.sink.clone().or(file.sink.clone());
+    problems.extend(sink_problems(sink.as_deref(), &file.routes));
+    if let Err(e) = relay_settings(args, file)
+        && !e.to_string().starts_with("no sink")
+    {
+        problems.push(format!("{e:#}"));
+    }
+    if let Err(e) = AnyStore::open(settings, false).await {
+        problems.push(format!("{e:#}"));
+    }
+    if problems.is_empty() {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    for p in &problems {
+        eprintln!("problem: {p}");
+    }
+    bail!("{} problem(s) in the configuration", problems.len())
+}
+
+/// The sink of `--sink`, or a router over `[[routes]]` (with `--sink` as the default route).
+/// Each distinct URL is one sink behind a circuit breaker, shared by the routes that name it.
+async fn build_sink(
+    default: Option<&str>,
+    routes: &[RouteConfig],
+) -> anyhow::Result<Arc<dyn Sink>> {
+    if routes.is_empty() {
+        let url = default.context("no sink configured")?;
+        return Ok(outbox_sinks::from_url(url).await?);
+    }
+    let mut opened: Vec<(String, Arc<dyn Sink>)> = Vec::new();
+    let mut open = async |url: &str| -> anyhow::Result<Arc<dyn Sink>> {
+        if let Some((_, s)) = opened.iter().find(|(u, _)| u == url) {
+            return Ok(s.clone());
+        }
+        let inner = outbox_sinks::from_url(url)
+            .await
+            .with_context(|| format!("sink {url}"))?;
+        let sink: Arc<dyn Sink> = Arc::new(Breaker::new(inner, 3, Duration::from_secs(5)));
+        opened.push((url.to_owned(), sink.clone()));
+        Ok(sink)
+    };
+    let mut built = Vec::new();
+    for r in routes {
+        let mut sinks = Vec::new();
+        for url in &r.sinks {
+            sinks.push(open(url).await?);
+        }
+        built.push(Route::new(&r.pattern, sinks));
+    }
+    let default = match default {
+        Some(url) => Some(vec![open(url).await?]),
+        None => None,
+    };
+    Ok(Arc::new(Router::new(built, default)))
 }
 
 /// Migrates at start, waiting for a database that is not up yet; false if told to stop first.

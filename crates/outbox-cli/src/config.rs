@@ -29,6 +29,52 @@ pub struct FileConfig {
     pub retention: Option<String>,
     pub shutdown_timeout: Option<String>,
     pub relay_id: Option<String>,
+    /// `[[routes]]`: which sinks get which messages.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One `[[routes]]` table: messages whose type or topic matches `match` go to `sinks`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub sinks: Vec<String>,
+}
+
+/// Every problem of the sink configuration, for `relay --check` (nothing is connected).
+pub fn sink_problems(default: Option<&str>, routes: &[RouteConfig]) -> Vec<String> {
+    let mut problems = Vec::new();
+    if default.is_none() && routes.is_empty() {
+        problems.push(
+            "no sink: pass --sink URL, set OUTBOX_SINK, or add [[routes]] to the config file"
+                .to_owned(),
+        );
+    }
+    if let Some(url) = default
+        && let Err(e) = outbox_sinks::check_url(url)
+    {
+        problems.push(format!("default sink: {e}"));
+    }
+    for (i, r) in routes.iter().enumerate() {
+        let n = i + 1;
+        if r.pattern.trim().is_empty() {
+            problems.push(format!("route {n}: match must not be empty"));
+        }
+        if r.sinks.is_empty() {
+            problems.push(format!(
+                "route {n} ({:?}): sinks must list at least one sink",
+                r.pattern
+            ));
+        }
+        for url in &r.sinks {
+            if let Err(e) = outbox_sinks::check_url(url) {
+                problems.push(format!("route {n} ({:?}): {e}", r.pattern));
+            }
+        }
+    }
+    problems
 }
 
 impl FileConfig {
@@ -89,12 +135,15 @@ fn duration(
 pub fn relay_settings(
     args: &RelayArgs,
     file: &FileConfig,
-) -> anyhow::Result<(String, RelayConfig)> {
+) -> anyhow::Result<(Option<String>, RelayConfig)> {
     let defaults = RelayConfig::default();
     let retry_defaults = RetryPolicy::default();
-    let Some(sink) = args.sink.clone().or(file.sink.clone()) else {
-        bail!("no sink: pass --sink URL (file:PATH, stdout:, null:) or set OUTBOX_SINK");
-    };
+    let sink = args.sink.clone().or(file.sink.clone());
+    if sink.is_none() && file.routes.is_empty() {
+        bail!(
+            "no sink: pass --sink URL (file:PATH, stdout:, null:, …), set OUTBOX_SINK, or add [[routes]] to the config file"
+        );
+    }
     let batch_size = args
         .batch_size
         .or(file.batch_size)
@@ -184,7 +233,7 @@ mod tests {
             ..RelayArgs::default()
         };
         let (sink, cfg) = relay_settings(&args, &file).unwrap();
-        assert_eq!(sink, "null:");
+        assert_eq!(sink.as_deref(), Some("null:"));
         assert_eq!(cfg.batch_size, 9);
         assert_eq!(cfg.lease, Duration::from_secs(45));
         assert_eq!(cfg.retention, Retention::Keep(Duration::from_secs(3600)));

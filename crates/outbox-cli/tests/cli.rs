@@ -507,3 +507,93 @@ fn every_command_describes_itself() {
         );
     }
 }
+
+#[test]
+fn routes_send_each_type_to_its_sinks_and_dead_letter_the_unrouted() {
+    let db = Db::sqlite();
+    let (a, b) = (db.path("orders.jsonl"), db.path("mail.jsonl"));
+    let config = db.path("outbox.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[routes]]\nmatch = \"order.*\"\nsinks = [\"file:{}\"]\n\n[[routes]]\nmatch = \"mail\"\nsinks = [\"file:{}\", \"file:{}\"]\n",
+            a.display(),
+            b.display(),
+            a.display()
+        ),
+    )
+    .unwrap();
+    for (topic, kind) in [
+        ("orders", "order.created"),
+        ("mail", "mail.send"),
+        ("misc", "user.joined"),
+    ] {
+        db.ok(&[
+            "enqueue",
+            "--topic",
+            topic,
+            "--type",
+            kind,
+            "--payload",
+            "{}",
+        ]);
+    }
+    let out = db
+        .cmd(&[
+            "relay",
+            "--config",
+            config.to_str().unwrap(),
+            "--exit-when-idle",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let types = |p: &Path| -> Vec<String> {
+        lines(p)
+            .iter()
+            .map(|l| l["type"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut in_a = types(&a);
+    in_a.sort();
+    assert_eq!(
+        in_a,
+        vec!["mail.send", "order.created"],
+        "a route by topic or by type, shared sink"
+    );
+    assert_eq!(types(&b), vec!["mail.send"]);
+    let dead: Value = serde_json::from_str(&db.ok(&["dead", "list", "--json"])).unwrap();
+    assert_eq!(dead[0]["type"], "user.joined");
+    assert!(
+        dead[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no route matches"),
+        "{dead}"
+    );
+}
+
+#[test]
+fn check_reports_every_problem_at_once() {
+    let db = Db::sqlite();
+    let config = db.path("outbox.toml");
+    std::fs::write(
+        &config,
+        "batch_size = 0\n[[routes]]\nmatch = \"\"\nsinks = [\"gopher://x\"]\n[[routes]]\nmatch = \"a.*\"\nsinks = []\n[[routes]]\nmatch = \"b\"\nsinks = [\"redis://127.0.0.1/?bogus=1\"]\n",
+    )
+    .unwrap();
+    let out = db.run(&["relay", "--check", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "route 1: match must not be empty",
+        "gopher",
+        "route 2",
+        "at least one sink",
+        "bogus",
+        "batch size",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}

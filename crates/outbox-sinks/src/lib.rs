@@ -24,6 +24,7 @@ mod file;
 mod nats;
 #[cfg(feature = "redis")]
 mod redis;
+mod route;
 #[cfg(feature = "webhook")]
 mod webhook;
 
@@ -40,6 +41,7 @@ pub use file::{FileSink, StdoutSink};
 pub use nats::NatsSink;
 #[cfg(feature = "redis")]
 pub use redis::RedisSink;
+pub use route::{Breaker, Route, Router};
 #[cfg(feature = "webhook")]
 pub use webhook::{WebhookSink, decode_secret, sign};
 
@@ -93,6 +95,72 @@ fn url_options(url: &str) -> (&str, Vec<(&str, &str)>) {
         ),
         None => (url, Vec::new()),
     }
+}
+
+/// Checks a sink URL without connecting: a known scheme built into this binary, and valid
+/// options. `outbox relay --check` reports every problem this finds.
+pub fn check_url(url: &str) -> Result<(), SinkUrlError> {
+    let (scheme, rest) = url
+        .split_once(':')
+        .ok_or_else(|| SinkUrlError::NoScheme(url.to_owned()))?;
+    let (_, options) = url_options(url);
+    let allowed: &[&str] = match scheme {
+        "null" | "stdout" => &[],
+        "file" if rest.trim_start_matches("//").is_empty() => {
+            return Err(SinkUrlError::MissingPath(url.to_owned()));
+        }
+        "file" => &[],
+        "http" | "https" if cfg!(feature = "webhook") => &[],
+        "redis" | "rediss" if cfg!(feature = "redis") => &["prefix", "maxlen"],
+        "nats" if cfg!(feature = "nats") => &["prefix"],
+        "amqp" | "amqps" if cfg!(feature = "amqp") => &["exchange"],
+        "http" | "https" => {
+            return Err(SinkUrlError::NeedsFeature {
+                scheme: scheme.into(),
+                feature: "webhook",
+            });
+        }
+        "redis" | "rediss" => {
+            return Err(SinkUrlError::NeedsFeature {
+                scheme: scheme.into(),
+                feature: "redis",
+            });
+        }
+        "nats" => {
+            return Err(SinkUrlError::NeedsFeature {
+                scheme: scheme.into(),
+                feature: "nats",
+            });
+        }
+        "amqp" | "amqps" => {
+            return Err(SinkUrlError::NeedsFeature {
+                scheme: scheme.into(),
+                feature: "amqp",
+            });
+        }
+        "kafka" => {
+            return Err(SinkUrlError::NeedsFeature {
+                scheme: scheme.into(),
+                feature: "kafka",
+            });
+        }
+        other => return Err(SinkUrlError::Unsupported(other.to_owned())),
+    };
+    for (name, value) in options {
+        if !allowed.contains(&name) {
+            return Err(SinkUrlError::Invalid {
+                url: url.to_owned(),
+                reason: format!("unknown option {name:?}"),
+            });
+        }
+        if name == "maxlen" && value.parse::<usize>().is_err() {
+            return Err(SinkUrlError::Invalid {
+                url: url.to_owned(),
+                reason: format!("maxlen {value:?} is not a number"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Builds the sink a URL names. Webhooks are signed with the secret in

@@ -60,8 +60,6 @@ impl WebhookSink {
             url: url.to_owned(),
             reason,
         };
-        // rustls needs one process-wide crypto provider; a second install attempt is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .build()
