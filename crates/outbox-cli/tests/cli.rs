@@ -421,11 +421,6 @@ fn errors_are_one_readable_line_and_non_zero() {
         ),
         (&["relay"], &[], "no sink"),
         (
-            &["relay", "--sink", "kafka://127.0.0.1:9092"],
-            &[],
-            "needs the cargo feature \"kafka\"",
-        ),
-        (
             &["relay", "--sink", "gopher://x"],
             &[],
             "not supported by this build",

@@ -10,6 +10,8 @@
 //! | `http(s)://…` | `WebhookSink` (feature `webhook`): signed POST per message | 2xx received |
 //! | `redis://host:port[?maxlen=N&prefix=P]` | `RedisSink` (feature `redis`): `XADD` to the topic's stream | entry appended |
 //! | `nats://host:port[?prefix=P]` | `NatsSink` (feature `nats`): JetStream publish | publish ack from a stream |
+//! | `kafka://host:port[,host:port][?prefix=P&timeout_ms=N]` | `KafkaSink` (feature `kafka`, opt-in: builds librdkafka): idempotent producer, `acks=all`, key = message key | delivery report |
+//! | `mqtt://host:port[?prefix=P&client_id=C]` | `MqttSink` (feature `mqtt`): MQTT 5, QoS 1, CloudEvents as user properties | PUBACK |
 //! | `amqp://user:pass@host:port/vhost[?exchange=E]` | `AmqpSink` (feature `amqp`): RabbitMQ topic exchange, mandatory, persistent | publisher confirm |
 //!
 //! Every sink returns one outcome per message; an I/O failure is transient (the relay retries
@@ -20,6 +22,10 @@
 mod amqp;
 pub mod cloudevents;
 mod file;
+#[cfg(feature = "kafka")]
+mod kafka;
+#[cfg(feature = "mqtt")]
+mod mqtt;
 #[cfg(feature = "nats")]
 mod nats;
 #[cfg(feature = "redis")]
@@ -37,6 +43,10 @@ use serde::Serialize;
 #[cfg(feature = "amqp")]
 pub use amqp::AmqpSink;
 pub use file::{FileSink, StdoutSink};
+#[cfg(feature = "kafka")]
+pub use kafka::KafkaSink;
+#[cfg(feature = "mqtt")]
+pub use mqtt::MqttSink;
 #[cfg(feature = "nats")]
 pub use nats::NatsSink;
 #[cfg(feature = "redis")]
@@ -75,6 +85,8 @@ pub fn schemes() -> String {
         (cfg!(feature = "redis"), ", redis://"),
         (cfg!(feature = "nats"), ", nats://"),
         (cfg!(feature = "amqp"), ", amqp://"),
+        (cfg!(feature = "mqtt"), ", mqtt://"),
+        (cfg!(feature = "kafka"), ", kafka://"),
     ] {
         if on {
             s.push_str(scheme);
@@ -114,6 +126,13 @@ pub fn check_url(url: &str) -> Result<(), SinkUrlError> {
         "redis" | "rediss" if cfg!(feature = "redis") => &["prefix", "maxlen"],
         "nats" if cfg!(feature = "nats") => &["prefix"],
         "amqp" | "amqps" if cfg!(feature = "amqp") => &["exchange"],
+        "mqtt" if cfg!(feature = "mqtt") => &["prefix", "client_id"],
+        "mqtt" => {
+            return Err(SinkUrlError::NeedsFeature {
+                scheme: scheme.into(),
+                feature: "mqtt",
+            });
+        }
         "http" | "https" => {
             return Err(SinkUrlError::NeedsFeature {
                 scheme: scheme.into(),
@@ -138,6 +157,7 @@ pub fn check_url(url: &str) -> Result<(), SinkUrlError> {
                 feature: "amqp",
             });
         }
+        "kafka" if cfg!(feature = "kafka") => &["prefix", "timeout_ms"],
         "kafka" => {
             return Err(SinkUrlError::NeedsFeature {
                 scheme: scheme.into(),
@@ -187,10 +207,8 @@ pub async fn from_url(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
         "redis" | "rediss" => redis_sink(url).await,
         "nats" => nats_sink(url).await,
         "amqp" | "amqps" => amqp_sink(url).await,
-        "kafka" => Err(SinkUrlError::NeedsFeature {
-            scheme: "kafka".into(),
-            feature: "kafka",
-        }),
+        "mqtt" => mqtt_sink(url),
+        "kafka" => kafka_sink(url),
         other => Err(SinkUrlError::Unsupported(other.to_owned())),
     }
 }
@@ -244,6 +262,82 @@ async fn redis_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
     Err(SinkUrlError::NeedsFeature {
         scheme: "redis".into(),
         feature: "redis",
+    })
+}
+
+#[cfg(feature = "kafka")]
+fn kafka_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    let (base, options) = url_options(url);
+    let bad = |reason: String| SinkUrlError::Invalid {
+        url: url.to_owned(),
+        reason,
+    };
+    let bootstrap = base.trim_start_matches("kafka://").trim_end_matches('/');
+    let (mut prefix, mut timeout) = ("", std::time::Duration::from_secs(30));
+    for (name, value) in options {
+        match name {
+            "prefix" => prefix = value,
+            "timeout_ms" => {
+                let ms = value
+                    .parse()
+                    .map_err(|_| bad(format!("timeout_ms {value:?} is not a number")))?;
+                timeout = std::time::Duration::from_millis(ms);
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown option {other:?} (prefix, timeout_ms)"
+                )));
+            }
+        }
+    }
+    let sink = KafkaSink::new(bootstrap, prefix, timeout).map_err(|e| bad(e.to_string()))?;
+    Ok(Arc::new(sink))
+}
+
+#[cfg(not(feature = "kafka"))]
+fn kafka_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    Err(SinkUrlError::NeedsFeature {
+        scheme: "kafka".into(),
+        feature: "kafka",
+    })
+}
+
+#[cfg(feature = "mqtt")]
+fn mqtt_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    let (base, options) = url_options(url);
+    let bad = |reason: String| SinkUrlError::Invalid {
+        url: url.to_owned(),
+        reason,
+    };
+    let address = base.trim_start_matches("mqtt://").trim_end_matches('/');
+    let (host, port) = match address.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse()
+                .map_err(|_| bad(format!("port {p:?} is not a number")))?,
+        ),
+        None => (address, 1883),
+    };
+    if host.is_empty() {
+        return Err(bad("no host".into()));
+    }
+    let mut prefix = "";
+    let mut client_id = format!("outbox-{}", std::process::id());
+    for (name, value) in options {
+        match name {
+            "prefix" => prefix = value,
+            "client_id" => client_id = value.to_owned(),
+            other => return Err(bad(format!("unknown option {other:?} (prefix, client_id)"))),
+        }
+    }
+    Ok(Arc::new(MqttSink::connect(host, port, &client_id, prefix)))
+}
+
+#[cfg(not(feature = "mqtt"))]
+fn mqtt_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
+    Err(SinkUrlError::NeedsFeature {
+        scheme: "mqtt".into(),
+        feature: "mqtt",
     })
 }
 
