@@ -95,306 +95,198 @@ pub fn schemes() -> String {
     s
 }
 
-/// Splits `?name=value&…` options off a URL: (the URL without them, the options).
-fn url_options(url: &str) -> (&str, Vec<(&str, &str)>) {
-    match url.split_once('?') {
-        Some((base, query)) => (
+/// The `?name=value` options a scheme built into this binary takes, or why it cannot be used.
+fn scheme_options(scheme: &str) -> Result<&'static [&'static str], SinkUrlError> {
+    let built = |on: bool, feature: &'static str, options: &'static [&'static str]| {
+        if on {
+            Ok(options)
+        } else {
+            Err(SinkUrlError::NeedsFeature {
+                scheme: scheme.to_owned(),
+                feature,
+            })
+        }
+    };
+    match scheme {
+        "null" | "stdout" | "file" => Ok(&[]),
+        "http" | "https" => built(cfg!(feature = "webhook"), "webhook", &[]),
+        "redis" | "rediss" => built(cfg!(feature = "redis"), "redis", &["prefix", "maxlen"]),
+        "nats" => built(cfg!(feature = "nats"), "nats", &["prefix"]),
+        "amqp" | "amqps" => built(cfg!(feature = "amqp"), "amqp", &["exchange"]),
+        "mqtt" => built(cfg!(feature = "mqtt"), "mqtt", &["prefix", "client_id"]),
+        "kafka" => built(cfg!(feature = "kafka"), "kafka", &["prefix", "timeout_ms"]),
+        other => Err(SinkUrlError::Unsupported(other.to_owned())),
+    }
+}
+
+/// Options whose value must be a whole number.
+const NUMERIC: &[&str] = &["maxlen", "timeout_ms"];
+
+/// A sink URL split into scheme, address and `?name=value` options, each option checked
+/// against what its scheme takes.
+struct SinkUrl<'a> {
+    url: &'a str,
+    scheme: &'a str,
+    /// The URL without its options.
+    base: &'a str,
+    options: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> SinkUrl<'a> {
+    fn parse(url: &'a str) -> Result<Self, SinkUrlError> {
+        let (scheme, rest) = url
+            .split_once(':')
+            .ok_or_else(|| SinkUrlError::NoScheme(url.to_owned()))?;
+        let allowed = scheme_options(scheme)?;
+        if scheme == "file" && rest.trim_start_matches("//").is_empty() {
+            return Err(SinkUrlError::MissingPath(url.to_owned()));
+        }
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let options: Vec<_> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let parsed = Self {
+            url,
+            scheme,
             base,
-            query
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .collect(),
-        ),
-        None => (url, Vec::new()),
+            options,
+        };
+        for (name, value) in &parsed.options {
+            if !allowed.contains(name) {
+                return Err(parsed.invalid(format!(
+                    "unknown option {name:?} (takes: {})",
+                    allowed.join(", ")
+                )));
+            }
+            if NUMERIC.contains(name) && value.parse::<u64>().is_err() {
+                return Err(parsed.invalid(format!("{name} {value:?} is not a whole number")));
+            }
+        }
+        Ok(parsed)
+    }
+
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.options
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+    }
+
+    /// A numeric option; `parse` already checked that it is one.
+    #[allow(dead_code)]
+    fn number(&self, name: &str) -> Option<u64> {
+        self.get(name).and_then(|v| v.parse().ok())
+    }
+
+    /// A connection or client error, reported with the URL.
+    #[allow(dead_code)]
+    fn failed(&self, e: impl std::fmt::Display) -> SinkUrlError {
+        self.invalid(e.to_string())
+    }
+
+    fn invalid(&self, reason: String) -> SinkUrlError {
+        SinkUrlError::Invalid {
+            url: self.url.to_owned(),
+            reason,
+        }
+    }
+
+    /// The address after `scheme://`, without options or a trailing slash.
+    #[allow(dead_code)]
+    fn address(&self) -> &'a str {
+        self.base
+            .trim_start_matches(self.scheme)
+            .trim_start_matches(':')
+            .trim_start_matches("//")
+            .trim_end_matches('/')
     }
 }
 
 /// Checks a sink URL without connecting: a known scheme built into this binary, and valid
 /// options. `outbox relay --check` reports every problem this finds.
 pub fn check_url(url: &str) -> Result<(), SinkUrlError> {
-    let (scheme, rest) = url
-        .split_once(':')
-        .ok_or_else(|| SinkUrlError::NoScheme(url.to_owned()))?;
-    let (_, options) = url_options(url);
-    let allowed: &[&str] = match scheme {
-        "null" | "stdout" => &[],
-        "file" if rest.trim_start_matches("//").is_empty() => {
-            return Err(SinkUrlError::MissingPath(url.to_owned()));
-        }
-        "file" => &[],
-        "http" | "https" if cfg!(feature = "webhook") => &[],
-        "redis" | "rediss" if cfg!(feature = "redis") => &["prefix", "maxlen"],
-        "nats" if cfg!(feature = "nats") => &["prefix"],
-        "amqp" | "amqps" if cfg!(feature = "amqp") => &["exchange"],
-        "mqtt" if cfg!(feature = "mqtt") => &["prefix", "client_id"],
-        "mqtt" => {
-            return Err(SinkUrlError::NeedsFeature {
-                scheme: scheme.into(),
-                feature: "mqtt",
-            });
-        }
-        "http" | "https" => {
-            return Err(SinkUrlError::NeedsFeature {
-                scheme: scheme.into(),
-                feature: "webhook",
-            });
-        }
-        "redis" | "rediss" => {
-            return Err(SinkUrlError::NeedsFeature {
-                scheme: scheme.into(),
-                feature: "redis",
-            });
-        }
-        "nats" => {
-            return Err(SinkUrlError::NeedsFeature {
-                scheme: scheme.into(),
-                feature: "nats",
-            });
-        }
-        "amqp" | "amqps" => {
-            return Err(SinkUrlError::NeedsFeature {
-                scheme: scheme.into(),
-                feature: "amqp",
-            });
-        }
-        "kafka" if cfg!(feature = "kafka") => &["prefix", "timeout_ms"],
-        "kafka" => {
-            return Err(SinkUrlError::NeedsFeature {
-                scheme: scheme.into(),
-                feature: "kafka",
-            });
-        }
-        other => return Err(SinkUrlError::Unsupported(other.to_owned())),
-    };
-    for (name, value) in options {
-        if !allowed.contains(&name) {
-            return Err(SinkUrlError::Invalid {
-                url: url.to_owned(),
-                reason: format!("unknown option {name:?}"),
-            });
-        }
-        if name == "maxlen" && value.parse::<usize>().is_err() {
-            return Err(SinkUrlError::Invalid {
-                url: url.to_owned(),
-                reason: format!("maxlen {value:?} is not a number"),
-            });
-        }
-    }
-    Ok(())
+    SinkUrl::parse(url).map(drop)
 }
 
 /// Builds the sink a URL names. Webhooks are signed with the secret in
 /// `OUTBOX_WEBHOOK_SECRET` (`whsec_…`) when it is set.
 pub async fn from_url(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    let (scheme, rest) = url
-        .split_once(':')
-        .ok_or_else(|| SinkUrlError::NoScheme(url.to_owned()))?;
-    match scheme {
-        "null" => Ok(Arc::new(NullSink)),
-        "stdout" => Ok(Arc::new(StdoutSink::new())),
+    let u = SinkUrl::parse(url)?;
+    let sink: Arc<dyn Sink> = match u.scheme {
+        "null" => Arc::new(NullSink),
+        "stdout" => Arc::new(StdoutSink::new()),
         "file" => {
-            let path = rest.strip_prefix("//").unwrap_or(rest);
-            if path.is_empty() {
-                return Err(SinkUrlError::MissingPath(url.to_owned()));
-            }
+            let path = u.address();
             let sink = FileSink::open(path).await.map_err(|e| SinkUrlError::Open {
                 path: path.to_owned(),
                 reason: e.to_string(),
             })?;
-            Ok(Arc::new(sink))
+            Arc::new(sink)
         }
-        "http" | "https" => webhook_sink(url),
-        "redis" | "rediss" => redis_sink(url).await,
-        "nats" => nats_sink(url).await,
-        "amqp" | "amqps" => amqp_sink(url).await,
-        "mqtt" => mqtt_sink(url),
-        "kafka" => kafka_sink(url),
-        other => Err(SinkUrlError::Unsupported(other.to_owned())),
-    }
-}
-
-#[cfg(feature = "webhook")]
-fn webhook_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    let secret = std::env::var("OUTBOX_WEBHOOK_SECRET")
-        .ok()
-        .filter(|s| !s.is_empty());
-    let sink = WebhookSink::new(url, secret.as_deref(), std::time::Duration::from_secs(10))?;
-    Ok(Arc::new(sink))
-}
-
-#[cfg(not(feature = "webhook"))]
-fn webhook_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    Err(SinkUrlError::NeedsFeature {
-        scheme: "http".into(),
-        feature: "webhook",
-    })
-}
-
-#[cfg(feature = "redis")]
-async fn redis_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    let (base, options) = url_options(url);
-    let bad = |reason: String| SinkUrlError::Invalid {
-        url: url.to_owned(),
-        reason,
-    };
-    let (mut prefix, mut max_len) = ("", None);
-    for (name, value) in options {
-        match name {
-            "prefix" => prefix = value,
-            "maxlen" => {
-                max_len = Some(
-                    value
-                        .parse()
-                        .map_err(|_| bad(format!("maxlen {value:?} is not a number")))?,
-                )
-            }
-            other => return Err(bad(format!("unknown option {other:?} (prefix, maxlen)"))),
+        #[cfg(feature = "webhook")]
+        "http" | "https" => {
+            let secret = std::env::var("OUTBOX_WEBHOOK_SECRET")
+                .ok()
+                .filter(|s| !s.is_empty());
+            Arc::new(WebhookSink::new(
+                u.base,
+                secret.as_deref(),
+                std::time::Duration::from_secs(10),
+            )?)
         }
-    }
-    let sink = RedisSink::connect(base, prefix, max_len)
-        .await
-        .map_err(|e| bad(e.to_string()))?;
-    Ok(Arc::new(sink))
-}
-
-#[cfg(not(feature = "redis"))]
-async fn redis_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    Err(SinkUrlError::NeedsFeature {
-        scheme: "redis".into(),
-        feature: "redis",
-    })
-}
-
-#[cfg(feature = "kafka")]
-fn kafka_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    let (base, options) = url_options(url);
-    let bad = |reason: String| SinkUrlError::Invalid {
-        url: url.to_owned(),
-        reason,
-    };
-    let bootstrap = base.trim_start_matches("kafka://").trim_end_matches('/');
-    let (mut prefix, mut timeout) = ("", std::time::Duration::from_secs(30));
-    for (name, value) in options {
-        match name {
-            "prefix" => prefix = value,
-            "timeout_ms" => {
-                let ms = value
-                    .parse()
-                    .map_err(|_| bad(format!("timeout_ms {value:?} is not a number")))?;
-                timeout = std::time::Duration::from_millis(ms);
-            }
-            other => {
-                return Err(bad(format!(
-                    "unknown option {other:?} (prefix, timeout_ms)"
-                )));
-            }
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => {
+            let max_len = u.number("maxlen").map(|n| n as usize);
+            let sink = RedisSink::connect(u.base, u.get("prefix").unwrap_or(""), max_len).await;
+            Arc::new(sink.map_err(|e| u.failed(e))?)
         }
-    }
-    let sink = KafkaSink::new(bootstrap, prefix, timeout).map_err(|e| bad(e.to_string()))?;
-    Ok(Arc::new(sink))
-}
-
-#[cfg(not(feature = "kafka"))]
-fn kafka_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    Err(SinkUrlError::NeedsFeature {
-        scheme: "kafka".into(),
-        feature: "kafka",
-    })
-}
-
-#[cfg(feature = "mqtt")]
-fn mqtt_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    let (base, options) = url_options(url);
-    let bad = |reason: String| SinkUrlError::Invalid {
-        url: url.to_owned(),
-        reason,
-    };
-    let address = base.trim_start_matches("mqtt://").trim_end_matches('/');
-    let (host, port) = match address.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse()
-                .map_err(|_| bad(format!("port {p:?} is not a number")))?,
+        #[cfg(feature = "nats")]
+        "nats" => Arc::new(
+            NatsSink::connect(u.base, u.get("prefix").unwrap_or(""))
+                .await
+                .map_err(|e| u.failed(e))?,
         ),
-        None => (address, 1883),
-    };
-    if host.is_empty() {
-        return Err(bad("no host".into()));
-    }
-    let mut prefix = "";
-    let mut client_id = format!("outbox-{}", std::process::id());
-    for (name, value) in options {
-        match name {
-            "prefix" => prefix = value,
-            "client_id" => client_id = value.to_owned(),
-            other => return Err(bad(format!("unknown option {other:?} (prefix, client_id)"))),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => {
+            let sink = AmqpSink::connect(u.base, u.get("exchange").unwrap_or("outbox")).await;
+            Arc::new(sink.map_err(|e| u.failed(e))?)
         }
-    }
-    Ok(Arc::new(MqttSink::connect(host, port, &client_id, prefix)))
-}
-
-#[cfg(not(feature = "mqtt"))]
-fn mqtt_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    Err(SinkUrlError::NeedsFeature {
-        scheme: "mqtt".into(),
-        feature: "mqtt",
-    })
-}
-
-#[cfg(feature = "amqp")]
-async fn amqp_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    let (base, options) = url_options(url);
-    let bad = |reason: String| SinkUrlError::Invalid {
-        url: url.to_owned(),
-        reason,
-    };
-    let mut exchange = "outbox";
-    for (name, value) in options {
-        match name {
-            "exchange" => exchange = value,
-            other => return Err(bad(format!("unknown option {other:?} (exchange)"))),
+        #[cfg(feature = "mqtt")]
+        "mqtt" => {
+            let (host, port) = match u.address().rsplit_once(':') {
+                Some((h, p)) => (
+                    h,
+                    p.parse()
+                        .map_err(|_| u.invalid(format!("port {p:?} is not a number")))?,
+                ),
+                None => (u.address(), 1883),
+            };
+            if host.is_empty() {
+                return Err(u.invalid("no host".into()));
+            }
+            let client_id = u
+                .get("client_id")
+                .map_or_else(|| format!("outbox-{}", std::process::id()), str::to_owned);
+            Arc::new(MqttSink::connect(
+                host,
+                port,
+                &client_id,
+                u.get("prefix").unwrap_or(""),
+            ))
         }
-    }
-    let sink = AmqpSink::connect(base, exchange)
-        .await
-        .map_err(|e| bad(e.to_string()))?;
-    Ok(Arc::new(sink))
-}
-
-#[cfg(not(feature = "amqp"))]
-async fn amqp_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    Err(SinkUrlError::NeedsFeature {
-        scheme: "amqp".into(),
-        feature: "amqp",
-    })
-}
-
-#[cfg(feature = "nats")]
-async fn nats_sink(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    let (base, options) = url_options(url);
-    let bad = |reason: String| SinkUrlError::Invalid {
-        url: url.to_owned(),
-        reason,
-    };
-    let mut prefix = "";
-    for (name, value) in options {
-        match name {
-            "prefix" => prefix = value,
-            other => return Err(bad(format!("unknown option {other:?} (prefix)"))),
+        #[cfg(feature = "kafka")]
+        "kafka" => {
+            let timeout =
+                std::time::Duration::from_millis(u.number("timeout_ms").unwrap_or(30_000));
+            Arc::new(
+                KafkaSink::new(u.address(), u.get("prefix").unwrap_or(""), timeout)
+                    .map_err(|e| u.failed(e))?,
+            )
         }
-    }
-    let sink = NatsSink::connect(base, prefix)
-        .await
-        .map_err(|e| bad(e.to_string()))?;
-    Ok(Arc::new(sink))
-}
-
-#[cfg(not(feature = "nats"))]
-async fn nats_sink(_: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
-    Err(SinkUrlError::NeedsFeature {
-        scheme: "nats".into(),
-        feature: "nats",
-    })
+        other => return Err(SinkUrlError::Unsupported(other.to_owned())),
+    };
+    Ok(sink)
 }
 
 /// Accepts everything and does nothing: measures the relay and the store alone.
