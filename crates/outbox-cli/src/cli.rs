@@ -236,12 +236,49 @@ fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u64>, String> {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Messages to enqueue and drain
-    #[arg(long, default_value_t = 100_000)]
+    /// Messages in the drain backlog (and per broker)
+    #[arg(long, default_value_t = 200_000)]
     pub messages: usize,
+    /// Distinct ordering keys among them (0: no keys)
+    #[arg(long, default_value_t = 1000)]
+    pub keys: usize,
+    /// Approximate JSON payload size in bytes
+    #[arg(long, default_value_t = 200)]
+    pub payload_bytes: usize,
     /// Messages claimed per round trip
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
+    /// Concurrent writer connections
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// How long the write scenario runs each mode (split over two rounds)
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Messages committed per second in the latency scenario
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u32,
+    /// How long the latency scenario writes, with wake-ups and then polling only
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub latency_duration: Duration,
+    /// The relay's polling interval in the latency scenario
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// Also drain the backlog to this sink (repeatable), e.g. nats://127.0.0.1:4222
+    #[arg(long = "sink", value_name = "URL")]
+    pub sinks: Vec<String>,
+    /// Scenarios to run (comma-separated); all by default
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "write,drain,latency,brokers"
+    )]
+    pub scenario: Vec<crate::bench::Scenario>,
+    /// Folder for the JSON report, the Markdown table and the SVG charts
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Write nothing to the results folder
+    #[arg(long)]
+    pub no_files: bool,
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,

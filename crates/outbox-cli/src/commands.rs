@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use outbox_core::{NewMessage, Relay, RelayConfig, Sink, Store, StoreError};
+use outbox_core::{NewMessage, Relay, Sink, Store, StoreError};
 use outbox_sinks::{Breaker, Route, Router};
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -367,49 +367,35 @@ fn dead_entry(m: &outbox_core::Message) -> serde_json::Value {
     })
 }
 
-/// Enqueues N messages in batches and drains them with the null sink.
+/// Runs the benchmark scenarios; see [`crate::bench`].
 async fn bench(settings: &StoreSettings, args: BenchArgs) -> anyhow::Result<()> {
-    let store = open_migrated(settings).await?;
-    let started = Instant::now();
-    let chunk = 1000;
-    for start in (0..args.messages).step_by(chunk) {
-        let msgs = (start..(start + chunk).min(args.messages))
-            .map(|i| NewMessage::json("bench", "bench.event", &serde_json::json!({"n": i})))
-            .collect::<Result<Vec<_>, _>>()?;
-        store.enqueue_all(&msgs).await?;
+    for url in &args.sinks {
+        outbox_sinks::check_url(url)?;
     }
-    let enqueue_secs = started.elapsed().as_secs_f64();
-    let config = RelayConfig {
+    if args.messages == 0 || args.batch_size == 0 || args.clients == 0 || args.rate == 0 {
+        bail!("--messages, --batch-size, --clients and --rate must be at least 1");
+    }
+    let opts = crate::bench::Options {
+        messages: args.messages,
+        keys: args.keys,
+        payload_bytes: args.payload_bytes,
         batch_size: args.batch_size,
-        exit_when_idle: true,
-        ..RelayConfig::default()
+        clients: args.clients,
+        write_duration: args.duration,
+        rate: args.rate,
+        latency_duration: args.latency_duration,
+        poll_interval: args.poll_interval,
+        sinks: args.sinks,
+        scenarios: args.scenario,
+        out: (!args.no_files).then_some(args.out),
+        json: args.json,
     };
-    let started = Instant::now();
-    let report = Relay::with_config(store.store(), Arc::new(outbox_sinks::NullSink), config)
-        .run(std::future::pending())
-        .await;
-    let drain_secs = started.elapsed().as_secs_f64();
-    let result = serde_json::json!({
-        "messages": args.messages,
-        "enqueue_batched_per_second": args.messages as f64 / enqueue_secs,
-        "drained": report.delivered,
-        "drain_per_second": report.delivered as f64 / drain_secs,
-        "batch_size": args.batch_size,
-    });
-    if args.json {
-        println!("{result}");
+    let json = opts.json;
+    let report = crate::bench::run(settings, opts).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!(
-            "enqueued {} messages in {enqueue_secs:.2}s ({:.0}/s, batches of {chunk})",
-            args.messages,
-            args.messages as f64 / enqueue_secs
-        );
-        println!(
-            "drained  {} messages in {drain_secs:.2}s ({:.0}/s, null sink, claim batch {})",
-            report.delivered,
-            report.delivered as f64 / drain_secs,
-            args.batch_size
-        );
+        crate::bench::print_text(&report);
     }
     Ok(())
 }

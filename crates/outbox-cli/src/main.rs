@@ -1,6 +1,7 @@
 //! The `outbox` command: a thin shell over the library crates. Run the relay, migrate, enqueue,
 //! and inspect or repair an outbox on PostgreSQL or SQLite.
 
+mod bench;
 mod cli;
 mod commands;
 mod config;

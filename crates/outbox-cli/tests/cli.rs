@@ -592,3 +592,100 @@ fn check_reports_every_problem_at_once() {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
 }
+
+/// `outbox bench --json` on a small backlog: every key a positive number, the broker scenario
+/// really delivered to its sink, the results folder written, and nothing left behind.
+fn bench_prints_every_key(db: &Db) {
+    let events = db.path("events.jsonl");
+    let results = db.path("results");
+    let sink = format!("file:{}", events.display());
+    let out = db.run(&[
+        "bench",
+        "--json",
+        "--messages=1500",
+        "--batch-size=200",
+        "--keys=50",
+        "--clients=2",
+        "--duration=400ms",
+        "--latency-duration=300ms",
+        "--rate=200",
+        "--poll-interval=50ms",
+        "--sink",
+        &sink,
+        "--out",
+        results.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "write_alone_tx_per_s",
+        "write_outbox_tx_per_s",
+        "write_ratio",
+        "raw_write_ratio",
+        "drain_per_s",
+        "raw_drain_per_s",
+        "drain_ratio",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "latency_max_ms",
+        "polling_latency_p50_ms",
+        "polling_latency_p99_ms",
+        "polling_latency_max_ms",
+        "relay_peak_rss_mib",
+    ] {
+        let v = report[key].as_f64();
+        assert!(v.is_some_and(|v| v > 0.0), "{key} = {}", report[key]);
+    }
+    assert!(report["latency_p50_ms"].as_f64() <= report["latency_max_ms"].as_f64());
+    assert!(
+        report["brokers"][&sink].as_f64().is_some_and(|v| v > 0.0),
+        "{report}"
+    );
+    let lines = std::fs::read_to_string(&events).unwrap().lines().count();
+    assert_eq!(lines, 1500, "the file sink got the whole backlog");
+    let backend = report["backend"].as_str().unwrap();
+    for file in ["json", "md"]
+        .map(|e| format!("{backend}.{e}"))
+        .into_iter()
+        .chain(["latency", "drain"].map(|c| format!("{backend}-{c}.svg")))
+    {
+        let text = std::fs::read_to_string(results.join(&file)).unwrap_or_default();
+        assert!(!text.is_empty(), "{file} missing");
+    }
+    let status = db.run(&["status", "--json"]);
+    let counts: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(counts["pending"], 0, "{counts}");
+}
+
+#[test]
+fn bench_on_postgres_prints_every_key() {
+    bench_prints_every_key(&Db::postgres());
+}
+
+#[test]
+fn bench_on_sqlite_prints_every_key() {
+    bench_prints_every_key(&Db::sqlite());
+}
+
+#[test]
+fn bench_refuses_an_outbox_that_holds_messages() {
+    let db = Db::sqlite();
+    let out = db.run(&["enqueue", "--topic", "t", "--type", "e", "--payload", "{}"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = db.run(&["bench", "--messages=10", "--no-files"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("scratch database"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let status = db.run(&["status", "--json"]);
+    let counts: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(counts["pending"], 1, "the message is still there");
+}

@@ -258,11 +258,14 @@ impl MainLoop<'_> {
             }
             self.purge_if_due(&mut next_purge).await;
             let cfg = self.config();
-            let claimed = self
-                .shared
-                .store
-                .claim(&cfg.relay_id, cfg.batch_size, cfg.lease)
-                .await;
+            let store = &self.shared.store;
+            let claimed = if self.tasks.is_empty() {
+                store.claim(&cfg.relay_id, cfg.batch_size, cfg.lease).await
+            } else {
+                store
+                    .claim_more(&cfg.relay_id, cfg.batch_size, cfg.lease)
+                    .await
+            };
             match claimed {
                 Err(e) => {
                     let pause = self.shared.down(&e);

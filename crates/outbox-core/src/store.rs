@@ -104,6 +104,20 @@ pub trait Store: Send + Sync {
     /// Each claim counts as an attempt.
     async fn claim(&self, relay: &str, limit: usize, lease: Duration) -> StoreResult<Vec<Message>>;
 
+    /// Claims like [`Store::claim`] while the relay still has batches in delivery. A store may
+    /// look at the oldest deliverable rows only and so miss claimable ones further back: when
+    /// every key at the head of the backlog has a message in flight, a full claim would examine
+    /// the whole backlog to find nothing. The relay makes a full claim whenever it has nothing in
+    /// flight, so nothing waits forever.
+    async fn claim_more(
+        &self,
+        relay: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> StoreResult<Vec<Message>> {
+        self.claim(relay, limit, lease).await
+    }
+
     /// Marks delivered messages done: deleted, or kept as `delivered` per `retention`.
     async fn ack(&self, ids: &[Uuid], retention: Retention) -> StoreResult<u64>;
 

@@ -35,6 +35,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "consumer inbox",
         sql: include_str!("../migrations/0004_inbox.sql"),
     },
+    Migration {
+        version: 5,
+        description: "bounded claim for pipelined batches",
+        sql: include_str!("../migrations/0005_claim_window.sql"),
+    },
 ];
 
 /// The schema version this build writes.

@@ -52,6 +52,7 @@ pub(crate) struct Sql {
     pub insert: Arc<str>,
     pub insert_batch: Arc<str>,
     pub claim: Arc<str>,
+    pub claim_window: Arc<str>,
     pub ack_delete: Arc<str>,
     pub ack_keep: Arc<str>,
     pub fail: Arc<str>,
@@ -73,6 +74,7 @@ impl Sql {
             insert: r(INSERT),
             insert_batch: r(INSERT_BATCH),
             claim: r(&CLAIM.replace("{columns}", COLUMNS)),
+            claim_window: r(&CLAIM_WINDOW.replace("{columns}", COLUMNS)),
             ack_delete: r(
                 "DELETE FROM {schema}.{p}messages WHERE id = ANY($1) AND status = 'in_flight'",
             ),
@@ -128,6 +130,9 @@ const INSERT_BATCH: &str = "INSERT INTO {schema}.{p}messages \
 /// lease, whose key has no earlier undelivered message. SKIP LOCKED lets concurrent relays take
 /// disjoint rows; the NOT EXISTS reads committed state, so a key never has two messages in flight.
 const CLAIM: &str = "SELECT {columns} FROM {schema}.{p}claim($1, $2, $3) m";
+
+/// The same claim among the oldest `$4` deliverable rows only (migration 5).
+const CLAIM_WINDOW: &str = "SELECT {columns} FROM {schema}.{p}claim_window($1, $4, $2, $3) m";
 
 /// A NULL delay means dead.
 const FAIL: &str = "UPDATE {schema}.{p}messages m SET \

@@ -225,6 +225,24 @@ impl Store for PgStore {
         messages(rows)
     }
 
+    async fn claim_more(
+        &self,
+        relay: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> StoreResult<Vec<Message>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = q(&self.sql().claim_window)
+            .bind(limit)
+            .bind(relay)
+            .bind(millis(lease))
+            .bind(limit.saturating_mul(2))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        messages(rows)
+    }
+
     async fn ack(&self, ids: &[Uuid], retention: Retention) -> StoreResult<u64> {
         let sql = match retention {
             Retention::Delete => &self.sql().ack_delete,

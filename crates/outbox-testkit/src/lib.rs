@@ -59,6 +59,7 @@ macro_rules! conformance_tests {
             transient_failures_back_off_then_go_dead,
             permanent_failure_is_dead_at_once,
             failing_key_does_not_block_other_keys,
+            retried_head_behind_a_long_run_of_its_key_is_not_starved,
             dead_letters_can_be_retried_and_purged,
             retention_keeps_then_purges_delivered,
             delayed_message_waits,
@@ -479,6 +480,63 @@ pub mod tests {
             !delivered.contains(&behind.id()),
             "a later message overtook its failing predecessor"
         );
+        Ok(())
+    }
+
+    /// A retried message becomes due after every later message of its key, which all wait for
+    /// it: a claim that looks only at the oldest deliverable rows sees nothing but those. The
+    /// relay must still find the retried head, then deliver the key in order.
+    pub async fn retried_head_behind_a_long_run_of_its_key_is_not_starved(f: &dyn Fixture) -> R {
+        let run: Vec<_> = (0..40).map(|n| msg("t", n).key("k")).collect();
+        let others: Vec<_> = (40..50).map(|n| msg("t", n)).collect();
+        enqueue(f, &run).await?;
+        enqueue(f, &others).await?;
+        let total = run.len() + others.len();
+        let head = run[0].id();
+        let failed_once = Arc::new(Mutex::new(false));
+        let rec = Recorder::default();
+        let (r, failed) = (rec.clone(), failed_once.clone());
+        let all_in = Arc::new(tokio::sync::Notify::new());
+        let done = all_in.clone();
+        let sink = HandlerSink::new(move |m: Message| {
+            let (r, failed, done) = (r.clone(), failed.clone(), done.clone());
+            async move {
+                if m.id == head && !std::mem::replace(&mut *failed.lock().unwrap(), true) {
+                    return Err(SinkError::transient("first attempt fails"));
+                }
+                r.push(m);
+                if r.ids().len() == total {
+                    done.notify_one();
+                }
+                Ok(())
+            }
+        });
+        let config = RelayConfig {
+            batch_size: 4,
+            exit_when_idle: false,
+            poll_interval: Duration::from_millis(20),
+            retry: RetryPolicy {
+                max_attempts: 5,
+                base_delay: Duration::from_millis(50),
+                max_delay: Duration::from_millis(50),
+            },
+            ..drain_config()
+        };
+        let finished = tokio::time::timeout(
+            Duration::from_secs(30),
+            Relay::with_config(f.store(), Arc::new(sink), config)
+                .run(async move { all_in.notified().await }),
+        )
+        .await;
+        ensure!(finished.is_ok(), "delivered {} of {total}", rec.ids().len());
+        let got: Vec<_> = rec
+            .messages()
+            .iter()
+            .filter(|m| m.key.as_deref() == Some("k"))
+            .map(|m| m.id)
+            .collect();
+        let want: Vec<_> = run.iter().map(NewMessage::id).collect();
+        ensure!(got == want, "key k out of order");
         Ok(())
     }
 
