@@ -1,0 +1,129 @@
+//! The relay's statements on a real PostgreSQL (`OUTBOX_TEST_POSTGRES_URL`, default the local
+//! `test` database): enqueue of one message and of a batch, and a claim + ack round of 100
+//! messages. Each run uses a schema of its own and drops it afterwards.
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use outbox_core::{NewMessage, Retention, Store};
+use outbox_postgres::{PgConfig, PgStore};
+use sqlx::postgres::PgPoolOptions;
+use tokio::runtime::Runtime;
+
+fn message(n: u64) -> NewMessage {
+    NewMessage::json(
+        "orders",
+        "order.created",
+        &serde_json::json!({"order_id": n, "amount": "12.50"}),
+    )
+    .expect("valid message")
+    .key(format!("customer-{}", n % 1000))
+}
+
+async fn store() -> anyhow::Result<PgStore> {
+    let url = std::env::var("OUTBOX_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await?;
+    let config = PgConfig {
+        schema: format!("bench_{}", uuid::Uuid::now_v7().simple()),
+        ..PgConfig::default()
+    };
+    let store = PgStore::with_config(pool, config)?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+async fn drop_schema(store: &PgStore) {
+    let sql = format!("DROP SCHEMA {} CASCADE", store.config().schema);
+    let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(store.pool())
+        .await;
+}
+
+async fn enqueue(store: &PgStore, msgs: &[NewMessage]) -> Duration {
+    let started = Instant::now();
+    let mut tx = store.pool().begin().await.expect("begin");
+    store
+        .outbox()
+        .enqueue_batch(&mut tx, msgs)
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+    started.elapsed()
+}
+
+fn statements(c: &mut Criterion) {
+    let rt = Runtime::new().expect("runtime");
+    let store = match rt.block_on(store()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("skipping the PostgreSQL benches: {e}");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("postgres");
+    group.sample_size(20);
+    group.bench_function("enqueue 1 in its own transaction", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let store = store.clone();
+            async move {
+                let mut total = Duration::ZERO;
+                for n in 0..iters {
+                    total += enqueue(&store, &[message(n)]).await;
+                }
+                total
+            }
+        })
+    });
+    group.bench_function("enqueue_batch 100", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let store = store.clone();
+            async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let msgs: Vec<_> = (0..100).map(message).collect();
+                    total += enqueue(&store, &msgs).await;
+                }
+                total
+            }
+        })
+    });
+    rt.block_on(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {}.outbox_messages",
+            store.config().schema
+        )))
+        .execute(store.pool()),
+    )
+    .expect("empty the outbox");
+    group.bench_function("claim 100 + ack 100", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let store = store.clone();
+            async move {
+                let mut total = Duration::ZERO;
+                for i in 0..iters {
+                    let msgs: Vec<_> = (0..100).map(|n| message(i * 100 + n)).collect();
+                    enqueue(&store, &msgs).await;
+                    let started = Instant::now();
+                    let batch = store
+                        .claim("bench", 100, Duration::from_secs(30))
+                        .await
+                        .expect("claim");
+                    let ids: Vec<_> = batch.iter().map(|m| m.id).collect();
+                    store.ack(&ids, Retention::Delete).await.expect("ack");
+                    total += started.elapsed();
+                    assert_eq!(ids.len(), 100, "claimed the whole batch");
+                }
+                total
+            }
+        })
+    });
+    group.finish();
+    rt.block_on(drop_schema(&store));
+}
+
+criterion_group!(benches, statements);
+criterion_main!(benches);
