@@ -2,6 +2,7 @@
 //! CA, implicit TLS), with templates read from a real directory.
 #![cfg(feature = "smtp")]
 
+mod common;
 #[path = "common/smtp_server.rs"]
 mod smtp_server;
 
@@ -307,6 +308,29 @@ async fn a_server_that_is_down_is_a_transient_failure() {
         .publish(&[message("t", serde_json::json!({}))])
         .await;
     transient(&out[0]);
+}
+
+#[tokio::test]
+async fn pooled_connections_lost_in_an_outage_are_replaced() {
+    let server = SmtpServer::start(Security::Plain).await;
+    let proxy = common::Proxy::start(&server.addr.to_string()).await;
+    let url = format!(
+        "smtp://127.0.0.1:{}?tls=none&from=a@example.org&to=b@example.org&timeout_ms=5000",
+        proxy.port
+    );
+    let sink = sink(&url).await;
+    let one = [message("t", serde_json::json!({}))];
+    let send = || sink.publish(&one);
+    assert_eq!(send().await, vec![Ok(())]);
+    proxy.cut();
+    transient(&send().await[0]);
+    proxy.restore();
+    assert_eq!(
+        send().await,
+        vec![Ok(())],
+        "the dead pooled connection was reused"
+    );
+    assert_eq!(server.mails().len(), 2);
 }
 
 fn invalid(url: &str) -> String {
