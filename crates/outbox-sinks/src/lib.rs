@@ -13,7 +13,7 @@
 //! | `kafka://host:port[,host:port][?prefix=P&timeout_ms=N]` | `KafkaSink` (feature `kafka`, opt-in: builds librdkafka): idempotent producer, `acks=all`, key = message key | delivery report |
 //! | `mqtt://host:port[?prefix=P&client_id=C]` | `MqttSink` (feature `mqtt`): MQTT 5, QoS 1, CloudEvents as user properties | PUBACK |
 //! | `amqp://user:pass@host:port/vhost[?exchange=E]` | `AmqpSink` (feature `amqp`): RabbitMQ topic exchange, mandatory, persistent | publisher confirm |
-//! | `smtp://[user:pass@]host[:port]?from=F&(to=T\|to_field=P)[&tls=none\|starttls\|required&templates=DIR&ca_file=PEM&timeout_ms=N]`, `smtps://…` | `SmtpSink` (feature `smtp`): one email per message, from a template per type, `Message-ID: <id@outbox>` (see [`smtp`](crate::smtp)) | 250 after `DATA` |
+//! | `smtp://[user:pass@]host[:port]?from=F&(to=T\|to_field=P)[&tls=none\|starttls\|required&templates=DIR&ca_file=PEM&timeout_ms=N]`, `smtps://…` | `SmtpSink` (feature `smtp`): one email per message, from a template per type, `Message-ID: <id@outbox>` (options in the `smtp` module) | 250 after `DATA` |
 //!
 //! Every sink returns one outcome per message; an I/O failure is transient (the relay retries
 //! with backoff), never a silent drop. Each line carries the message id, which is the

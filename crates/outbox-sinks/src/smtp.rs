@@ -227,42 +227,37 @@ struct Templates {
 impl Templates {
     fn load(dir: &str) -> Result<Self, String> {
         let entries = std::fs::read_dir(dir).map_err(|e| format!("templates {dir}: {e}"))?;
-        let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
-        env.set_auto_escape_callback(|_| AutoEscape::None);
-        // Text, not HTML: a block tag on its own line leaves no blank line behind.
-        let syntax = minijinja::syntax::SyntaxConfig::builder()
-            .trim_blocks(true)
-            .lstrip_blocks(true)
-            .keep_trailing_newline(true)
-            .build()
-            .map_err(|e| e.to_string())?;
-        env.set_syntax(syntax);
-        let mut types = Vec::new();
+        let mut templates = Self {
+            env: text_environment()?,
+            types: Vec::new(),
+        };
         for entry in entries {
             let path = entry.map_err(|e| format!("templates {dir}: {e}"))?.path();
-            let Some(kind) = path
+            let kind = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".txt"))
-            else {
-                continue;
-            };
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("template {}: {e}", path.display()))?;
-            let (subject, body) = split_template(&text).ok_or_else(|| {
-                format!(
-                    "template {}: the first line must be \"Subject: …\"",
-                    path.display()
-                )
-            })?;
-            for (part, source) in [("subject", subject), ("body", body)] {
-                env.add_template_owned(format!("{kind}.{part}"), source.to_owned())
+                .and_then(|n| n.strip_suffix(".txt"));
+            if let Some(kind) = kind {
+                templates
+                    .add(kind, &path)
                     .map_err(|e| format!("template {}: {e}", path.display()))?;
             }
-            types.push(kind.to_owned());
         }
-        Ok(Self { env, types })
+        Ok(templates)
+    }
+
+    /// Compiles the subject and body of the template for message type `kind`.
+    fn add(&mut self, kind: &str, path: &std::path::Path) -> Result<(), String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let (subject, body) = split_template(&text)
+            .ok_or_else(|| "the first line must be \"Subject: …\"".to_owned())?;
+        for (part, source) in [("subject", subject), ("body", body)] {
+            self.env
+                .add_template_owned(format!("{kind}.{part}"), source.to_owned())
+                .map_err(|e| e.to_string())?;
+        }
+        self.types.push(kind.to_owned());
+        Ok(())
     }
 
     /// Subject and body for `m`, or why it has none.
@@ -286,6 +281,23 @@ impl Templates {
         };
         Ok((part("subject")?, part("body")?))
     }
+}
+
+/// A MiniJinja environment for plain-text email: no HTML escaping, undefined values are
+/// errors except in tests (`{% if field %}`), and a block tag on its own line leaves no blank
+/// line behind.
+fn text_environment() -> Result<Environment<'static>, String> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
+    env.set_auto_escape_callback(|_| AutoEscape::None);
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .keep_trailing_newline(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    env.set_syntax(syntax);
+    Ok(env)
 }
 
 /// `Subject: …` on the first line, then the body (one blank line after the subject skipped).
@@ -339,21 +351,7 @@ impl SmtpSink {
     /// Builds the sink an `smtp://` or `smtps://` URL describes. Nothing connects until the
     /// first email: a server that is down shows up as transient failures, retried.
     pub(crate) fn new(config: Config) -> Result<Self, String> {
-        let tls = match config.tls {
-            TlsMode::None => Tls::None,
-            mode => {
-                let mut params = TlsParameters::builder(config.host.clone());
-                if let Some(ca) = config.ca {
-                    params = params.add_root_certificate(ca);
-                }
-                let params = params.build_rustls().map_err(|e| format!("TLS: {e}"))?;
-                match mode {
-                    TlsMode::Opportunistic => Tls::Opportunistic(params),
-                    TlsMode::Required => Tls::Required(params),
-                    _ => Tls::Wrapper(params),
-                }
-            }
-        };
+        let tls = tls(config.tls, &config.host, config.ca)?;
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host)
             .port(config.port)
             .tls(tls)
@@ -409,6 +407,24 @@ impl SmtpSink {
             ))),
         }
     }
+}
+
+/// lettre's TLS setting for `mode`, verifying the server as `host` against the system roots
+/// plus `ca`.
+fn tls(mode: TlsMode, host: &str, ca: Option<Certificate>) -> Result<Tls, String> {
+    if mode == TlsMode::None {
+        return Ok(Tls::None);
+    }
+    let mut params = TlsParameters::builder(host.to_owned());
+    if let Some(ca) = ca {
+        params = params.add_root_certificate(ca);
+    }
+    let params = params.build_rustls().map_err(|e| format!("TLS: {e}"))?;
+    Ok(match mode {
+        TlsMode::Opportunistic => Tls::Opportunistic(params),
+        TlsMode::Required => Tls::Required(params),
+        _ => Tls::Wrapper(params),
+    })
 }
 
 fn recipient_from(m: &Message, pointer: &str) -> Result<Mailbox, String> {
