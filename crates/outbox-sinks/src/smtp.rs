@@ -39,8 +39,11 @@
 //! a missing or invalid recipient) is permanent, dead with that reason. A 5xx reply is
 //! permanent, except the authentication replies (530, 534, 535, 538): those are the sink's
 //! configuration, shared by every message, and are retried rather than kill the whole outbox.
-//! 4xx replies, connection, TLS and timeout failures are transient.
+//! 4xx replies, connection, TLS and timeout failures are transient; after a failure that got
+//! no reply at all, the batch's remaining emails fail (transient) without being tried, so an
+//! unreachable server costs one timeout per batch rather than one per email.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -396,16 +399,26 @@ impl SmtpSink {
         builder.body(body).map_err(|e| format!("email: {e}"))
     }
 
-    async fn send(&self, m: &Message) -> Delivery {
+    /// Sends one email unless an earlier one of the batch found the server unreachable.
+    async fn send(&self, m: &Message, unreachable: &AtomicBool) -> Delivery {
         let email = self.email(m).map_err(SinkError::permanent)?;
-        match tokio::time::timeout(self.timeout, self.transport.send(email)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(classify(&e, &self.server)),
-            Err(_) => Err(SinkError::transient(format!(
-                "SMTP {}: no answer within {:?}",
-                self.server, self.timeout
-            ))),
+        if unreachable.load(Ordering::Relaxed) {
+            return Err(SinkError::transient(format!(
+                "SMTP {}: not tried, the server was unreachable for this batch",
+                self.server
+            )));
         }
+        let sent = tokio::time::timeout(self.timeout, self.transport.send(email)).await;
+        let failure = match sent {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) if e.status().is_some() => return Err(classify(&e, &self.server)),
+            Ok(Err(e)) => format!("SMTP {}: {e}", self.server),
+            Err(_) => format!("SMTP {}: no answer within {:?}", self.server, self.timeout),
+        };
+        // No reply at all (connection, TLS, timeout): the rest of the batch would wait the
+        // same way, one timeout after another, and outlive the relay's lease.
+        unreachable.store(true, Ordering::Relaxed);
+        Err(SinkError::transient(failure))
     }
 }
 
@@ -459,7 +472,8 @@ fn classify(e: &SmtpError, server: &str) -> SinkError {
 #[async_trait]
 impl Sink for SmtpSink {
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
-        let sends: Vec<_> = batch.iter().map(|m| self.send(m)).collect();
+        let unreachable = AtomicBool::new(false);
+        let sends: Vec<_> = batch.iter().map(|m| self.send(m, &unreachable)).collect();
         stream::iter(sends).buffered(CONCURRENCY).collect().await
     }
 

@@ -311,6 +311,37 @@ async fn a_server_that_is_down_is_a_transient_failure() {
 }
 
 #[tokio::test]
+async fn a_server_that_never_answers_costs_one_timeout_per_batch() {
+    // Accepts connections and holds them without a greeting, as a hung server does.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let _ = held_tx.send(socket);
+        }
+    });
+    let url = format!("smtp://{addr}?tls=none&from=a@example.org&to=b@example.org&timeout_ms=300");
+    let batch: Vec<_> = (0..12)
+        .map(|_| message("t", serde_json::json!({})))
+        .collect();
+    let out = sink(&url).await.publish(&batch).await;
+    assert_eq!(out.len(), batch.len());
+    for o in &out {
+        transient(o);
+    }
+    let mut connections = Vec::new();
+    while let Ok(socket) = held.try_recv() {
+        connections.push(socket);
+    }
+    assert!(
+        connections.len() <= 4,
+        "{} connections: every email waited out its own timeout",
+        connections.len()
+    );
+}
+
+#[tokio::test]
 async fn pooled_connections_lost_in_an_outage_are_replaced() {
     let server = SmtpServer::start(Security::Plain).await;
     let proxy = common::Proxy::start(&server.addr.to_string()).await;
