@@ -22,8 +22,10 @@ use tokio::sync::Mutex;
 
 use crate::cloudevents;
 
-/// Bound on connecting, and on publishing a batch and receiving its confirms.
-const TIMEOUT: Duration = Duration::from_secs(30);
+/// Bounds on connecting and on a batch's confirms; together below the relay's default 30 s
+/// lease, so a batch fails before another relay may claim its messages again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct AmqpSink {
     uri: String,
@@ -141,20 +143,23 @@ fn all_failed(n: usize, why: String) -> Vec<Delivery> {
 #[async_trait]
 impl Sink for AmqpSink {
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
-        let ch = match tokio::time::timeout(TIMEOUT, self.channel()).await {
+        let ch = match tokio::time::timeout(CONNECT_TIMEOUT, self.channel()).await {
             Ok(Ok(ch)) => ch,
             Ok(Err(e)) => return all_failed(batch.len(), format!("AMQP connect: {e}")),
             Err(_) => {
                 self.forget_channel().await;
                 return all_failed(
                     batch.len(),
-                    format!("AMQP connect: no answer in {TIMEOUT:?}"),
+                    format!("AMQP connect: no answer in {CONNECT_TIMEOUT:?}"),
                 );
             }
         };
-        let Ok(out) = tokio::time::timeout(TIMEOUT, self.send(&ch, batch)).await else {
+        let Ok(out) = tokio::time::timeout(CONFIRM_TIMEOUT, self.send(&ch, batch)).await else {
             self.forget_channel().await;
-            return all_failed(batch.len(), format!("AMQP: no confirms in {TIMEOUT:?}"));
+            return all_failed(
+                batch.len(),
+                format!("AMQP: no confirms in {CONFIRM_TIMEOUT:?}"),
+            );
         };
         if out
             .iter()

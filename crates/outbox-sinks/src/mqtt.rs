@@ -65,7 +65,8 @@ impl MqttSink {
             client,
             pending,
             prefix: prefix.to_owned(),
-            ack_timeout: Duration::from_secs(30),
+            // Below the relay's default 30 s lease: the batch fails before it can be re-claimed.
+            ack_timeout: Duration::from_secs(20),
         }
     }
 

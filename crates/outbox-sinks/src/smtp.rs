@@ -28,7 +28,7 @@
 //!   subject `<type>` and its payload as pretty-printed JSON for the body.
 //! - `ca_file=PATH` adds a PEM CA to the trusted roots (the system's), for a server whose
 //!   certificate a private CA signed. `timeout_ms` bounds each message's whole SMTP exchange
-//!   (default 30000).
+//!   (default 20000, below the relay's 30 s lease).
 //!
 //! Each email's `Message-ID` is `<{message id}@outbox>`, so a resent message is recognisable
 //! as the same email, and the CloudEvents attributes travel as `ce-*` headers. The message's
@@ -125,7 +125,7 @@ impl Config {
                 .get("templates")
                 .map(|dir| Templates::load(&decode(dir)).map_err(|e| u.invalid(e)))
                 .transpose()?,
-            timeout: Duration::from_millis(u.number("timeout_ms").unwrap_or(30_000)),
+            timeout: Duration::from_millis(u.number("timeout_ms").unwrap_or(20_000)),
         })
     }
 }
