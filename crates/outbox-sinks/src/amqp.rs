@@ -4,7 +4,11 @@
 //! is in publisher-confirm mode and messages are `mandatory`: a message counts as delivered only
 //! when the broker confirms it, and a message no queue is bound for comes back as an error
 //! instead of being dropped. A batch is published pipelined and its confirms awaited together.
-//! A lost connection is re-established on the next batch.
+//! A lost connection is re-established on the next batch. Connecting and each batch's
+//! confirms are bounded in time, so a broker that accepts connections but never answers fails
+//! the batch (transient) instead of holding the relay.
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
@@ -17,6 +21,11 @@ use outbox_core::{Delivery, Message, Sink, SinkError};
 use tokio::sync::Mutex;
 
 use crate::cloudevents;
+
+/// Bounds on connecting and on a batch's confirms; together below the relay's default 30 s
+/// lease, so a batch fails before another relay may claim its messages again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct AmqpSink {
     uri: String,
@@ -95,15 +104,9 @@ fn outcome(confirmation: Result<Confirmation, lapin::Error>, topic: &str) -> Del
     }
 }
 
-#[async_trait]
-impl Sink for AmqpSink {
-    async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
-        let ch = match self.channel().await {
-            Ok(ch) => ch,
-            Err(e) => {
-                return vec![Err(SinkError::transient(format!("AMQP connect: {e}"))); batch.len()];
-            }
-        };
+impl AmqpSink {
+    /// Publishes the batch pipelined, then awaits the confirms.
+    async fn send(&self, ch: &Channel, batch: &[Message]) -> Vec<Delivery> {
         let mandatory = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -129,6 +132,35 @@ impl Sink for AmqpSink {
             };
             out.push(outcome(confirmation, &m.topic));
         }
+        out
+    }
+}
+
+fn all_failed(n: usize, why: String) -> Vec<Delivery> {
+    vec![Err(SinkError::transient(why)); n]
+}
+
+#[async_trait]
+impl Sink for AmqpSink {
+    async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
+        let ch = match tokio::time::timeout(CONNECT_TIMEOUT, self.channel()).await {
+            Ok(Ok(ch)) => ch,
+            Ok(Err(e)) => return all_failed(batch.len(), format!("AMQP connect: {e}")),
+            Err(_) => {
+                self.forget_channel().await;
+                return all_failed(
+                    batch.len(),
+                    format!("AMQP connect: no answer in {CONNECT_TIMEOUT:?}"),
+                );
+            }
+        };
+        let Ok(out) = tokio::time::timeout(CONFIRM_TIMEOUT, self.send(&ch, batch)).await else {
+            self.forget_channel().await;
+            return all_failed(
+                batch.len(),
+                format!("AMQP: no confirms in {CONFIRM_TIMEOUT:?}"),
+            );
+        };
         if out
             .iter()
             .any(|o| o.as_ref().is_err_and(|e| e.to_string().starts_with("AMQP")))

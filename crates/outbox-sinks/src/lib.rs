@@ -13,6 +13,7 @@
 //! | `kafka://host:port[,host:port][?prefix=P&timeout_ms=N]` | `KafkaSink` (feature `kafka`, opt-in: builds librdkafka): idempotent producer, `acks=all`, key = message key | delivery report |
 //! | `mqtt://host:port[?prefix=P&client_id=C]` | `MqttSink` (feature `mqtt`): MQTT 5, QoS 1, CloudEvents as user properties | PUBACK |
 //! | `amqp://user:pass@host:port/vhost[?exchange=E]` | `AmqpSink` (feature `amqp`): RabbitMQ topic exchange, mandatory, persistent | publisher confirm |
+//! | `smtp://[user:pass@]host[:port]?from=F&(to=T\|to_field=P)[&tls=none\|starttls\|required&templates=DIR&ca_file=PEM&timeout_ms=N]`, `smtps://…` | `SmtpSink` (feature `smtp`): one email per message, from a template per type, `Message-ID: <id@outbox>` (options in the `smtp` module) | 250 after `DATA` |
 //!
 //! Every sink returns one outcome per message; an I/O failure is transient (the relay retries
 //! with backoff), never a silent drop. Each line carries the message id, which is the
@@ -31,6 +32,8 @@ mod nats;
 #[cfg(feature = "redis")]
 mod redis;
 mod route;
+#[cfg(feature = "smtp")]
+pub mod smtp;
 #[cfg(feature = "webhook")]
 mod webhook;
 
@@ -52,6 +55,8 @@ pub use nats::NatsSink;
 #[cfg(feature = "redis")]
 pub use redis::RedisSink;
 pub use route::{Breaker, Route, Router};
+#[cfg(feature = "smtp")]
+pub use smtp::SmtpSink;
 #[cfg(feature = "webhook")]
 pub use webhook::{WebhookSink, decode_secret, sign};
 
@@ -86,6 +91,7 @@ pub fn schemes() -> String {
         (cfg!(feature = "nats"), ", nats://"),
         (cfg!(feature = "amqp"), ", amqp://"),
         (cfg!(feature = "mqtt"), ", mqtt://"),
+        (cfg!(feature = "smtp"), ", smtp(s)://"),
         (cfg!(feature = "kafka"), ", kafka://"),
     ] {
         if on {
@@ -115,6 +121,19 @@ fn scheme_options(scheme: &str) -> Result<&'static [&'static str], SinkUrlError>
         "amqp" | "amqps" => built(cfg!(feature = "amqp"), "amqp", &["exchange"]),
         "mqtt" => built(cfg!(feature = "mqtt"), "mqtt", &["prefix", "client_id"]),
         "kafka" => built(cfg!(feature = "kafka"), "kafka", &["prefix", "timeout_ms"]),
+        "smtp" | "smtps" => built(
+            cfg!(feature = "smtp"),
+            "smtp",
+            &[
+                "from",
+                "to",
+                "to_field",
+                "tls",
+                "templates",
+                "ca_file",
+                "timeout_ms",
+            ],
+        ),
         other => Err(SinkUrlError::Unsupported(other.to_owned())),
     }
 }
@@ -204,9 +223,16 @@ impl<'a> SinkUrl<'a> {
 }
 
 /// Checks a sink URL without connecting: a known scheme built into this binary, and valid
-/// options. `outbox relay --check` reports every problem this finds.
+/// options (for `smtp://`, also that the templates and CA files read and parse).
+/// `outbox relay --check` reports every problem this finds.
 pub fn check_url(url: &str) -> Result<(), SinkUrlError> {
-    SinkUrl::parse(url).map(drop)
+    let u = SinkUrl::parse(url)?;
+    #[cfg(feature = "smtp")]
+    if matches!(u.scheme, "smtp" | "smtps") {
+        smtp::Config::parse(&u)?;
+    }
+    drop(u);
+    Ok(())
 }
 
 /// Builds the sink a URL names. Webhooks are signed with the secret in
@@ -275,6 +301,8 @@ pub async fn from_url(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
                 u.get("prefix").unwrap_or(""),
             ))
         }
+        #[cfg(feature = "smtp")]
+        "smtp" | "smtps" => Arc::new(smtp::from_url(&u)?),
         #[cfg(feature = "kafka")]
         "kafka" => {
             let timeout =

@@ -2,7 +2,12 @@
 //! an optional prefix), the CloudEvents attributes as user properties and its content type.
 //! A message counts as delivered when the broker's PUBACK arrives. rumqttc hands out no per
 //! publish handle, so the sink pairs publishes with packet ids in the order the event loop
-//! sends them (publishes of a batch are submitted under one lock, in order).
+//! sends them. That pairing holds only while the client's request queue and the sink's
+//! waiters stay in step: a publish is queued together with its waiter under one lock, and
+//! when the connection fails every waiter fails and every queued or unacknowledged publish is
+//! discarded under that same lock (the relay sends them again). Otherwise a publish queued
+//! during an outage, already reported failed, would go out after the reconnection and its
+//! PUBACK would be taken for a later message's, acking that one before the broker had it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -43,7 +48,6 @@ impl Pending {
 pub struct MqttSink {
     client: AsyncClient,
     pending: Arc<Mutex<Pending>>,
-    submit: tokio::sync::Mutex<()>,
     prefix: String,
     ack_timeout: Duration,
 }
@@ -60,9 +64,9 @@ impl MqttSink {
         Self {
             client,
             pending,
-            submit: tokio::sync::Mutex::new(()),
             prefix: prefix.to_owned(),
-            ack_timeout: Duration::from_secs(30),
+            // Below the relay's default 30 s lease: the batch fails before it can be re-claimed.
+            ack_timeout: Duration::from_secs(20),
         }
     }
 
@@ -75,13 +79,40 @@ impl MqttSink {
     }
 }
 
+impl MqttSink {
+    /// Queues one publish with its waiter, atomically with respect to the event loop's
+    /// failure handling (see the module docs).
+    fn submit(&self, m: &Message) -> Result<oneshot::Receiver<Result<(), String>>, SinkError> {
+        let (tx, rx) = oneshot::channel();
+        let topic = format!("{}{}", self.prefix, m.topic);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        self.client
+            .try_publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                m.payload.clone(),
+                Self::properties(m),
+            )
+            .map_err(|e| SinkError::transient(format!("MQTT publish: {e} (queue full)")))?;
+        pending.queued.push_back(tx);
+        Ok(rx)
+    }
+}
+
 /// Polls the event loop: pairs sent publishes with packet ids and resolves them on PUBACK.
 async fn drive(mut eventloop: EventLoop, pending: Arc<Mutex<Pending>>) {
     loop {
         let event = eventloop.poll().await;
         let failed = {
             let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-            handle(event, &mut p)
+            let failed = handle(event, &mut p);
+            if failed {
+                // The waiters just failed: their publishes must never be sent after all.
+                eventloop.clean();
+                eventloop.pending.clear();
+            }
+            failed
         };
         if failed {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -118,35 +149,12 @@ fn handle(event: Result<Event, rumqttc::v5::ConnectionError>, p: &mut Pending) -
 #[async_trait]
 impl Sink for MqttSink {
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
-        let mut acks = Vec::with_capacity(batch.len());
-        {
-            let _order = self.submit.lock().await;
-            for m in batch {
-                let (tx, rx) = oneshot::channel();
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .queued
-                    .push_back(tx);
-                let topic = format!("{}{}", self.prefix, m.topic);
-                let sent = self
-                    .client
-                    .publish_with_properties(
-                        topic,
-                        QoS::AtLeastOnce,
-                        false,
-                        m.payload.clone(),
-                        Self::properties(m),
-                    )
-                    .await;
-                acks.push((rx, sent));
-            }
-        }
+        let acks: Vec<_> = batch.iter().map(|m| self.submit(m)).collect();
         let mut out = Vec::with_capacity(batch.len());
-        for (rx, sent) in acks {
-            out.push(match sent {
-                Err(e) => Err(SinkError::transient(format!("MQTT publish: {e}"))),
-                Ok(()) => match tokio::time::timeout(self.ack_timeout, rx).await {
+        for ack in acks {
+            out.push(match ack {
+                Err(e) => Err(e),
+                Ok(rx) => match tokio::time::timeout(self.ack_timeout, rx).await {
                     Ok(Ok(Ok(()))) => Ok(()),
                     Ok(Ok(Err(why))) => Err(SinkError::transient(why)),
                     Ok(Err(_)) | Err(_) => Err(SinkError::transient("MQTT: no PUBACK")),

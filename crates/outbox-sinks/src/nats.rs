@@ -3,15 +3,24 @@
 //! its duplicate window, and the CloudEvents attributes as headers. A batch is sent pipelined
 //! and its publish acks awaited together. A subject that no stream captures is an error the
 //! operator sees (the message is retried, then dead with that reason), never a silent loss.
+//! While the client is disconnected a batch fails at once instead of waiting out one ack
+//! timeout per message: the relay's backoff, not the sink, paces the retries.
+
+use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::connection::State;
 use async_nats::jetstream::{self, Context};
 use async_trait::async_trait;
 use outbox_core::{Delivery, Message, Sink, SinkError};
 
 use crate::cloudevents;
 
+/// How long a publish waits for its ack from the stream.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct NatsSink {
+    client: async_nats::Client,
     js: Context,
     subject_prefix: String,
 }
@@ -27,8 +36,12 @@ impl NatsSink {
             .retry_on_initial_connect()
             .connect(url)
             .await?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(ACK_TIMEOUT)
+            .build(client.clone());
         Ok(Self {
-            js: jetstream::new(client),
+            client,
+            js,
             subject_prefix: subject_prefix.to_owned(),
         })
     }
@@ -56,7 +69,14 @@ fn explain(e: impl std::fmt::Display, subject: &str) -> SinkError {
 #[async_trait]
 impl Sink for NatsSink {
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
-        // Send everything first, then collect the acks: one round trip for the whole batch.
+        // Only a lost connection fails at once: right after `connect` the first connection may
+        // still be in progress (Pending), and the ack timeout covers that wait.
+        if self.client.connection_state() == State::Disconnected {
+            let why = "NATS: not connected to the server (reconnecting)";
+            return vec![Err(SinkError::transient(why)); batch.len()];
+        }
+        // Send everything first, then await the acks together: one round trip for the batch,
+        // and one timeout, not one per message, when the acks do not come.
         let mut pending = Vec::with_capacity(batch.len());
         for m in batch {
             let subject = format!("{}{}", self.subject_prefix, m.topic);
@@ -66,14 +86,13 @@ impl Sink for NatsSink {
                 .await;
             pending.push((subject, sent));
         }
-        let mut out = Vec::with_capacity(batch.len());
-        for (subject, sent) in pending {
-            out.push(match sent {
+        let acks = pending.into_iter().map(|(subject, sent)| async move {
+            match sent {
                 Ok(ack) => ack.await.map(drop).map_err(|e| explain(e, &subject)),
                 Err(e) => Err(explain(e, &subject)),
-            });
-        }
-        out
+            }
+        });
+        futures::future::join_all(acks).await
     }
 
     fn name(&self) -> &str {

@@ -5,7 +5,9 @@
 
 use async_trait::async_trait;
 use outbox_core::{Delivery, Message, Sink, SinkError};
-use redis::aio::ConnectionManager;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::cloudevents;
 
@@ -17,14 +19,22 @@ pub struct RedisSink {
 
 impl RedisSink {
     /// Connects to `url` (`redis://host:port[/db]`); the connection is re-established by itself
-    /// after the server restarts.
+    /// after the server restarts. A batch sent while the server is unreachable fails within a
+    /// few seconds (two quick reconnection attempts, bounded connect and reply waits) rather
+    /// than after the client's default dozen seconds of retries, so the relay's backoff paces
+    /// the retries and a server that accepts but never answers cannot hang the relay.
     pub async fn connect(
         url: &str,
         stream_prefix: &str,
         max_len: Option<usize>,
     ) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1))
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
         Ok(Self {
             conn,
             stream_prefix: stream_prefix.to_owned(),
