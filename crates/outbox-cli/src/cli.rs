@@ -263,7 +263,8 @@ pub struct BenchArgs {
     /// The relay's polling interval in the latency scenario
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: Duration,
-    /// Also drain the backlog to this sink (repeatable), e.g. nats://127.0.0.1:4222
+    /// Also drain the backlog to this sink (repeatable), e.g. nats://127.0.0.1:4222;
+    /// kafka://mock is librdkafka's in-process mock cluster (feature kafka)
     #[arg(long = "sink", value_name = "URL")]
     pub sinks: Vec<String>,
     /// Scenarios to run (comma-separated); all by default

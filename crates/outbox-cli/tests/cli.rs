@@ -595,11 +595,11 @@ fn check_reports_every_problem_at_once() {
 
 /// `outbox bench --json` on a small backlog: every key a positive number, the broker scenario
 /// really delivered to its sink, the results folder written, and nothing left behind.
-fn bench_prints_every_key(db: &Db) {
+fn bench_prints_every_key(db: &Db, more_sinks: &[&str]) {
     let events = db.path("events.jsonl");
     let results = db.path("results");
     let sink = format!("file:{}", events.display());
-    let out = db.run(&[
+    let mut args = vec![
         "bench",
         "--json",
         "--messages=1500",
@@ -614,7 +614,11 @@ fn bench_prints_every_key(db: &Db) {
         &sink,
         "--out",
         results.to_str().unwrap(),
-    ]);
+    ];
+    for extra in more_sinks {
+        args.extend(["--sink", extra]);
+    }
+    let out = db.run(&args);
     assert!(
         out.status.success(),
         "{}",
@@ -663,12 +667,18 @@ fn bench_prints_every_key(db: &Db) {
 
 #[test]
 fn bench_on_postgres_prints_every_key() {
-    bench_prints_every_key(&Db::postgres());
+    // Kafka has no server here: librdkafka's mock cluster stands in for it.
+    let kafka: &[&str] = if cfg!(feature = "kafka") {
+        &["kafka://mock"]
+    } else {
+        &[]
+    };
+    bench_prints_every_key(&Db::postgres(), kafka);
 }
 
 #[test]
 fn bench_on_sqlite_prints_every_key() {
-    bench_prints_every_key(&Db::sqlite());
+    bench_prints_every_key(&Db::sqlite(), &[]);
 }
 
 #[test]

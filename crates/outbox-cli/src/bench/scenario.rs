@@ -416,10 +416,24 @@ impl Store for PollingOnly {
 
 // ---- 5. brokers --------------------------------------------------------------------------
 
-/// The drain scenario's backlog, delivered to a real sink.
+/// The drain scenario's backlog, delivered to a real sink. `kafka://mock` stands for
+/// librdkafka's in-process mock cluster (3 brokers), for machines without a Kafka server.
 async fn broker_drain(db: &BenchDb, opts: &Options, url: &str) -> anyhow::Result<f64> {
+    #[cfg(feature = "kafka")]
+    if let Some(options) = url.strip_prefix("kafka://mock") {
+        let cluster = rdkafka::mocking::MockCluster::new(3).context("kafka mock cluster")?;
+        cluster
+            .create_topic("orders", 12, 1)
+            .context("kafka mock cluster topic")?;
+        let real = format!("kafka://{}{options}", cluster.bootstrap_servers());
+        return drain_to(db, opts, &real, url).await;
+    }
+    drain_to(db, opts, url, url).await
+}
+
+async fn drain_to(db: &BenchDb, opts: &Options, url: &str, shown: &str) -> anyhow::Result<f64> {
     let sink = outbox_sinks::from_url(url).await?;
     prefill(db, opts).await?;
-    let (rate, _) = relay_drain(db, opts, sink, url).await?;
+    let (rate, _) = relay_drain(db, opts, sink, shown).await?;
     Ok(rate)
 }
