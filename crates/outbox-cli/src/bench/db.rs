@@ -161,8 +161,7 @@ impl BenchDb {
             .bind(&names.messages)
             .fetch_one(store.pool())
             .await?;
-        let table = ddl.replacen(&names.messages, &names.raw, 1);
-        Ok(table.replace("AUTOINCREMENT", ""))
+        Ok(ddl.replacen(&names.messages, &names.raw, 1))
     }
 
     /// Drops the benchmark's tables and empties the outbox it filled.
