@@ -667,13 +667,16 @@ fn bench_prints_every_key(db: &Db, more_sinks: &[&str]) {
 
 #[test]
 fn bench_on_postgres_prints_every_key() {
+    // The bench makes a stream (NATS) and a queue (RabbitMQ) for its topic and removes them.
+    let prefix = format!("bench{}", uuid::Uuid::now_v7().simple());
+    let nats = format!("nats://127.0.0.1:4222?prefix={prefix}.");
+    let amqp = "amqp://guest:guest@127.0.0.1:5672/%2f?exchange=outbox_bench".to_owned();
+    let mut sinks = vec![nats.as_str(), amqp.as_str()];
     // Kafka has no server here: librdkafka's mock cluster stands in for it.
-    let kafka: &[&str] = if cfg!(feature = "kafka") {
-        &["kafka://mock"]
-    } else {
-        &[]
-    };
-    bench_prints_every_key(&Db::postgres(), kafka);
+    if cfg!(feature = "kafka") {
+        sinks.push("kafka://mock");
+    }
+    bench_prints_every_key(&Db::postgres(), &sinks);
 }
 
 #[test]

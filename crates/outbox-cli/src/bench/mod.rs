@@ -7,6 +7,7 @@ mod chart;
 mod db;
 mod rss;
 mod scenario;
+mod topology;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;

@@ -52,6 +52,9 @@ fn max(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+/// The topic of every benchmark message.
+pub const TOPIC: &str = "orders";
+
 /// A message like a payment event: about `payload_bytes` of JSON, one of `keys` keys.
 pub fn message(i: usize, keys: usize) -> NewMessage {
     message_sized(i, keys, 200)
@@ -64,8 +67,8 @@ pub fn message_sized(i: usize, keys: usize, payload_bytes: usize) -> NewMessage 
     });
     let len = body.to_string().len();
     body["pad"] = "x".repeat(payload_bytes.saturating_sub(len)).into();
-    let msg = NewMessage::json("orders", "order.created", &body)
-        .expect("a JSON object always serialises");
+    let msg =
+        NewMessage::json(TOPIC, "order.created", &body).expect("a JSON object always serialises");
     match key {
         Some(key) => msg.key(key),
         None => msg,
@@ -423,7 +426,7 @@ async fn broker_drain(db: &BenchDb, opts: &Options, url: &str) -> anyhow::Result
     if let Some(options) = url.strip_prefix("kafka://mock") {
         let cluster = rdkafka::mocking::MockCluster::new(3).context("kafka mock cluster")?;
         cluster
-            .create_topic("orders", 12, 1)
+            .create_topic(TOPIC, 12, 1)
             .context("kafka mock cluster topic")?;
         let real = format!("kafka://{}{options}", cluster.bootstrap_servers());
         return drain_to(db, opts, &real, url).await;
@@ -432,8 +435,13 @@ async fn broker_drain(db: &BenchDb, opts: &Options, url: &str) -> anyhow::Result
 }
 
 async fn drain_to(db: &BenchDb, opts: &Options, url: &str, shown: &str) -> anyhow::Result<f64> {
-    let sink = outbox_sinks::from_url(url).await?;
-    prefill(db, opts).await?;
-    let (rate, _) = relay_drain(db, opts, sink, shown).await?;
-    Ok(rate)
+    let topology = super::topology::prepare(url, TOPIC).await?;
+    let drained = async {
+        let sink = outbox_sinks::from_url(url).await?;
+        prefill(db, opts).await?;
+        relay_drain(db, opts, sink, shown).await
+    }
+    .await;
+    topology.remove().await?;
+    Ok(drained?.0)
 }
