@@ -7,11 +7,45 @@
 mod common;
 
 use common::*;
-use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use outbox_consumer::{AmqpConfig, AmqpConsumer, Handler};
 
 const URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A fanout dead-letter exchange `dlx` and the queue that collects what it receives.
+async fn dead_letter_queue(ch: &Channel, dlx: &str) -> String {
+    ch.exchange_declare(
+        dlx.into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let queue = format!("{dlx}.dead");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        dlx.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    queue
+}
 
 async fn exactly_once<S: TestDb>(store: S)
 where
@@ -19,6 +53,13 @@ where
 {
     let mut config = AmqpConfig::new(unique("q_"), "orders");
     config.exchange = unique("x_");
+    config.dead_letter_exchange = Some(unique("dlx_"));
+    let conn = Connection::connect(URI, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let dead_letters =
+        dead_letter_queue(&ch, config.dead_letter_exchange.as_deref().unwrap()).await;
     let (processor, handler) = processor(store.clone(), "billing");
     let consumer = AmqpConsumer::connect(URI, &config, processor)
         .await
@@ -37,10 +78,6 @@ where
     // The relay publishes again what it could not ack: the same ids, a second time.
     assert!(sink.publish(&sent[..10]).await.iter().all(Result::is_ok));
     // Unreadable: no id at all. It must be set aside without stopping the consumer.
-    let conn = Connection::connect(URI, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
     ch.basic_publish(
         config.exchange.as_str().into(),
         "orders".into(),
@@ -70,12 +107,25 @@ where
         .await
         .unwrap();
     assert_eq!(left, 0, "messages left unsettled in the queue");
-    ch.exchange_delete(
-        config.exchange.as_str().into(),
-        ExchangeDeleteOptions::default(),
-    )
-    .await
-    .unwrap();
+    let dead = ch
+        .basic_get(dead_letters.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("the unreadable message in the dead-letter queue");
+    assert_eq!(dead.delivery.data, b"{\"n\":-1}");
+    let more = ch
+        .queue_delete(dead_letters.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(more, 0, "only the unreadable message is dead");
+    for exchange in [
+        &config.exchange,
+        config.dead_letter_exchange.as_ref().unwrap(),
+    ] {
+        ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
     store.cleanup().await;
 }
 

@@ -77,6 +77,15 @@ where
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
     assert_eq!(store.effects().await.len(), sent.len());
+    // Everything settled, the unreadable message included (terminated, not left pending).
+    let info = js
+        .get_stream(&config.stream)
+        .await
+        .unwrap()
+        .consumer_info(&config.durable)
+        .await
+        .unwrap();
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
     js.delete_stream(&config.stream).await.unwrap();
     store.cleanup().await;
 }
