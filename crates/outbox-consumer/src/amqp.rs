@@ -7,6 +7,10 @@
 //! error) is rejected without requeue: RabbitMQ moves it to the queue's dead-letter exchange
 //! when [`AmqpConfig::dead_letter_exchange`] is set, and drops it otherwise (logged here).
 //!
+//! A classic queue redelivers a failing message until it is handled; to bound the attempts,
+//! make the queue a quorum queue with a delivery limit (a RabbitMQ policy), after which the
+//! broker dead-letters it too.
+//!
 //! With the default prefetch of 1 the broker sends the next delivery only after the previous
 //! one is settled, and a requeued message goes back to its place, so the queue is processed
 //! in order. Several processes may consume one queue: each message goes to one of them.

@@ -38,6 +38,9 @@ pub struct NatsConfig {
     pub max_ack_pending: i64,
     /// A message not acked within this time is redelivered (a consumer that died with it).
     pub ack_wait: Duration,
+    /// Deliveries after which the server gives up on a failing message and reports it with a
+    /// `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES` advisory; -1 (the default) retries forever.
+    pub max_deliver: i64,
 }
 
 impl NatsConfig {
@@ -53,6 +56,7 @@ impl NatsConfig {
             filter_subject: String::new(),
             max_ack_pending: 1,
             ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
         }
     }
 }
@@ -94,6 +98,7 @@ impl<S: InboxStore, H: Handler<S::Db>> NatsConsumer<S, H> {
                     filter_subject: config.filter_subject.clone(),
                     max_ack_pending: config.max_ack_pending,
                     ack_wait: config.ack_wait,
+                    max_deliver: config.max_deliver,
                     ..pull::Config::default()
                 },
             )
