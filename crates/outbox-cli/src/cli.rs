@@ -180,9 +180,13 @@ pub enum DeadCommand {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Parts to run in this process: all, api, worker or gateway
+    /// Parts to run in this process: all, api, relay (with --broker), worker or gateway
     #[arg(long, default_value = "all", env = "OUTBOX_DEMO_ROLE")]
     pub role: outbox_payments::Role,
+    /// Deliver the events through this broker (nats://… or amqp://…): the relay publishes,
+    /// the worker consumes through the inbox
+    #[arg(long, env = "OUTBOX_DEMO_BROKER")]
+    pub broker: Option<String>,
     /// Address of the payment API (port 0 picks a free port)
     #[arg(long, default_value = "127.0.0.1:8080", env = "OUTBOX_LISTEN")]
     pub listen: std::net::SocketAddr,

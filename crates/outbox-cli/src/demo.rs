@@ -41,13 +41,21 @@ pub async fn run(
         poll_interval: args.poll_interval,
         lease: args.lease,
         write_events: !args.without_outbox,
+        broker: args.broker.clone(),
     };
     let role = args.role;
     let mail = match &args.smtp_url {
         Some(url) => format!("sent through {url}"),
         None => format!("written as .eml files to {}", args.mail_dir.display()),
     };
-    let ready = move |urls: &Urls| print_banner(role, urls, &database_url, &mail);
+    let broker = args.broker;
+    let ready = move |urls: &Urls| {
+        print_banner(role, urls, &database_url, &mail);
+        if let Some(url) = &broker {
+            println!("events via:   {url}");
+        }
+        println!("Ctrl-C stops.");
+    };
     outbox_payments::run(opts, ready, shutdown_signal()).await
 }
 
@@ -60,7 +68,7 @@ fn print_banner(role: Role, urls: &Urls, database: &str, mail: &str) {
     if let Some(gw) = &urls.gateway {
         println!("gateway:      {gw}");
     }
-    if matches!(role, Role::All | Role::Api | Role::Worker) {
+    if matches!(role, Role::All | Role::Api | Role::Relay | Role::Worker) {
         println!("database:     {database}");
     }
     if matches!(role, Role::All | Role::Worker) {
@@ -74,5 +82,4 @@ fn print_banner(role: Role, urls: &Urls, database: &str, mail: &str) {
         );
         println!("then follow its Location: curl {api}/api/payments/PAYMENT_ID");
     }
-    println!("Ctrl-C stops.");
 }

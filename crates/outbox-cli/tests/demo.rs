@@ -330,3 +330,194 @@ async fn workers_killed_or_doubled_lose_nothing_and_charge_once() {
     let settled = wait_settled(&http, &api, &ids).await;
     check_ledger_and_mail(&http, &gateway, &demo.mail_dir(), &settled).await;
 }
+
+/// The broker's names for one test, and their removal afterwards.
+enum Broker {
+    Nats { prefix: String },
+    Amqp { exchange: String },
+}
+
+impl Broker {
+    fn nats() -> Self {
+        Broker::Nats {
+            prefix: format!("demo{}.", uuid::Uuid::now_v7().simple()),
+        }
+    }
+
+    fn amqp() -> Self {
+        Broker::Amqp {
+            exchange: format!("demo{}", uuid::Uuid::now_v7().simple()),
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Broker::Nats { prefix } => format!("nats://127.0.0.1:4222?prefix={prefix}"),
+            Broker::Amqp { exchange } => {
+                format!("amqp://guest:guest@127.0.0.1:5672/%2f?exchange={exchange}")
+            }
+        }
+    }
+
+    /// Removes what the worker and the relay created (the worker's names are documented in
+    /// `outbox_payments::broker`).
+    async fn remove(&self) {
+        match self {
+            Broker::Nats { prefix } => {
+                let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
+                let stream = format!("OUTBOX_{}PAYMENTS", prefix.to_uppercase().replace('.', "_"));
+                async_nats::jetstream::new(client)
+                    .delete_stream(&stream)
+                    .await
+                    .unwrap();
+            }
+            Broker::Amqp { exchange } => {
+                use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+                let uri = "amqp://guest:guest@127.0.0.1:5672/%2f";
+                let conn = lapin::Connection::connect(uri, Default::default())
+                    .await
+                    .unwrap();
+                let ch = conn.create_channel().await.unwrap();
+                let queue = format!("{exchange}.payments-worker");
+                ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .unwrap();
+                ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// API, relay and two workers as separate processes, the events through a real broker: every
+/// payment settles, is charged once at most and e-mailed once.
+async fn purchases_through_a_broker(demo: Demo, broker: Broker) {
+    let url = broker.url();
+    let (gw, gateway) = demo.start(&[
+        "--role",
+        "gateway",
+        "--gateway-latency",
+        "0-5",
+        "--decline-rate",
+        "0.5",
+    ]);
+    let gateway = gateway.unwrap();
+    let worker_args = [
+        "--role",
+        "worker",
+        "--gateway-url",
+        &gateway,
+        "--max-declines",
+        "2",
+        "--broker",
+        &url,
+    ];
+    // The workers first: they create the stream or queue the relay publishes to.
+    let (mut first, _) = demo.start(&worker_args);
+    let (second, _) = demo.start(&worker_args);
+    let (relay, _) = demo.start(&["--role", "relay", "--broker", &url]);
+    let (api_proc, api) = demo.start(&["--role", "api"]);
+    let api = api.unwrap();
+    let http = reqwest::Client::new();
+    let ids = buy(&http, &api, 200).await;
+
+    // A worker killed mid-run: its unacked event is redelivered to the others.
+    wait_until_some_settled(&http, &api, &ids, 20).await;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let (third, _) = demo.start(&worker_args);
+
+    let settled = wait_settled(&http, &api, &ids).await;
+    check_ledger_and_mail(&http, &gateway, &demo.mail_dir(), &settled).await;
+    // Each payment's events went through the inbox: its creation (and any retries) and its
+    // settlement.
+    assert!(demo.inbox_rows().await >= 2 * ids.len() as i64);
+    drop((second, third, relay, api_proc, gw));
+    broker.remove().await;
+}
+
+async fn wait_until_some_settled(http: &reqwest::Client, api: &str, ids: &[String], n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = statuses(http, api, ids)
+            .await
+            .values()
+            .filter(|p| p["status"] != "pending")
+            .count();
+        if done >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "workers made no progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Demo {
+    /// Messages the broker-fed worker recorded in its inbox.
+    async fn inbox_rows(&self) -> i64 {
+        let sql = "SELECT count(*) FROM {s}outbox_inbox WHERE consumer = 'payments-worker'";
+        match &self.schema {
+            Some(schema) => {
+                let pool = sqlx::PgPool::connect(&self.database_url).await.unwrap();
+                let sql = sql.replace("{s}", &format!("{schema}."));
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+            None => {
+                let pool = sqlx::SqlitePool::connect(&self.database_url).await.unwrap();
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.replace("{s}", "")))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purchases_through_nats_settle_once_on_postgres() {
+    purchases_through_a_broker(Demo::postgres(), Broker::nats()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purchases_through_rabbitmq_settle_once_on_sqlite() {
+    purchases_through_a_broker(Demo::sqlite(), Broker::amqp()).await;
+}
+
+#[test]
+fn the_relay_role_needs_a_broker() {
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["demo", "--role", "relay"])
+        .env("OUTBOX_DATABASE_URL", "sqlite::memory:")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--broker"), "{stderr}");
+}
+
+#[test]
+fn an_unreachable_broker_fails_the_worker_at_start() {
+    let demo = Demo::sqlite();
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args([
+            "demo",
+            "--role",
+            "worker",
+            "--gateway-url",
+            "http://127.0.0.1:1",
+        ])
+        .args(["--broker", "amqp://guest:guest@127.0.0.1:1/%2f"])
+        .env("OUTBOX_DATABASE_URL", &demo.database_url)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("Ctrl-C stops."), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+}

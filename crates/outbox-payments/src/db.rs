@@ -8,7 +8,7 @@ use outbox_core::{NewMessage, Store};
 use outbox_postgres::PgStore;
 use outbox_sqlite::SqliteStore;
 use serde::{Deserialize, Serialize};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Postgres, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 /// The database of the demo: the payments and their outbox.
@@ -24,6 +24,17 @@ macro_rules! on_db {
         match $db {
             Db::Postgres($store) => $body,
             Db::Sqlite($store) => $body,
+        }
+    };
+}
+
+/// The same with a transaction of the same database as the store.
+macro_rules! on_db_tx {
+    ($db:expr, $tx:expr, ($store:ident, $t:ident) => $body:expr) => {
+        match ($db, $tx) {
+            (Db::Postgres($store), Tx::Postgres($t)) => $body,
+            (Db::Sqlite($store), Tx::Sqlite($t)) => $body,
+            _ => anyhow::bail!("a transaction on another database than the payments"),
         }
     };
 }
@@ -222,27 +233,101 @@ impl Db {
         status: &str,
         counted_attempt: bool,
     ) -> anyhow::Result<bool> {
-        let now = Utc::now().to_rfc3339();
-        let kind = format!("payment.{status}");
-        let msg = NewMessage::json(TOPIC, &kind, event)?.key(event.payment_id.to_string());
         let finished = on_db!(self, s => {
             let mut tx = s.pool().begin().await?;
-            let n = sqlx::query(self.sql(
-                "UPDATE {s}payments SET status = $2, charge_id = $3, last_decline_reason = coalesce($4, last_decline_reason), \
-                 attempts = attempts + $5, updated_at = $6 WHERE id = $1 AND status = 'pending'"))
-                .bind(event.payment_id.to_string()).bind(status).bind(&event.charge_id)
-                .bind(&event.reason).bind(i64::from(counted_attempt)).bind(&now)
-                .execute(&mut *tx).await?.rows_affected();
-            if n == 1 {
-                s.outbox().enqueue(&mut tx, &msg).await?;
-            }
+            let finished = self
+                .finish_in(&mut Tx::from(&mut tx), event, status, counted_attempt)
+                .await?;
             tx.commit().await?;
-            n == 1
+            finished
         });
         if let Db::Sqlite(s) = self {
             s.notify();
         }
         Ok(finished)
+    }
+
+    /// [`Db::finish`] in the caller's transaction.
+    pub async fn finish_in(
+        &self,
+        tx: &mut Tx<'_>,
+        event: &PaymentEvent,
+        status: &str,
+        counted_attempt: bool,
+    ) -> anyhow::Result<bool> {
+        let now = Utc::now().to_rfc3339();
+        let kind = format!("payment.{status}");
+        let msg = NewMessage::json(TOPIC, &kind, event)?.key(event.payment_id.to_string());
+        let finished = on_db_tx!(self, tx, (s, t) => {
+            let n = sqlx::query(self.sql(
+                "UPDATE {s}payments SET status = $2, charge_id = $3, last_decline_reason = coalesce($4, last_decline_reason), \
+                 attempts = attempts + $5, updated_at = $6 WHERE id = $1 AND status = 'pending'"))
+                .bind(event.payment_id.to_string()).bind(status).bind(&event.charge_id)
+                .bind(&event.reason).bind(i64::from(counted_attempt)).bind(&now)
+                .execute(&mut ***t).await?.rows_affected();
+            if n == 1 {
+                s.outbox().enqueue(t, &msg).await?;
+            }
+            n == 1
+        });
+        Ok(finished)
+    }
+
+    /// The payment as the caller's transaction sees it.
+    pub async fn get_in(&self, tx: &mut Tx<'_>, id: Uuid) -> anyhow::Result<Option<Payment>> {
+        let sql = format!("SELECT {COLUMNS} FROM {{s}}payments WHERE id = $1");
+        let row = on_db_tx!(self, tx, (_s, t) => sqlx::query(self.sql(&sql)).bind(id.to_string())
+            .fetch_optional(&mut ***t).await?
+            .map(|r| payment_from_row(&r)).transpose()?);
+        Ok(row)
+    }
+
+    /// Counts a decline and schedules the next charge attempt as a new `payment.created`
+    /// event, delivered after `retry_in`, in the caller's transaction: the retry is as durable
+    /// as the decline. Returns the declines so far.
+    pub async fn decline_in(
+        &self,
+        tx: &mut Tx<'_>,
+        event: &PaymentEvent,
+        reason: &str,
+        retry_in: std::time::Duration,
+    ) -> anyhow::Result<i64> {
+        let now = Utc::now().to_rfc3339();
+        let msg = NewMessage::json(TOPIC, "payment.created", event)?
+            .key(event.payment_id.to_string())
+            .delay(retry_in);
+        let n = on_db_tx!(self, tx, (s, t) => {
+            let n = sqlx::query(self.sql(
+                "UPDATE {s}payments SET attempts = attempts + 1, last_decline_reason = $2, updated_at = $3 \
+                 WHERE id = $1 AND status = 'pending' RETURNING attempts"))
+                .bind(event.payment_id.to_string()).bind(reason).bind(&now)
+                .fetch_optional(&mut ***t).await?
+                .map(|r| r.try_get::<i64, _>(0)).transpose()?;
+            if n.is_some() {
+                s.outbox().enqueue(t, &msg).await?;
+            }
+            n
+        });
+        Ok(n.unwrap_or(0))
+    }
+}
+
+/// A transaction on the demo's database opened by someone else: the consumer's inbox
+/// transaction, so the payment's changes commit together with the inbox record.
+pub enum Tx<'a> {
+    Postgres(&'a mut Transaction<'static, Postgres>),
+    Sqlite(&'a mut Transaction<'static, Sqlite>),
+}
+
+impl<'a> From<&'a mut Transaction<'static, Postgres>> for Tx<'a> {
+    fn from(tx: &'a mut Transaction<'static, Postgres>) -> Self {
+        Tx::Postgres(tx)
+    }
+}
+
+impl<'a> From<&'a mut Transaction<'static, Sqlite>> for Tx<'a> {
+    fn from(tx: &'a mut Transaction<'static, Sqlite>) -> Self {
+        Tx::Sqlite(tx)
     }
 }
 

@@ -13,8 +13,15 @@
 //! Because every event is committed with the data it describes, a crash of the API or the
 //! worker at any point loses nothing; because the gateway honours the idempotency key, a
 //! redelivered or duplicated `payment.created` never charges twice.
+//!
+//! With a broker ([`DemoOptions::broker`], see [`broker`]) the same events travel through NATS
+//! or RabbitMQ: a relay publishes them, and the worker consumes them through the consumer
+//! inbox of `outbox-consumer`, writing each event's changes to the payments in the inbox
+//! transaction. A declined charge is then retried by a delayed `payment.created` written in
+//! that transaction, so the counted decline and the next attempt commit together.
 
 pub mod api;
+pub mod broker;
 pub mod db;
 pub mod gateway;
 pub mod mail;
@@ -45,6 +52,8 @@ pub use gateway::GatewayConfig;
 pub enum Role {
     All,
     Api,
+    /// Publishes the outbox to the broker (with `--broker` only).
+    Relay,
     Worker,
     Gateway,
 }
@@ -55,11 +64,12 @@ impl FromStr for Role {
         Ok(match s {
             "all" => Role::All,
             "api" => Role::Api,
+            "relay" => Role::Relay,
             "worker" => Role::Worker,
             "gateway" => Role::Gateway,
             other => {
                 return Err(format!(
-                    "unknown role {other:?}; expected all, api, worker or gateway"
+                    "unknown role {other:?}; expected all, api, relay, worker or gateway"
                 ));
             }
         })
@@ -85,6 +95,9 @@ pub struct DemoOptions {
     pub lease: Duration,
     /// False only to measure the API without its outbox write: payments then never settle.
     pub write_events: bool,
+    /// Deliver the events through this broker (`nats://…`, `amqp://…`) instead of to the
+    /// worker in process: the relay publishes, the worker consumes through the inbox.
+    pub broker: Option<String>,
 }
 
 /// Opens the demo's database: `postgres://…` or `sqlite://PATH` (created when missing).
@@ -141,6 +154,15 @@ async fn serve(
     Ok(())
 }
 
+/// The relay's settings: the worker's retry policy with the demo's poll interval and lease.
+fn relay_config(opts: &DemoOptions) -> outbox_core::RelayConfig {
+    outbox_core::RelayConfig {
+        poll_interval: opts.poll_interval,
+        lease: opts.lease,
+        ..worker::Worker::relay_config()
+    }
+}
+
 /// What a started demo serves.
 #[derive(Debug, Clone, Default)]
 pub struct Urls {
@@ -165,6 +187,11 @@ pub async fn run(
     };
 
     let runs = |r: Role| opts.role == Role::All || opts.role == r;
+    if let Some(url) = &opts.broker {
+        broker::check_url(url)?;
+    } else if opts.role == Role::Relay {
+        anyhow::bail!("--role relay publishes to a broker: add --broker nats://… or amqp://…");
+    }
     if runs(Role::Gateway) && opts.gateway_url.is_none() {
         let listener = TcpListener::bind(opts.gateway_listen)
             .await
@@ -176,7 +203,7 @@ pub async fn run(
             stopped(),
         ));
     }
-    let db = if runs(Role::Api) || runs(Role::Worker) {
+    let db = if runs(Role::Api) || runs(Role::Worker) || runs(Role::Relay) {
         let db = open_db(&opts.database_url, opts.schema.as_deref()).await?;
         db.migrate().await?;
         Some(db)
@@ -195,6 +222,14 @@ pub async fn run(
         });
         tasks.spawn(serve(listener, app, stopped()));
     }
+    if let (true, Some(url), Some(db)) = (runs(Role::Relay), &opts.broker, &db) {
+        let relay = broker::relay(db, url, relay_config(&opts)).await?;
+        let stop = stopped();
+        tasks.spawn(async move {
+            relay.run(stop).await;
+            Ok(())
+        });
+    }
     if let (true, Some(db)) = (runs(Role::Worker), db) {
         let gateway_url = opts
             .gateway_url
@@ -207,17 +242,20 @@ pub async fn run(
             mailer: mail::Mailer::new(opts.smtp_url.as_deref(), opts.mail_dir.clone())?,
             max_declines: opts.max_declines,
         };
-        let config = outbox_core::RelayConfig {
-            poll_interval: opts.poll_interval,
-            lease: opts.lease,
-            ..worker::Worker::relay_config()
-        };
-        let relay = worker.relay(config);
         let stop = stopped();
-        tasks.spawn(async move {
-            relay.run(stop).await;
-            Ok(())
-        });
+        match opts.broker.clone() {
+            Some(url) => {
+                let consuming = broker::consume(worker, &url, opts.lease, stop).await?;
+                tasks.spawn(consuming);
+            }
+            None => {
+                let relay = worker.relay(relay_config(&opts));
+                tasks.spawn(async move {
+                    relay.run(stop).await;
+                    Ok(())
+                });
+            }
+        }
     }
     ready(&urls);
     shutdown.await;

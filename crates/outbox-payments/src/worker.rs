@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use outbox_core::{Delivery, HandlerSink, Message, Relay, RelayConfig, RetryPolicy, SinkError};
 
-use crate::db::{Db, PaymentEvent};
+use crate::db::{Db, PaymentEvent, Tx};
 use crate::gateway::{ChargeOutcome, ChargeRequest, GatewayClient};
 use crate::mail::Mailer;
 
@@ -60,6 +60,73 @@ impl Worker {
         }
     }
 
+    /// Handles a message received from a broker, writing every change to the payments in `tx`,
+    /// the consumer's inbox transaction: a redelivery finds the message in the inbox and the
+    /// payment as this delivery left it.
+    pub async fn handle_in(&self, tx: &mut Tx<'_>, m: &Message) -> Delivery {
+        let event: PaymentEvent = m
+            .json()
+            .map_err(|e| SinkError::permanent(format!("bad payload: {e}")))?;
+        match m.message_type.as_str() {
+            "payment.created" => self.charge_in(tx, event).await,
+            kind @ ("payment.paid" | "payment.rejected") => {
+                self.mailer.send(kind, &event, m.id).await
+            }
+            other => Err(SinkError::permanent(format!("no handler for {other}"))),
+        }
+    }
+
+    /// Like `charge`, but a decline that is not final schedules the next attempt as a new
+    /// `payment.created` event in `tx` instead of failing the delivery, so the counted decline
+    /// commits with the inbox record.
+    async fn charge_in(&self, tx: &mut Tx<'_>, mut event: PaymentEvent) -> Delivery {
+        let transient = |e: anyhow::Error| SinkError::transient(e.to_string());
+        let id = event.payment_id;
+        let Some(payment) = self.db.get_in(tx, id).await.map_err(transient)? else {
+            return Err(SinkError::permanent(format!("payment {id} does not exist")));
+        };
+        if payment.status != "pending" {
+            return Ok(()); // an attempt scheduled before the payment was settled
+        }
+        let outcome = self.charge_gateway(&event).await?;
+        let (status, reason) = match outcome {
+            ChargeOutcome::Approved { charge_id } => {
+                event.charge_id = Some(charge_id);
+                ("paid", None)
+            }
+            ChargeOutcome::Declined { reason } if payment.attempts + 1 >= self.max_declines => {
+                ("rejected", Some(reason))
+            }
+            ChargeOutcome::Declined { reason } => {
+                let retry_in = decline_backoff(payment.attempts);
+                self.db
+                    .decline_in(tx, &event, &reason, retry_in)
+                    .await
+                    .map_err(transient)?;
+                return Ok(());
+            }
+        };
+        event.reason = reason;
+        self.db
+            .finish_in(tx, &event, status, true)
+            .await
+            .map_err(transient)?;
+        Ok(())
+    }
+
+    /// Charges with the payment id as idempotency key; no answer is a transient error.
+    async fn charge_gateway(&self, event: &PaymentEvent) -> Result<ChargeOutcome, SinkError> {
+        let request = ChargeRequest {
+            amount: event.amount.clone(),
+            currency: event.currency.clone(),
+            token_card: event.token_card.clone(),
+        };
+        self.gateway
+            .charge(&event.payment_id.to_string(), &request)
+            .await
+            .map_err(|e| SinkError::transient(e.to_string()))
+    }
+
     async fn charge(&self, mut event: PaymentEvent) -> Delivery {
         let transient = |e: anyhow::Error| SinkError::transient(e.to_string());
         let id = event.payment_id;
@@ -69,16 +136,7 @@ impl Worker {
         if payment.status != "pending" {
             return Ok(()); // a duplicate delivery of a payment already settled
         }
-        let request = ChargeRequest {
-            amount: event.amount.clone(),
-            currency: event.currency.clone(),
-            token_card: event.token_card.clone(),
-        };
-        let outcome = self
-            .gateway
-            .charge(&id.to_string(), &request)
-            .await
-            .map_err(|e| SinkError::transient(e.to_string()))?;
+        let outcome = self.charge_gateway(&event).await?;
         match outcome {
             ChargeOutcome::Approved { charge_id } => {
                 event.charge_id = Some(charge_id);
@@ -105,4 +163,11 @@ impl Worker {
             }
         }
     }
+}
+
+/// The wait before the next charge attempt after `declines` declines: 200 ms, doubling, at
+/// most 10 s (the relay's retry policy for the in-process worker).
+fn decline_backoff(declines: i64) -> std::time::Duration {
+    let exp = u32::try_from(declines.clamp(0, 6)).unwrap_or(6);
+    std::time::Duration::from_millis(200 * 2u64.pow(exp)).min(std::time::Duration::from_secs(10))
 }
