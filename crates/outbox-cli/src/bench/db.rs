@@ -138,13 +138,15 @@ impl BenchDb {
             Self::Sqlite { .. } => vec![
                 format!("DROP TABLE IF EXISTS {}", n.raw),
                 format!("DROP TABLE IF EXISTS {}", n.orders),
-                self.sqlite_raw_ddl().await?,
                 format!(
                     "CREATE TABLE {} (id INTEGER PRIMARY KEY AUTOINCREMENT, \
                      customer TEXT NOT NULL, amount TEXT NOT NULL, created_at INTEGER NOT NULL)",
                     n.orders
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(self.sqlite_raw_ddl().await?)
+            .collect(),
         };
         for sql in statements {
             self.execute(&sql).await?;
@@ -152,16 +154,23 @@ impl BenchDb {
         Ok(())
     }
 
-    /// SQLite has no `CREATE TABLE … LIKE`: the raw table is the outbox's own DDL, renamed.
-    async fn sqlite_raw_ddl(&self) -> anyhow::Result<String> {
+    /// SQLite has no `CREATE TABLE … LIKE`: the raw table and its indexes are the outbox's own
+    /// DDL, renamed.
+    async fn sqlite_raw_ddl(&self) -> anyhow::Result<Vec<String>> {
         let Self::Sqlite { store, names } = self else {
             unreachable!("SQLite only")
         };
-        let ddl: String = sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE name = ?1")
-            .bind(&names.messages)
-            .fetch_one(store.pool())
-            .await?;
-        Ok(ddl.replacen(&names.messages, &names.raw, 1))
+        let ddl: Vec<String> = sqlx::query_scalar(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = ?1 AND sql IS NOT NULL \
+             ORDER BY type = 'index'",
+        )
+        .bind(&names.messages)
+        .fetch_all(store.pool())
+        .await?;
+        Ok(ddl
+            .into_iter()
+            .map(|sql| sql.replace(&names.messages, &names.raw))
+            .collect())
     }
 
     /// Drops the benchmark's tables and empties the outbox it filled.
