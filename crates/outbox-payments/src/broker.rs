@@ -23,6 +23,7 @@ use outbox_consumer::{
     Processor,
 };
 use outbox_core::{Message, Relay, RelayConfig, SinkError};
+use outbox_sinks::SinkUrl;
 use sqlx::{Postgres, Sqlite, Transaction};
 
 use crate::db::{Db, TOPIC, Tx};
@@ -31,46 +32,22 @@ use crate::worker::Worker;
 /// The worker's name in the inbox and on the broker.
 pub const CONSUMER: &str = "payments-worker";
 
-/// A broker URL split into what the consumer needs; the relay's sink reads the whole URL.
-struct BrokerUrl<'a> {
-    scheme: &'a str,
-    /// Without its options.
-    base: &'a str,
-    options: Vec<(&'a str, &'a str)>,
-}
-
-impl<'a> BrokerUrl<'a> {
-    fn parse(url: &'a str) -> anyhow::Result<Self> {
-        let (scheme, _) = url
-            .split_once("://")
-            .with_context(|| format!("--broker {url:?} is not a URL"))?;
-        anyhow::ensure!(
-            matches!(scheme, "nats" | "amqp" | "amqps"),
-            "--broker takes nats://… or amqp://…, not {scheme}://"
-        );
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let options = query
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .collect();
-        Ok(Self {
-            scheme,
-            base,
-            options,
-        })
-    }
-
-    fn option(&self, name: &str) -> Option<&'a str> {
-        self.options
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
-    }
+/// Parses a `--broker` URL as the relay's sink will, and accepts only the brokers the worker
+/// can consume from.
+fn broker_url(url: &str) -> anyhow::Result<SinkUrl<'_>> {
+    let (scheme, _) = url
+        .split_once("://")
+        .with_context(|| format!("--broker {url:?} is not a URL"))?;
+    anyhow::ensure!(
+        matches!(scheme, "nats" | "amqp" | "amqps"),
+        "--broker takes nats://… or amqp://…, not {scheme}://"
+    );
+    SinkUrl::parse(url).with_context(|| format!("--broker {url:?}"))
 }
 
 /// Checks `url` without connecting.
 pub fn check_url(url: &str) -> anyhow::Result<()> {
-    BrokerUrl::parse(url).map(drop)
+    broker_url(url).map(drop)
 }
 
 /// A relay publishing the outbox of `db` to the broker at `url`.
@@ -94,7 +71,7 @@ pub async fn consume(
     lease: Duration,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Consuming> {
-    let broker = BrokerUrl::parse(url)?;
+    let broker = broker_url(url)?;
     let db = worker.db.clone();
     let handler = BrokerWorker(Arc::new(worker));
     match db {
@@ -106,7 +83,7 @@ pub async fn consume(
 async fn consume_on<S: InboxStore>(
     store: S,
     handler: BrokerWorker,
-    broker: &BrokerUrl<'_>,
+    broker: &SinkUrl<'_>,
     lease: Duration,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Consuming>
@@ -116,20 +93,20 @@ where
     let mut config = ConsumerConfig::new(CONSUMER);
     config.retry_delay = Duration::from_millis(500);
     let processor = Processor::new(store, handler, config);
-    if broker.scheme == "nats" {
+    if broker.scheme() == "nats" {
         let mut nats = nats_config(broker);
         nats.ack_wait = lease;
-        let consumer = NatsConsumer::connect(broker.base, &nats, processor).await?;
+        let consumer = NatsConsumer::connect(broker.base(), &nats, processor).await?;
         Ok(Box::pin(async move { Ok(consumer.run(stop).await?) }))
     } else {
         let amqp = amqp_config(broker);
-        let consumer = AmqpConsumer::connect(broker.base, &amqp, processor).await?;
+        let consumer = AmqpConsumer::connect(broker.base(), &amqp, processor).await?;
         Ok(Box::pin(async move { Ok(consumer.run(stop).await?) }))
     }
 }
 
-fn nats_config(broker: &BrokerUrl<'_>) -> NatsConfig {
-    let prefix = broker.option("prefix").unwrap_or("");
+fn nats_config(broker: &SinkUrl<'_>) -> NatsConfig {
+    let prefix = broker.get("prefix").unwrap_or("");
     let subject = format!("{prefix}{TOPIC}");
     let stream: String = format!("OUTBOX_{prefix}{TOPIC}")
         .chars()
@@ -146,8 +123,8 @@ fn nats_config(broker: &BrokerUrl<'_>) -> NatsConfig {
     config
 }
 
-fn amqp_config(broker: &BrokerUrl<'_>) -> AmqpConfig {
-    let exchange = broker.option("exchange").unwrap_or("outbox");
+fn amqp_config(broker: &SinkUrl<'_>) -> AmqpConfig {
+    let exchange = broker.get("exchange").unwrap_or("outbox");
     let mut config = AmqpConfig::new(format!("{exchange}.{CONSUMER}"), TOPIC);
     config.exchange = exchange.to_owned();
     config
@@ -184,10 +161,10 @@ mod tests {
 
     #[test]
     fn names_follow_the_sink_options() {
-        let nats = nats_config(&BrokerUrl::parse("nats://127.0.0.1:4222?prefix=t1.").unwrap());
+        let nats = nats_config(&broker_url("nats://127.0.0.1:4222?prefix=t1.").unwrap());
         assert_eq!(nats.stream, "OUTBOX_T1_PAYMENTS");
         assert_eq!(nats.subjects, ["t1.payments"]);
-        let amqp = amqp_config(&BrokerUrl::parse("amqp://h:5672/%2f?exchange=x").unwrap());
+        let amqp = amqp_config(&broker_url("amqp://h:5672/%2f?exchange=x").unwrap());
         assert_eq!(
             (amqp.exchange.as_str(), amqp.queue.as_str()),
             ("x", "x.payments-worker")

@@ -142,8 +142,10 @@ fn scheme_options(scheme: &str) -> Result<&'static [&'static str], SinkUrlError>
 const NUMERIC: &[&str] = &["maxlen", "timeout_ms"];
 
 /// A sink URL split into scheme, address and `?name=value` options, each option checked
-/// against what its scheme takes.
-struct SinkUrl<'a> {
+/// against what its scheme takes. Public so that code which also reads a sink's URL (a consumer
+/// of the same broker, a benchmark preparing a stream) reads it the same way.
+#[derive(Debug)]
+pub struct SinkUrl<'a> {
     url: &'a str,
     scheme: &'a str,
     /// The URL without its options.
@@ -152,7 +154,7 @@ struct SinkUrl<'a> {
 }
 
 impl<'a> SinkUrl<'a> {
-    fn parse(url: &'a str) -> Result<Self, SinkUrlError> {
+    pub fn parse(url: &'a str) -> Result<Self, SinkUrlError> {
         let (scheme, rest) = url
             .split_once(':')
             .ok_or_else(|| SinkUrlError::NoScheme(url.to_owned()))?;
@@ -185,7 +187,8 @@ impl<'a> SinkUrl<'a> {
         Ok(parsed)
     }
 
-    fn get(&self, name: &str) -> Option<&'a str> {
+    /// The value of option `name`, if given.
+    pub fn get(&self, name: &str) -> Option<&'a str> {
         self.options
             .iter()
             .find(|(n, _)| *n == name)
@@ -211,9 +214,17 @@ impl<'a> SinkUrl<'a> {
         }
     }
 
+    pub fn scheme(&self) -> &'a str {
+        self.scheme
+    }
+
+    /// The whole URL without its options.
+    pub fn base(&self) -> &'a str {
+        self.base
+    }
+
     /// The address after `scheme://`, without options or a trailing slash.
-    #[allow(dead_code)]
-    fn address(&self) -> &'a str {
+    pub fn address(&self) -> &'a str {
         self.base
             .trim_start_matches(self.scheme)
             .trim_start_matches(':')

@@ -7,33 +7,24 @@ use async_nats::jetstream;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
+use outbox_sinks::SinkUrl;
 
 /// What [`prepare`] created, to be removed by [`Topology::remove`].
 pub enum Topology {
     None,
-    Stream { url: String, name: String },
+    Stream { address: String, name: String },
     Queue { uri: String, name: String },
-}
-
-/// The value of `?name=` in a sink URL.
-fn option<'a>(url: &'a str, name: &str) -> Option<&'a str> {
-    let (_, query) = url.split_once('?')?;
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-}
-
-fn base(url: &str) -> &str {
-    url.split_once('?').map_or(url, |(b, _)| b)
 }
 
 pub async fn prepare(url: &str, topic: &str) -> anyhow::Result<Topology> {
     let name = format!("outbox_bench_{}", std::process::id());
-    if url.starts_with("nats://") {
-        let subject = format!("{}{topic}", option(url, "prefix").unwrap_or(""));
-        let client = async_nats::connect(base(url).trim_start_matches("nats://"))
-            .await
-            .context("NATS")?;
+    let Ok(sink) = SinkUrl::parse(url) else {
+        // kafka://mock and the like: the sink itself reports what is wrong with its URL.
+        return Ok(Topology::None);
+    };
+    if sink.scheme() == "nats" {
+        let subject = format!("{}{topic}", sink.get("prefix").unwrap_or(""));
+        let client = async_nats::connect(sink.address()).await.context("NATS")?;
         jetstream::new(client)
             .create_stream(jetstream::stream::Config {
                 name: name.clone(),
@@ -43,13 +34,13 @@ pub async fn prepare(url: &str, topic: &str) -> anyhow::Result<Topology> {
             .await
             .context("creating the benchmark's JetStream stream")?;
         return Ok(Topology::Stream {
-            url: base(url).into(),
+            address: sink.address().into(),
             name,
         });
     }
-    if url.starts_with("amqp://") || url.starts_with("amqps://") {
-        let exchange = option(url, "exchange").unwrap_or("outbox");
-        let uri = base(url).to_owned();
+    if matches!(sink.scheme(), "amqp" | "amqps") {
+        let exchange = sink.get("exchange").unwrap_or("outbox");
+        let uri = sink.base().to_owned();
         let conn = Connection::connect(&uri, ConnectionProperties::default()).await?;
         let ch = conn.create_channel().await?;
         // The sink declares its exchange on connect; declare it here too so the binding works.
@@ -87,8 +78,8 @@ impl Topology {
     pub async fn remove(self) -> anyhow::Result<()> {
         match self {
             Topology::None => {}
-            Topology::Stream { url, name } => {
-                let client = async_nats::connect(url.trim_start_matches("nats://")).await?;
+            Topology::Stream { address, name } => {
+                let client = async_nats::connect(address.as_str()).await?;
                 jetstream::new(client).delete_stream(&name).await?;
             }
             Topology::Queue { uri, name } => {
