@@ -61,8 +61,8 @@ pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats, default
 pub use retry::RetryPolicy;
 pub use sink::{Delivery, HandlerSink, Sink, SinkError};
 pub use store::{
-    Failure, PollingWaiter, Retention, StatusCounts, Store, StoreError, StoreResult, Waiter,
-    check_identifier,
+    Failure, HeldBatch, PollingWaiter, Retention, StatusCounts, Store, StoreError, StoreResult,
+    Waiter, check_identifier,
 };
 
 pub use async_trait::async_trait;

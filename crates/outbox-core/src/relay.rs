@@ -3,6 +3,7 @@
 //! the store, with a polling fallback) when the outbox is empty.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,7 @@ use uuid::Uuid;
 use crate::message::Message;
 use crate::retry::RetryPolicy;
 use crate::sink::{Delivery, Sink, SinkError};
-use crate::store::{Failure, Retention, Store, StoreError, Waiter};
+use crate::store::{Failure, HeldBatch, Retention, Store, StoreError, Waiter};
 
 /// How a relay behaves. `Default` gives production settings.
 #[derive(Debug, Clone)]
@@ -176,6 +177,7 @@ impl Relay {
             shared: shared.clone(),
             shutdown: shutdown.as_mut(),
             tasks: JoinSet::new(),
+            pipeline: Pipeline::default(),
         };
         main.run().await;
         main.finish().await;
@@ -210,6 +212,40 @@ struct MainLoop<'a> {
     shared: Arc<Shared>,
     shutdown: Shutdown<'a>,
     tasks: JoinSet<()>,
+    pipeline: Pipeline,
+}
+
+/// Whether claiming ahead, while batches are in delivery, is worth it. When every key at the
+/// head of the backlog is in flight (a few busy keys), such a claim finds nothing and only
+/// costs the database; after each empty one the relay claims only between batches for twice
+/// as many batches as before (up to 64), and resumes claiming ahead at the first success.
+#[derive(Debug, Default)]
+struct Pipeline {
+    /// Full claims left before the next claim ahead.
+    skip: u32,
+    /// The pause after the last empty claim ahead.
+    backoff: u32,
+}
+
+impl Pipeline {
+    const MAX_BACKOFF: u32 = 64;
+
+    fn paused(&self) -> bool {
+        self.skip > 0
+    }
+
+    fn record(&mut self, found: bool) {
+        if found {
+            self.backoff = 0;
+        } else {
+            self.backoff = (self.backoff * 2).clamp(1, Self::MAX_BACKOFF);
+            self.skip = self.backoff;
+        }
+    }
+
+    fn full_claim(&mut self) {
+        self.skip = self.skip.saturating_sub(1);
+    }
 }
 
 impl MainLoop<'_> {
@@ -252,26 +288,26 @@ impl MainLoop<'_> {
         };
         let mut next_purge = Instant::now();
         while !self.stop_requested() {
-            if self.tasks.len() >= self.config().in_flight_batches.max(1) {
+            let more = !self.tasks.is_empty();
+            if self.tasks.len() >= self.config().in_flight_batches.max(1)
+                || (more && self.pipeline.paused())
+            {
                 self.wait_for_a_task().await;
                 continue;
             }
             self.purge_if_due(&mut next_purge).await;
-            let cfg = self.config();
-            let store = &self.shared.store;
-            let claimed = if self.tasks.is_empty() {
-                store.claim(&cfg.relay_id, cfg.batch_size, cfg.lease).await
+            let claimed = claim(&self.shared, more).await;
+            if more {
+                self.pipeline.record(matches!(claimed, Ok(Some(_))));
             } else {
-                store
-                    .claim_more(&cfg.relay_id, cfg.batch_size, cfg.lease)
-                    .await
-            };
+                self.pipeline.full_claim();
+            }
             match claimed {
                 Err(e) => {
                     let pause = self.shared.down(&e);
                     self.sleep_or_stop(pause).await;
                 }
-                Ok(batch) if batch.is_empty() => {
+                Ok(None) => {
                     self.shared.up();
                     // Batches still in delivery may free later messages of their keys.
                     if !self.tasks.is_empty() {
@@ -280,14 +316,14 @@ impl MainLoop<'_> {
                         return;
                     }
                 }
-                Ok(batch) => {
+                Ok(Some(batch)) => {
                     self.shared.up();
+                    let n = batch.messages().len() as u64;
+                    self.shared.stats.claimed.fetch_add(n, Ordering::Relaxed);
+                    self.tasks.spawn(deliver(self.shared.clone(), batch));
                     if let Err(e) = waiter.busy().await {
                         debug!(error = %e, "could not withdraw wake-up registration");
                     }
-                    let n = batch.len() as u64;
-                    self.shared.stats.claimed.fetch_add(n, Ordering::Relaxed);
-                    self.tasks.spawn(deliver(self.shared.clone(), batch));
                 }
             }
         }
@@ -371,23 +407,106 @@ fn report_panic(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// Claims the next batch: held in a transaction when the store can, else leased. With
+/// batches still in delivery the store may look at the head of the backlog only.
+async fn claim(shared: &Shared, more: bool) -> Result<Option<Claimed>, StoreError> {
+    let cfg = &shared.config;
+    let store = &shared.store;
+    if store.holds_claims() {
+        let held = store.claim_held(cfg.batch_size, cfg.lease, more).await?;
+        return Ok(held.map(Claimed::Held));
+    }
+    let batch = if more {
+        store
+            .claim_more(&cfg.relay_id, cfg.batch_size, cfg.lease)
+            .await?
+    } else {
+        store
+            .claim(&cfg.relay_id, cfg.batch_size, cfg.lease)
+            .await?
+    };
+    Ok((!batch.is_empty()).then_some(Claimed::Leased(batch)))
+}
+
+/// A claimed batch: leased rows, or rows locked by a transaction the batch holds.
+enum Claimed {
+    Leased(Vec<Message>),
+    Held(Box<dyn HeldBatch>),
+}
+
+impl Claimed {
+    fn messages(&self) -> &[Message] {
+        match self {
+            Claimed::Leased(batch) => batch,
+            Claimed::Held(held) => held.messages(),
+        }
+    }
+}
+
 /// Publishes one batch and records the outcome. Once shutdown is requested the publish gets
 /// the shutdown timeout to finish; after that the batch is released.
-async fn deliver(shared: Arc<Shared>, batch: Vec<Message>) {
-    let mut stop = shared.stop.subscribe();
-    let mut publish = pin!(shared.sink.publish(&batch));
-    let outcomes = tokio::select! {
-        o = &mut publish => Some(o),
-        _ = stop.wait_for(|s| *s) => None,
+async fn deliver(shared: Arc<Shared>, batch: Claimed) {
+    let outcomes = {
+        let mut stop = shared.stop.subscribe();
+        let mut publish = pin!(publish(&shared, batch.messages()));
+        let outcomes = tokio::select! {
+            o = &mut publish => Some(o),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        match outcomes {
+            Some(o) => Some(o),
+            None => tokio::time::timeout(shared.config.shutdown_timeout, publish)
+                .await
+                .ok(),
+        }
     };
-    let outcomes = match outcomes {
-        Some(o) => o,
-        None => match tokio::time::timeout(shared.config.shutdown_timeout, publish).await {
-            Ok(o) => o,
-            Err(_) => return release(&shared, &batch).await,
-        },
-    };
-    settle(&shared, &batch, outcomes).await;
+    match (batch, outcomes) {
+        (Claimed::Leased(batch), Some(outcomes)) => settle(&shared, &batch, outcomes).await,
+        (Claimed::Leased(batch), None) => release(&shared, &batch).await,
+        (Claimed::Held(held), Some(outcomes)) => settle_held(&shared, held, outcomes).await,
+        (Claimed::Held(held), None) => {
+            let n = held.messages().len() as u64;
+            warn!(count = n, "shutdown timeout: releasing unfinished messages");
+            // If the rollback fails the session is gone, and its locks with it.
+            if let Err(e) = held.release().await {
+                debug!(error = %e, "rollback failed");
+            }
+            shared.stats.released.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Hands a batch to the sink. A sink that panics fails the batch instead of taking the
+/// relay's task down, so its messages back off and reach `max_attempts` like any failure
+/// rather than being redelivered in a tight loop.
+async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
+    match AssertUnwindSafe(shared.sink.publish(batch))
+        .catch_unwind()
+        .await
+    {
+        Ok(outcomes) => outcomes,
+        Err(_) => {
+            let err = SinkError::transient(format!("sink {} panicked", shared.sink.name()));
+            vec![Err(err); batch.len()]
+        }
+    }
+}
+
+/// Records the outcome of a held batch in its own transaction and commits it.
+async fn settle_held(shared: &Shared, held: Box<dyn HeldBatch>, outcomes: Vec<Delivery>) {
+    let (acks, failures) = classify(shared, held.messages(), outcomes);
+    match held.settle(&acks, &failures, shared.config.retention).await {
+        Ok(()) => {
+            shared.up();
+            let n = acks.len() as u64;
+            shared.stats.delivered.fetch_add(n, Ordering::Relaxed);
+        }
+        Err(e) => {
+            shared.down(&e);
+            warn!(error = %e, count = acks.len() + failures.len(),
+                "could not record the outcome; the messages will be delivered again");
+        }
+    }
 }
 
 /// Acks delivered messages and records failures.
@@ -515,5 +634,34 @@ impl Health {
             info!(failures = self.failures, "database available again");
             self.failures = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pipeline;
+
+    #[test]
+    fn empty_claims_ahead_pause_pipelining_for_longer_each_time() {
+        let mut p = Pipeline::default();
+        assert!(!p.paused());
+        let mut pauses = Vec::new();
+        for _ in 0..8 {
+            p.record(false);
+            let mut n = 0;
+            while p.paused() {
+                p.full_claim();
+                n += 1;
+            }
+            pauses.push(n);
+        }
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 32, 64, 64]);
+        // One claim ahead that finds work resumes pipelining at once, and resets the pause.
+        p.record(true);
+        assert!(!p.paused());
+        p.record(false);
+        assert!(p.paused());
+        p.full_claim();
+        assert!(!p.paused());
     }
 }

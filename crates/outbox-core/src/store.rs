@@ -90,8 +90,9 @@ pub struct StatusCounts {
 /// Claiming follows three rules that give the relay its guarantees:
 /// 1. only committed rows are visible, so nothing is delivered before its transaction commits
 ///    or ever if it rolls back;
-/// 2. a claim is a lease: a relay that dies leaves rows that any relay reclaims once the lease
-///    expires, so a crash loses nothing;
+/// 2. a claim is a lease, written on the row or held as a row lock by an open transaction
+///    ([`Store::claim_held`]): a relay that dies leaves rows that any relay reclaims once the
+///    lease expires or the transaction ends, so a crash loses nothing;
 /// 3. a message with a key is claimable only when no earlier message with that key is pending
 ///    or in flight, so one key is delivered in enqueue order and never by two relays at once,
 ///    while other keys go on.
@@ -116,6 +117,30 @@ pub trait Store: Send + Sync {
         lease: Duration,
     ) -> StoreResult<Vec<Message>> {
         self.claim(relay, limit, lease).await
+    }
+
+    /// Whether this store can hold a claim with row locks in an open transaction
+    /// ([`Store::claim_held`]). The relay then uses that instead of leases.
+    fn holds_claims(&self) -> bool {
+        false
+    }
+
+    /// Claims like [`Store::claim`] (with `more`, like [`Store::claim_more`]), but instead of
+    /// writing a lease it locks the rows in a transaction that stays open until the batch is
+    /// settled: nothing is written at claim time, and a relay that dies gives its messages back
+    /// at once. Messages carry the attempt number of this delivery; it is stored only if the
+    /// delivery fails. `None` when nothing is claimable. `lease` bounds how long the transaction
+    /// may stay idle: past it the database ends the session and the messages go to other relays.
+    async fn claim_held(
+        &self,
+        limit: usize,
+        lease: Duration,
+        more: bool,
+    ) -> StoreResult<Option<Box<dyn HeldBatch>>> {
+        let _ = (limit, lease, more);
+        Err(StoreError::Config(
+            "this store cannot hold claims in a transaction".into(),
+        ))
     }
 
     /// Marks delivered messages done: deleted, or kept as `delivered` per `retention`.
@@ -143,6 +168,28 @@ pub trait Store: Send + Sync {
 
     /// A waiter through which `relay` sleeps while the outbox is empty.
     async fn waiter(&self, relay: &str) -> StoreResult<Box<dyn Waiter>>;
+}
+
+/// A batch claimed by [`Store::claim_held`]: its rows stay locked by an open transaction
+/// until [`HeldBatch::settle`] commits the outcome or [`HeldBatch::release`] rolls it back.
+/// Dropping it unsettled also rolls back, shortly after, when the connection is recycled.
+#[async_trait]
+pub trait HeldBatch: Send {
+    /// The claimed messages, oldest first, at most one per key.
+    fn messages(&self) -> &[Message];
+
+    /// Records the outcome and commits: `acks` done per `retention`, `failures` back to pending
+    /// with the attempt counted (or dead). Messages in neither list are simply unlocked. If this
+    /// fails nothing was recorded, and every message will be delivered again.
+    async fn settle(
+        self: Box<Self>,
+        acks: &[Uuid],
+        failures: &[Failure],
+        retention: Retention,
+    ) -> StoreResult<()>;
+
+    /// Rolls back: every message is claimable again at once, and no attempt is counted.
+    async fn release(self: Box<Self>) -> StoreResult<()>;
 }
 
 /// How a relay sleeps when there is nothing to claim, and how it is woken.

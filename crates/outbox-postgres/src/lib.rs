@@ -26,12 +26,20 @@
 //!
 //! - **Enqueue** is one `INSERT` in the caller's transaction (a batch is one `INSERT … SELECT
 //!   FROM UNNEST`), so the message commits or rolls back with the data.
-//! - **Claim** is one `UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED)` per batch: concurrent
-//!   relays take disjoint rows without waiting on each other. A claim sets a lease (the row's
-//!   `available_at` becomes the lease expiry) instead of holding a transaction open during
-//!   delivery, so a slow sink never holds locks and a dead relay's rows come back by themselves.
-//!   Nothing is read by position, so rows whose ids commit out of order are never skipped.
-//! - **Ack** is one `DELETE` (or `UPDATE` to `delivered` when retention keeps rows) per batch.
+//! - **Claim** is one `SELECT … FOR UPDATE SKIP LOCKED` per batch, in a transaction that
+//!   stays open while the batch is delivered ([`ClaimMode::Transaction`], the default): the row
+//!   locks are the lease. Concurrent relays take disjoint rows without waiting on each other; a
+//!   key's later messages stay unclaimable while an earlier one is locked; the delivered rows
+//!   are deleted in the same transaction, which then commits once. A relay that dies frees its
+//!   messages the moment its session ends, and one stuck in its sink for longer than the lease
+//!   loses its session (`idle_in_transaction_session_timeout`). Nothing is written at claim
+//!   time, so a drained message costs the database a lock and a delete.
+//! - [`ClaimMode::Lease`] instead writes the lease on the rows with an `UPDATE` (`available_at`
+//!   becomes the lease expiry) and holds no transaction during delivery: slower to drain, but
+//!   in-flight messages show in `status` and delivery holds no connection.
+//! - Nothing is read by position, so rows whose ids commit out of order are never skipped.
+//! - **Ack** is one `DELETE` (or `UPDATE` to `delivered` when retention keeps rows) per batch;
+//!   failures are one `UPDATE`.
 //! - **Wake-ups without the NOTIFY trap.** `NOTIFY` in a writer's transaction takes a
 //!   cluster-wide lock at commit and serialises every notifying commit. Here an idle relay
 //!   registers itself in `{prefix}relays`; a statement trigger notifies only while a relay is
@@ -49,4 +57,4 @@ mod store;
 pub use inbox::PgInbox;
 pub use migrate::LATEST_VERSION;
 pub use sql::PgConfig;
-pub use store::{EnqueueError, PgOutbox, PgStore};
+pub use store::{ClaimMode, EnqueueError, PgOutbox, PgStore};

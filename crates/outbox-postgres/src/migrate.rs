@@ -40,6 +40,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "bounded claim for pipelined batches",
         sql: include_str!("../migrations/0005_claim_window.sql"),
     },
+    Migration {
+        version: 6,
+        description: "claim held by the relay's transaction",
+        sql: include_str!("../migrations/0006_claim_held.sql"),
+    },
 ];
 
 /// The schema version this build writes.

@@ -53,9 +53,13 @@ pub(crate) struct Sql {
     pub insert_batch: Arc<str>,
     pub claim: Arc<str>,
     pub claim_window: Arc<str>,
+    pub claim_held: Arc<str>,
     pub ack_delete: Arc<str>,
     pub ack_keep: Arc<str>,
+    pub held_delete: Arc<str>,
+    pub held_keep: Arc<str>,
     pub fail: Arc<str>,
+    pub held_fail: Arc<str>,
     pub release: Arc<str>,
     pub purge_delivered: Arc<str>,
     pub status: Arc<str>,
@@ -75,6 +79,7 @@ impl Sql {
             insert_batch: r(INSERT_BATCH),
             claim: r(&CLAIM.replace("{columns}", COLUMNS)),
             claim_window: r(&CLAIM_WINDOW.replace("{columns}", COLUMNS)),
+            claim_held: r(&CLAIM_HELD.replace("{columns}", COLUMNS)),
             ack_delete: r(
                 "DELETE FROM {schema}.{p}messages WHERE id = ANY($1) AND status = 'in_flight'",
             ),
@@ -82,7 +87,14 @@ impl Sql {
                 "UPDATE {schema}.{p}messages SET status = 'delivered', delivered_at = now(), locked_by = NULL \
                  WHERE id = ANY($1) AND status = 'in_flight'",
             ),
+            // A held batch's rows are locked by its own transaction: no status or owner check.
+            held_delete: r("DELETE FROM {schema}.{p}messages WHERE id = ANY($1)"),
+            held_keep: r(
+                "UPDATE {schema}.{p}messages SET status = 'delivered', delivered_at = now(), locked_by = NULL \
+                 WHERE id = ANY($1)",
+            ),
             fail: r(FAIL),
+            held_fail: r(HELD_FAIL),
             release: r(
                 "UPDATE {schema}.{p}messages SET status = 'pending', available_at = now(), \
                  attempts = greatest(attempts - 1, 0), locked_by = NULL \
@@ -133,6 +145,19 @@ const CLAIM: &str = "SELECT {columns} FROM {schema}.{p}claim($1, $2, $3) m";
 
 /// The same claim among the oldest `$4` deliverable rows only (migration 5).
 const CLAIM_WINDOW: &str = "SELECT {columns} FROM {schema}.{p}claim_window($1, $4, $2, $3) m";
+
+/// The claim held by the caller's transaction (migration 6); `$2` NULL means unbounded.
+const CLAIM_HELD: &str = "SELECT {columns} FROM {schema}.{p}claim_held($1, $2, $3) m";
+
+/// A NULL delay means dead. The failed attempt is counted here: a held claim writes nothing.
+const HELD_FAIL: &str = "UPDATE {schema}.{p}messages m SET \
+      status = CASE WHEN f.delay_ms IS NULL THEN 'dead' ELSE 'pending' END, \
+      available_at = CASE WHEN f.delay_ms IS NULL THEN m.available_at \
+                     ELSE now() + f.delay_ms * interval '1 millisecond' END, \
+      dead_at = CASE WHEN f.delay_ms IS NULL THEN now() END, \
+      attempts = m.attempts + 1, last_error = f.error, locked_by = NULL \
+    FROM UNNEST($1::uuid[], $2::text[], $3::bigint[]) AS f(id, error, delay_ms) \
+    WHERE m.id = f.id";
 
 /// A NULL delay means dead.
 const FAIL: &str = "UPDATE {schema}.{p}messages m SET \

@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Failure, Message, NewMessage, Retention, Status, StatusCounts, Store, StoreError, StoreResult,
-    Waiter, parse_headers,
+    Failure, HeldBatch, Message, NewMessage, Retention, Status, StatusCounts, Store, StoreError,
+    StoreResult, Waiter, parse_headers,
 };
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
@@ -106,13 +106,31 @@ impl PgOutbox {
     }
 }
 
+/// How a relay on this store holds the messages it is delivering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClaimMode {
+    /// Row locks in a transaction that stays open during delivery; the delivered rows are
+    /// deleted in it before it commits. Nothing is written at claim time, and a relay that dies
+    /// frees its messages at once. Each batch in delivery holds one pooled connection.
+    #[default]
+    Transaction,
+    /// A lease written on the rows (`in_flight` until the lease expires), so no transaction
+    /// stays open during delivery and in-flight messages show in `status`. Costs an UPDATE of
+    /// every claimed row.
+    Lease,
+}
+
 /// The outbox in a PostgreSQL database, for relays and operators.
+///
+/// A relay holds one pooled connection per batch in delivery ([`ClaimMode::Transaction`]) and
+/// one for LISTEN: give the pool at least `in_flight_batches + 2` connections.
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
     config: Arc<PgConfig>,
     outbox: PgOutbox,
     inbox: crate::PgInbox,
+    claim_mode: ClaimMode,
 }
 
 impl PgStore {
@@ -130,7 +148,18 @@ impl PgStore {
             inbox: crate::PgInbox::new(&config),
             config: Arc::new(config),
             outbox: PgOutbox { sql },
+            claim_mode: ClaimMode::default(),
         })
+    }
+
+    /// Chooses how relays on this store hold their messages (default: in a transaction).
+    pub fn with_claim_mode(mut self, mode: ClaimMode) -> Self {
+        self.claim_mode = mode;
+        self
+    }
+
+    pub fn claim_mode(&self) -> ClaimMode {
+        self.claim_mode
     }
 
     /// Connects a small pool to `url` (lazily: an unreachable database fails on first use).
@@ -252,17 +281,44 @@ impl Store for PgStore {
     }
 
     async fn fail(&self, relay: &str, failures: &[Failure]) -> StoreResult<()> {
-        let query = q(&self.sql().fail)
-            .bind(failures.iter().map(|f| f.id).collect::<Vec<_>>())
-            .bind(failures.iter().map(|f| f.error.clone()).collect::<Vec<_>>())
-            .bind(
-                failures
-                    .iter()
-                    .map(|f| f.retry_in.map(millis))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(relay.to_owned());
+        let query = fail_query(&self.sql().fail, failures).bind(relay.to_owned());
         self.execute(query).await.map(drop)
+    }
+
+    fn holds_claims(&self) -> bool {
+        self.claim_mode == ClaimMode::Transaction
+    }
+
+    async fn claim_held(
+        &self,
+        limit: usize,
+        lease: Duration,
+        more: bool,
+    ) -> StoreResult<Option<Box<dyn HeldBatch>>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let rows = q(&self.sql().claim_held)
+            .bind(limit)
+            .bind(more.then(|| limit.saturating_mul(2)))
+            // The idle timeout is an int of milliseconds; 0 would mean none.
+            .bind(millis(lease).clamp(1, i64::from(i32::MAX)))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+        if rows.is_empty() {
+            tx.rollback().await.map_err(db)?;
+            return Ok(None);
+        }
+        let mut messages = messages(rows)?;
+        for m in &mut messages {
+            m.attempts += 1;
+            m.status = Status::InFlight;
+        }
+        Ok(Some(Box::new(PgHeldBatch {
+            tx,
+            messages,
+            sql: self.outbox.sql.clone(),
+        })))
     }
 
     async fn release(&self, relay: &str, ids: &[Uuid]) -> StoreResult<()> {
@@ -329,6 +385,67 @@ impl Store for PgStore {
             parked_until: None,
             settle: PgWaiter::FIRST_SETTLE,
         }))
+    }
+}
+
+/// Binds the failures as the `UNNEST` arrays of the fail statements.
+fn fail_query(
+    sql: &Arc<str>,
+    failures: &[Failure],
+) -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments> {
+    q(sql)
+        .bind(failures.iter().map(|f| f.id).collect::<Vec<_>>())
+        .bind(failures.iter().map(|f| f.error.clone()).collect::<Vec<_>>())
+        .bind(
+            failures
+                .iter()
+                .map(|f| f.retry_in.map(millis))
+                .collect::<Vec<_>>(),
+        )
+}
+
+/// A claim whose rows stay locked by `tx` until it is settled or dropped (rolled back).
+struct PgHeldBatch {
+    tx: Transaction<'static, Postgres>,
+    messages: Vec<Message>,
+    sql: Arc<Sql>,
+}
+
+#[async_trait]
+impl HeldBatch for PgHeldBatch {
+    fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    async fn settle(
+        self: Box<Self>,
+        acks: &[Uuid],
+        failures: &[Failure],
+        retention: Retention,
+    ) -> StoreResult<()> {
+        let PgHeldBatch { mut tx, sql, .. } = *self;
+        if !acks.is_empty() {
+            let done = match retention {
+                Retention::Delete => &sql.held_delete,
+                Retention::Keep(_) => &sql.held_keep,
+            };
+            q(done)
+                .bind(acks.to_vec())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        if !failures.is_empty() {
+            fail_query(&sql.held_fail, failures)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn release(self: Box<Self>) -> StoreResult<()> {
+        self.tx.rollback().await.map_err(db)
     }
 }
 

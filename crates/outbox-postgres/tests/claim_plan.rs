@@ -71,3 +71,25 @@ async fn a_pipelined_claim_behind_keys_in_flight_reads_a_window_not_the_backlog(
     );
     common::drop_schema(&store).await
 }
+
+#[tokio::test]
+async fn a_pipelined_held_claim_behind_keys_in_flight_reads_a_window_not_the_backlog()
+-> anyhow::Result<()> {
+    let store = common::fresh_store().await?;
+    store.migrate().await?;
+    enqueue(&store, 0..20_000).await?;
+
+    // Every key's head is locked by a batch in delivery: nothing else is claimable.
+    let held = store.claim_held(1000, LEASE, false).await?.expect("heads");
+    assert_eq!(held.messages().len(), 100);
+    let (window, found) = buffers_of(&store, "claim_held", "100, 200, 30000").await?;
+    assert_eq!(found, 0, "nothing is claimable while every head is locked");
+    let (full, found) = buffers_of(&store, "claim_held", "100, NULL, 30000").await?;
+    assert_eq!(found, 0);
+    assert!(
+        window * 20 < full,
+        "the bounded claim touched {window} buffers, the full one {full}"
+    );
+    drop(held);
+    common::drop_schema(&store).await
+}

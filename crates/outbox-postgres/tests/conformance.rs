@@ -1,4 +1,5 @@
-//! The shared conformance suite on a real PostgreSQL, each test in a schema of its own.
+//! The shared conformance suite on a real PostgreSQL, each test in a schema of its own, with
+//! relays that hold their claims in a transaction (the default `ClaimMode`).
 
 mod common;
 

@@ -58,6 +58,7 @@ macro_rules! conformance_tests {
             late_outcome_of_a_lost_lease_is_ignored,
             transient_failures_back_off_then_go_dead,
             permanent_failure_is_dead_at_once,
+            panicking_sink_fails_its_batch,
             failing_key_does_not_block_other_keys,
             retried_head_behind_a_long_run_of_its_key_is_not_starved,
             dead_letters_can_be_retried_and_purged,
@@ -435,6 +436,27 @@ pub mod tests {
         ensure!(report.dead == 1 && report.retried == 0, "{report:?}");
         let dead = f.store().dead_list(10).await?;
         ensure!(dead[0].attempts == 1 && dead[0].last_error.as_deref() == Some("schema mismatch"));
+        Ok(())
+    }
+
+    pub async fn panicking_sink_fails_its_batch(f: &dyn Fixture) -> R {
+        let m = msg("t", 1);
+        enqueue(f, std::slice::from_ref(&m)).await?;
+        let sink = HandlerSink::new(|m: Message| async move {
+            if m.seq >= 0 {
+                panic!("handler bug");
+            }
+            Ok(())
+        });
+        // Counted as failed attempts, so the relay neither loops nor waits for a lease.
+        let report = Relay::with_config(f.store(), Arc::new(sink), drain_config())
+            .run(futures::future::pending())
+            .await;
+        ensure!(report.dead == 1 && report.retried == 2, "{report:?}");
+        let dead = f.store().dead_list(10).await?;
+        ensure!(dead.len() == 1 && dead[0].id == m.id() && dead[0].attempts == 3);
+        let error = dead[0].last_error.as_deref().unwrap_or_default();
+        ensure!(error.contains("panicked"), "{error}");
         Ok(())
     }
 

@@ -24,7 +24,8 @@ pub fn schema_name() -> String {
 /// A store in a fresh schema, not yet migrated.
 pub async fn fresh_store() -> anyhow::Result<PgStore> {
     let pool = PgPoolOptions::new()
-        .max_connections(8)
+        // Four relays, each with a LISTEN connection and two batches held in delivery.
+        .max_connections(16)
         .connect(&url())
         .await?;
     let config = PgConfig {
@@ -42,7 +43,11 @@ pub async fn drop_schema(store: &PgStore) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Relays hold claims in a transaction (the default).
 pub struct Postgres;
+
+/// Relays write leases instead.
+pub struct PostgresLease;
 
 pub struct PgFixture {
     store: PgStore,
@@ -108,6 +113,17 @@ impl Fixture for PgFixture {
 impl Backend for Postgres {
     async fn fixture(&self) -> anyhow::Result<Box<dyn Fixture>> {
         let store = fresh_store().await?;
+        store.migrate().await?;
+        Ok(Box::new(PgFixture { store }))
+    }
+}
+
+#[async_trait]
+impl Backend for PostgresLease {
+    async fn fixture(&self) -> anyhow::Result<Box<dyn Fixture>> {
+        let store = fresh_store()
+            .await?
+            .with_claim_mode(outbox_postgres::ClaimMode::Lease);
         store.migrate().await?;
         Ok(Box::new(PgFixture { store }))
     }

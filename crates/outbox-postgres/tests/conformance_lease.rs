@@ -1,0 +1,6 @@
+//! The shared conformance suite on a real PostgreSQL with relays that write leases
+//! (`ClaimMode::Lease`) instead of holding their claims in a transaction.
+
+mod common;
+
+outbox_testkit::conformance_tests!(common::PostgresLease);
