@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -137,6 +137,11 @@ pub struct RelayArgs {
     /// On SIGINT/SIGTERM, how long the batch in hand may take [default: 10s]
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
+    /// How a PostgreSQL relay holds messages in delivery: transaction (row locks in an open
+    /// transaction, the fastest) or lease (written on the rows; in-flight shows in status)
+    /// [default: transaction]. SQLite always uses leases.
+    #[arg(long, env = "OUTBOX_CLAIM", value_enum)]
+    pub claim: Option<ClaimArg>,
     /// Name of this relay's leases [default: relay-PID-RANDOM]
     #[arg(long, env = "OUTBOX_RELAY_ID")]
     pub relay_id: Option<String>,
@@ -252,6 +257,9 @@ pub struct BenchArgs {
     /// Messages claimed per round trip
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
+    /// How the PostgreSQL relay holds messages in delivery (see `relay --claim`)
+    #[arg(long, value_enum, default_value = "transaction")]
+    pub claim: ClaimArg,
     /// Concurrent writer connections
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
@@ -320,4 +328,12 @@ pub fn usage_error(e: clap::Error) -> ExitCode {
         .collect();
     eprintln!("{} (see outbox --help)", line.join(" "));
     ExitCode::from(2)
+}
+
+/// `--claim`: see [`outbox_postgres::ClaimMode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClaimArg {
+    Transaction,
+    Lease,
 }

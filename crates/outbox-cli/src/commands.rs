@@ -163,7 +163,8 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
     }
     let (sink_url, config) = relay_settings(&args, file)?;
     let sink = build_sink(sink_url.as_deref(), &file.routes).await?;
-    let store = AnyStore::open(settings, false).await?;
+    let claim = args.claim.or(file.claim);
+    let store = AnyStore::open_relay(settings, claim, config.in_flight_batches).await?;
     let store = store.store();
     if !args.no_migrate && !wait_for_migration(store.as_ref()).await? {
         return Ok(());
@@ -194,7 +195,7 @@ async fn check_relay(
     {
         problems.push(format!("{e:#}"));
     }
-    if let Err(e) = AnyStore::open(settings, false).await {
+    if let Err(e) = AnyStore::open_relay(settings, args.claim.or(file.claim), 2).await {
         problems.push(format!("{e:#}"));
     }
     if problems.is_empty() {
@@ -380,6 +381,7 @@ async fn bench(settings: &StoreSettings, args: BenchArgs) -> anyhow::Result<()> 
         keys: args.keys,
         payload_bytes: args.payload_bytes,
         batch_size: args.batch_size,
+        claim: args.claim,
         clients: args.clients,
         write_duration: args.duration,
         rate: args.rate,

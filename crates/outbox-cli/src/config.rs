@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use outbox_core::{RelayConfig, Retention, RetryPolicy, default_relay_id};
 use serde::Deserialize;
 
-use crate::cli::{Global, RelayArgs, parse_duration};
+use crate::cli::{ClaimArg, Global, RelayArgs, parse_duration};
 
 /// The TOML file. Keys are the long options with underscores; unknown keys are errors, so a
 /// typo never silently falls back to a default.
@@ -29,6 +29,7 @@ pub struct FileConfig {
     pub retention: Option<String>,
     pub shutdown_timeout: Option<String>,
     pub relay_id: Option<String>,
+    pub claim: Option<ClaimArg>,
     /// `[[routes]]`: which sinks get which messages.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use outbox_core::{NewMessage, Store};
-use outbox_postgres::{PgConfig, PgStore};
+use outbox_postgres::{ClaimMode, PgConfig, PgStore};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
 use sqlx::postgres::PgPoolOptions;
 
+use crate::cli::ClaimArg;
 use crate::config::StoreSettings;
 
 /// A store of either kind, for the commands that need the writer's side too.
@@ -22,6 +23,31 @@ impl AnyStore {
     /// Opens the store. With `eager`, connects now so that a wrong URL or a stopped server is
     /// reported at once; the relay opens lazily and waits for the database instead.
     pub async fn open(s: &StoreSettings, eager: bool) -> anyhow::Result<Self> {
+        Self::open_with(s, eager, 4).await
+    }
+
+    /// Opens the store for a relay: a pool with a connection for each batch in delivery, and
+    /// the claim mode asked for (PostgreSQL only; SQLite always leases).
+    pub async fn open_relay(
+        s: &StoreSettings,
+        claim: Option<ClaimArg>,
+        in_flight_batches: usize,
+    ) -> anyhow::Result<Self> {
+        let pool_size = u32::try_from(in_flight_batches + 2)
+            .unwrap_or(u32::MAX)
+            .max(4);
+        match (Self::open_with(s, false, pool_size).await?, claim) {
+            (Self::Postgres(pg), Some(ClaimArg::Lease)) => {
+                Ok(Self::Postgres(pg.with_claim_mode(ClaimMode::Lease)))
+            }
+            (Self::Sqlite(_), Some(ClaimArg::Transaction)) => {
+                bail!("--claim transaction needs PostgreSQL; SQLite relays always use leases")
+            }
+            (store, _) => Ok(store),
+        }
+    }
+
+    async fn open_with(s: &StoreSettings, eager: bool, pool_size: u32) -> anyhow::Result<Self> {
         let url = s.database_url.as_str();
         let shown = redact(url);
         let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
@@ -35,7 +61,7 @@ impl AnyStore {
                     config.table_prefix = prefix.clone();
                 }
                 let options = PgPoolOptions::new()
-                    .max_connections(4)
+                    .max_connections(pool_size)
                     .acquire_timeout(Duration::from_secs(5));
                 let pool = if eager {
                     options

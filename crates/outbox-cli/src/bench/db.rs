@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use outbox_core::{NewMessage, Store};
-use outbox_postgres::{PgConfig, PgStore};
+use outbox_postgres::{ClaimMode, PgConfig, PgStore};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, Executor};
 
+use crate::cli::ClaimArg;
 use crate::config::StoreSettings;
 use crate::store::redact;
 
@@ -53,7 +54,7 @@ impl Names {
 
 impl BenchDb {
     /// Opens the store with a pool large enough for `clients` writers plus the relay.
-    pub async fn open(s: &StoreSettings, clients: usize) -> anyhow::Result<Self> {
+    pub async fn open(s: &StoreSettings, clients: usize, claim: ClaimArg) -> anyhow::Result<Self> {
         let url = s.database_url.as_str();
         let shown = redact(url);
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -71,7 +72,11 @@ impl BenchDb {
                 .await
                 .with_context(|| format!("cannot connect to {shown}"))?;
             let names = Names::new(&format!("{}.", config.schema), &config.table_prefix);
-            let store = PgStore::with_config(pool, config)?;
+            let mode = match claim {
+                ClaimArg::Transaction => ClaimMode::Transaction,
+                ClaimArg::Lease => ClaimMode::Lease,
+            };
+            let store = PgStore::with_config(pool, config)?.with_claim_mode(mode);
             return Ok(Self::Postgres { store, names });
         }
         if url.starts_with("sqlite:") {
@@ -89,6 +94,15 @@ impl BenchDb {
             return Ok(Self::Sqlite { store, names });
         }
         bail!("outbox bench runs on postgres://… or sqlite://PATH, not {shown}")
+    }
+
+    pub fn claim_mode(&self) -> &'static str {
+        match self {
+            Self::Postgres { store, .. } if store.claim_mode() == ClaimMode::Transaction => {
+                "transaction"
+            }
+            _ => "lease",
+        }
     }
 
     pub fn backend(&self) -> &'static str {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use crate::cli::ClaimArg;
 use crate::config::StoreSettings;
 pub use db::BenchDb;
 
@@ -35,6 +36,7 @@ pub struct Options {
     pub keys: usize,
     pub payload_bytes: usize,
     pub batch_size: usize,
+    pub claim: ClaimArg,
     pub clients: usize,
     pub write_duration: Duration,
     pub rate: u32,
@@ -62,6 +64,8 @@ pub struct Report {
     pub keys: usize,
     pub payload_bytes: usize,
     pub batch_size: usize,
+    /// `transaction` or `lease` on PostgreSQL; SQLite always leases.
+    pub claim_mode: String,
     pub clients: usize,
     pub rate: u32,
     pub write_alone_tx_per_s: Option<f64>,
@@ -97,7 +101,7 @@ pub struct Series {
 }
 
 pub async fn run(settings: &StoreSettings, opts: Options) -> anyhow::Result<Report> {
-    let db = BenchDb::open(settings, opts.clients).await?;
+    let db = BenchDb::open(settings, opts.clients, opts.claim).await?;
     db.prepare().await?;
     let mut report = Report {
         backend: db.backend().into(),
@@ -107,6 +111,7 @@ pub async fn run(settings: &StoreSettings, opts: Options) -> anyhow::Result<Repo
         keys: opts.keys,
         payload_bytes: opts.payload_bytes,
         batch_size: opts.batch_size,
+        claim_mode: db.claim_mode().into(),
         clients: opts.clients,
         rate: opts.rate,
         ..Report::default()

@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use outbox_core::{
-    Delivery, Failure, Message, NewMessage, PollingWaiter, Relay, RelayConfig, Retention, Sink,
-    StatusCounts, Store, StoreResult, Waiter,
+    Delivery, Failure, HeldBatch, Message, NewMessage, PollingWaiter, Relay, RelayConfig,
+    Retention, Sink, StatusCounts, Store, StoreResult, Waiter,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -387,6 +387,25 @@ impl Store for PollingOnly {
     }
     async fn claim(&self, relay: &str, limit: usize, lease: Duration) -> StoreResult<Vec<Message>> {
         self.0.claim(relay, limit, lease).await
+    }
+    async fn claim_more(
+        &self,
+        relay: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> StoreResult<Vec<Message>> {
+        self.0.claim_more(relay, limit, lease).await
+    }
+    fn holds_claims(&self) -> bool {
+        self.0.holds_claims()
+    }
+    async fn claim_held(
+        &self,
+        limit: usize,
+        lease: Duration,
+        more: bool,
+    ) -> StoreResult<Option<Box<dyn HeldBatch>>> {
+        self.0.claim_held(limit, lease, more).await
     }
     async fn ack(&self, ids: &[Uuid], retention: Retention) -> StoreResult<u64> {
         self.0.ack(ids, retention).await
