@@ -195,10 +195,10 @@ fn enqueue_and_relay_to_a_file_on_sqlite() {
 }
 
 /// SIGKILL mid-stream, restart: every message reaches the sink (duplicates allowed).
-fn killed_relay_loses_nothing(db: &Db) {
+fn killed_relay_loses_nothing(db: &Db, extra: &[&str]) {
     let ids = db.enqueue_many(8_000, 50);
     let sink = db.path("out.jsonl");
-    let args = [
+    let mut args = vec![
         "--batch-size",
         "10",
         "--lease",
@@ -206,6 +206,7 @@ fn killed_relay_loses_nothing(db: &Db) {
         "--poll-interval",
         "100ms",
     ];
+    args.extend_from_slice(extra);
     let mut first = relay_to_file(db, &sink, &args);
     wait_until("the first relay to deliver some messages", || {
         lines(&sink).len() >= 300
@@ -238,12 +239,17 @@ fn killed_relay_loses_nothing(db: &Db) {
 
 #[test]
 fn killed_relay_loses_nothing_on_postgres() {
-    killed_relay_loses_nothing(&Db::postgres());
+    killed_relay_loses_nothing(&Db::postgres(), &[]);
+}
+
+#[test]
+fn killed_relay_loses_nothing_on_postgres_with_leases() {
+    killed_relay_loses_nothing(&Db::postgres(), &["--claim", "lease"]);
 }
 
 #[test]
 fn killed_relay_loses_nothing_on_sqlite() {
-    killed_relay_loses_nothing(&Db::sqlite());
+    killed_relay_loses_nothing(&Db::sqlite(), &[]);
 }
 
 #[test]
@@ -431,6 +437,16 @@ fn errors_are_one_readable_line_and_non_zero() {
             "forever",
         ),
         (&["dead", "retry"], &[], "required"),
+        (
+            &["relay", "--sink", "null:", "--claim", "transaction"],
+            &[],
+            "needs PostgreSQL",
+        ),
+        (
+            &["relay", "--sink", "null:", "--claim", "sometimes"],
+            &[],
+            "invalid value",
+        ),
     ];
     for (args, env, expected) in cases {
         let mut cmd = db.cmd(args);
