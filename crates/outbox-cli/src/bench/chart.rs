@@ -40,9 +40,16 @@ fn fmt(v: Option<f64>, unit: &str) -> String {
 /// The report as a Markdown table: each figure with the baseline it is compared to.
 pub fn markdown(r: &Report) -> String {
     let mut s = format!(
-        "### {} ({} cores, {} messages, {} keys, {}-byte payloads, batch {}, {} clients)\n\n\
+        "### {} ({} cores, {} messages, {} keys, {}-byte payloads, batch {}, {} claims, {} clients)\n\n\
          | scenario | outbox | raw SQL baseline | ratio |\n|---|---|---|---|\n",
-        r.backend, r.cores, r.messages, r.keys, r.payload_bytes, r.batch_size, r.clients
+        r.backend,
+        r.cores,
+        r.messages,
+        r.keys,
+        r.payload_bytes,
+        r.batch_size,
+        r.claim_mode,
+        r.clients
     );
     s += &format!(
         "| write: business insert + enqueue, tx/s | {} | {} alone; {} with a plain second row ({}) | **{}** |\n",
