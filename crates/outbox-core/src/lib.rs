@@ -10,10 +10,12 @@
 //!
 //! - **Never before commit, never after rollback.** The message is a row written by the
 //!   caller's own transaction; the relay only sees committed rows.
-//! - **At least once, never lost.** A relay claims rows under a lease and acks them only after
-//!   the sink reported them delivered. A crash anywhere (before, during or after the publish,
-//!   before the ack) leaves the lease to expire, and the message is delivered again with the
-//!   same id: consumers deduplicate on it (see the inbox).
+//! - **At least once, never lost.** A relay claims rows under a lease, written on the rows or
+//!   held as row locks by a transaction that stays open during delivery ([`HeldBatch`]), and
+//!   acks them only after the sink reported them delivered. A crash anywhere (before, during or
+//!   after the publish, before the ack) leaves the lease to expire or the transaction to roll
+//!   back, and the message is delivered again with the same id: consumers deduplicate on it
+//!   (see the inbox).
 //! - **In order per key.** A message with a key is claimed only when no earlier message with
 //!   that key is pending or in flight, so a key goes out in enqueue order, one message at a
 //!   time, even with several relays. A failing key holds back its own later messages (until it

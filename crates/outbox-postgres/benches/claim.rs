@@ -1,6 +1,7 @@
 //! The relay's statements on a real PostgreSQL (`OUTBOX_TEST_POSTGRES_URL`, default the local
 //! `test` database): enqueue of one message and of a batch, and a claim + ack round of 100
-//! messages. Each run uses a schema of its own and drops it afterwards.
+//! messages, leased and held in a transaction. Each run uses a schema of its own and drops it
+//! afterwards.
 
 use std::time::{Duration, Instant};
 
@@ -99,7 +100,32 @@ fn statements(c: &mut Criterion) {
         .execute(store.pool()),
     )
     .expect("empty the outbox");
-    group.bench_function("claim 100 + ack 100", |b| {
+    group.bench_function("held claim 100 + settle 100", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let store = store.clone();
+            async move {
+                let mut total = Duration::ZERO;
+                for i in 0..iters {
+                    let msgs: Vec<_> = (0..100).map(|n| message(i * 100 + n)).collect();
+                    enqueue(&store, &msgs).await;
+                    let started = Instant::now();
+                    let held = store
+                        .claim_held(100, Duration::from_secs(30), false)
+                        .await
+                        .expect("claim")
+                        .expect("a batch");
+                    let ids: Vec<_> = held.messages().iter().map(|m| m.id).collect();
+                    held.settle(&ids, &[], Retention::Delete)
+                        .await
+                        .expect("settle");
+                    total += started.elapsed();
+                    assert_eq!(ids.len(), 100, "claimed the whole batch");
+                }
+                total
+            }
+        })
+    });
+    group.bench_function("lease claim 100 + ack 100", |b| {
         b.to_async(&rt).iter_custom(|iters| {
             let store = store.clone();
             async move {
