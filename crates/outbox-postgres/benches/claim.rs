@@ -3,6 +3,7 @@
 //! messages, leased and held in a transaction. Each run uses a schema of its own and drops it
 //! afterwards.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -56,6 +57,48 @@ async fn enqueue(store: &PgStore, msgs: &[NewMessage]) -> Duration {
     started.elapsed()
 }
 
+/// Times `iters` rounds of `round` (a claim and ack of 100), each on 100 fresh messages whose
+/// enqueue is not timed.
+async fn timed_rounds<F, Fut>(store: PgStore, iters: u64, round: F) -> Duration
+where
+    F: Fn(PgStore) -> Fut,
+    Fut: Future<Output = usize>,
+{
+    let mut total = Duration::ZERO;
+    for i in 0..iters {
+        let msgs: Vec<_> = (0..100).map(|n| message(i * 100 + n)).collect();
+        enqueue(&store, &msgs).await;
+        let started = Instant::now();
+        let claimed = round(store.clone()).await;
+        total += started.elapsed();
+        assert_eq!(claimed, 100, "claimed the whole batch");
+    }
+    total
+}
+
+async fn held_round(store: PgStore) -> usize {
+    let held = store
+        .claim_held(100, Duration::from_secs(30), false)
+        .await
+        .expect("claim")
+        .expect("a batch");
+    let ids: Vec<_> = held.messages().iter().map(|m| m.id).collect();
+    held.settle(&ids, &[], Retention::Delete)
+        .await
+        .expect("settle");
+    ids.len()
+}
+
+async fn lease_round(store: PgStore) -> usize {
+    let batch = store
+        .claim("bench", 100, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    let ids: Vec<_> = batch.iter().map(|m| m.id).collect();
+    store.ack(&ids, Retention::Delete).await.expect("ack");
+    ids.len()
+}
+
 fn statements(c: &mut Criterion) {
     let rt = Runtime::new().expect("runtime");
     let store = match rt.block_on(store()) {
@@ -101,51 +144,12 @@ fn statements(c: &mut Criterion) {
     )
     .expect("empty the outbox");
     group.bench_function("held claim 100 + settle 100", |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let store = store.clone();
-            async move {
-                let mut total = Duration::ZERO;
-                for i in 0..iters {
-                    let msgs: Vec<_> = (0..100).map(|n| message(i * 100 + n)).collect();
-                    enqueue(&store, &msgs).await;
-                    let started = Instant::now();
-                    let held = store
-                        .claim_held(100, Duration::from_secs(30), false)
-                        .await
-                        .expect("claim")
-                        .expect("a batch");
-                    let ids: Vec<_> = held.messages().iter().map(|m| m.id).collect();
-                    held.settle(&ids, &[], Retention::Delete)
-                        .await
-                        .expect("settle");
-                    total += started.elapsed();
-                    assert_eq!(ids.len(), 100, "claimed the whole batch");
-                }
-                total
-            }
-        })
+        b.to_async(&rt)
+            .iter_custom(|iters| timed_rounds(store.clone(), iters, held_round))
     });
     group.bench_function("lease claim 100 + ack 100", |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let store = store.clone();
-            async move {
-                let mut total = Duration::ZERO;
-                for i in 0..iters {
-                    let msgs: Vec<_> = (0..100).map(|n| message(i * 100 + n)).collect();
-                    enqueue(&store, &msgs).await;
-                    let started = Instant::now();
-                    let batch = store
-                        .claim("bench", 100, Duration::from_secs(30))
-                        .await
-                        .expect("claim");
-                    let ids: Vec<_> = batch.iter().map(|m| m.id).collect();
-                    store.ack(&ids, Retention::Delete).await.expect("ack");
-                    total += started.elapsed();
-                    assert_eq!(ids.len(), 100, "claimed the whole batch");
-                }
-                total
-            }
-        })
+        b.to_async(&rt)
+            .iter_custom(|iters| timed_rounds(store.clone(), iters, lease_round))
     });
     group.finish();
     rt.block_on(drop_schema(&store));
