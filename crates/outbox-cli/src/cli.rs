@@ -337,3 +337,12 @@ pub enum ClaimArg {
     Transaction,
     Lease,
 }
+
+impl From<ClaimArg> for outbox_postgres::ClaimMode {
+    fn from(arg: ClaimArg) -> Self {
+        match arg {
+            ClaimArg::Transaction => Self::Transaction,
+            ClaimArg::Lease => Self::Lease,
+        }
+    }
+}

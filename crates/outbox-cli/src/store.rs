@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use outbox_core::{NewMessage, Store};
-use outbox_postgres::{ClaimMode, PgConfig, PgStore};
+use outbox_postgres::{PgConfig, PgStore};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
 use sqlx::postgres::PgPoolOptions;
 
@@ -37,8 +37,8 @@ impl AnyStore {
             .unwrap_or(u32::MAX)
             .max(4);
         match (Self::open_with(s, false, pool_size).await?, claim) {
-            (Self::Postgres(pg), Some(ClaimArg::Lease)) => {
-                Ok(Self::Postgres(pg.with_claim_mode(ClaimMode::Lease)))
+            (Self::Postgres(pg), Some(claim)) => {
+                Ok(Self::Postgres(pg.with_claim_mode(claim.into())))
             }
             (Self::Sqlite(_), Some(ClaimArg::Transaction)) => {
                 bail!("--claim transaction needs PostgreSQL; SQLite relays always use leases")

@@ -93,8 +93,13 @@ impl Sql {
                 "UPDATE {schema}.{p}messages SET status = 'delivered', delivered_at = now(), locked_by = NULL \
                  WHERE id = ANY($1)",
             ),
-            fail: r(FAIL),
-            held_fail: r(HELD_FAIL),
+            fail: r(&FAIL.replace("{attempts}", "").replace(
+                "{owner}",
+                " AND m.locked_by = $4 AND m.status = 'in_flight'",
+            )),
+            held_fail: r(&FAIL
+                .replace("{attempts}", "attempts = m.attempts + 1, ")
+                .replace("{owner}", "")),
             release: r(
                 "UPDATE {schema}.{p}messages SET status = 'pending', available_at = now(), \
                  attempts = greatest(attempts - 1, 0), locked_by = NULL \
@@ -149,25 +154,17 @@ const CLAIM_WINDOW: &str = "SELECT {columns} FROM {schema}.{p}claim_window($1, $
 /// The claim held by the caller's transaction (migration 6); `$2` NULL means unbounded.
 const CLAIM_HELD: &str = "SELECT {columns} FROM {schema}.{p}claim_held($1, $2, $3) m";
 
-/// A NULL delay means dead. The failed attempt is counted here: a held claim writes nothing.
-const HELD_FAIL: &str = "UPDATE {schema}.{p}messages m SET \
-      status = CASE WHEN f.delay_ms IS NULL THEN 'dead' ELSE 'pending' END, \
-      available_at = CASE WHEN f.delay_ms IS NULL THEN m.available_at \
-                     ELSE now() + f.delay_ms * interval '1 millisecond' END, \
-      dead_at = CASE WHEN f.delay_ms IS NULL THEN now() END, \
-      attempts = m.attempts + 1, last_error = f.error, locked_by = NULL \
-    FROM UNNEST($1::uuid[], $2::text[], $3::bigint[]) AS f(id, error, delay_ms) \
-    WHERE m.id = f.id";
-
-/// A NULL delay means dead.
+/// Records failures: a NULL delay means dead. `{attempts}` and `{owner}` differ between a
+/// leased claim (attempt counted at claim time; the lease must still be this relay's) and a held
+/// one (attempt counted here; the rows are locked by the very transaction that runs this).
 const FAIL: &str = "UPDATE {schema}.{p}messages m SET \
       status = CASE WHEN f.delay_ms IS NULL THEN 'dead' ELSE 'pending' END, \
       available_at = CASE WHEN f.delay_ms IS NULL THEN m.available_at \
                      ELSE now() + f.delay_ms * interval '1 millisecond' END, \
       dead_at = CASE WHEN f.delay_ms IS NULL THEN now() END, \
-      last_error = f.error, locked_by = NULL \
+      {attempts}last_error = f.error, locked_by = NULL \
     FROM UNNEST($1::uuid[], $2::text[], $3::bigint[]) AS f(id, error, delay_ms) \
-    WHERE m.id = f.id AND m.locked_by = $4 AND m.status = 'in_flight'";
+    WHERE m.id = f.id{owner}";
 
 const STATUS: &str = "SELECT \
       count(*) FILTER (WHERE status = 'pending') AS pending, \

@@ -30,6 +30,12 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// How far a claim made while batches are in delivery looks into the ready index (migrations 5
+/// and 6): twice the batch, so that it still fills a batch past a batch's worth of keys in flight.
+fn scan_window(limit: i64) -> i64 {
+    limit.saturating_mul(2)
+}
+
 fn db(e: sqlx::Error) -> StoreError {
     StoreError::database(e)
 }
@@ -265,7 +271,7 @@ impl Store for PgStore {
             .bind(limit)
             .bind(relay)
             .bind(millis(lease))
-            .bind(limit.saturating_mul(2))
+            .bind(scan_window(limit))
             .fetch_all(&self.pool)
             .await
             .map_err(db)?;
@@ -299,7 +305,7 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let rows = q(&self.sql().claim_held)
             .bind(limit)
-            .bind(more.then(|| limit.saturating_mul(2)))
+            .bind(more.then(|| scan_window(limit)))
             // The idle timeout is an int of milliseconds; 0 would mean none.
             .bind(millis(lease).clamp(1, i64::from(i32::MAX)))
             .fetch_all(&mut *tx)

@@ -72,11 +72,7 @@ impl BenchDb {
                 .await
                 .with_context(|| format!("cannot connect to {shown}"))?;
             let names = Names::new(&format!("{}.", config.schema), &config.table_prefix);
-            let mode = match claim {
-                ClaimArg::Transaction => ClaimMode::Transaction,
-                ClaimArg::Lease => ClaimMode::Lease,
-            };
-            let store = PgStore::with_config(pool, config)?.with_claim_mode(mode);
+            let store = PgStore::with_config(pool, config)?.with_claim_mode(claim.into());
             return Ok(Self::Postgres { store, names });
         }
         if url.starts_with("sqlite:") {
