@@ -50,14 +50,18 @@
 //!
 //! The same example is compiled in `outbox-postgres`'s docs; with SQLite, swap the store.
 
+mod claim;
 mod message;
+mod ownership;
 mod partition;
 mod relay;
 mod retry;
 mod sink;
 mod store;
 
+pub use claim::{Candidate, ClaimRequest, pick, waves};
 pub use message::{JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Status, parse_headers};
+pub use ownership::{Assignment, Ownership, assign};
 pub use partition::{PARTITIONS, partition_for};
 pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats, default_relay_id};
 pub use retry::RetryPolicy;

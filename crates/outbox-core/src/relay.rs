@@ -2,6 +2,8 @@
 //! a [`Sink`], acks what was delivered, schedules retries for what was not, and sleeps (woken by
 //! the store, with a polling fallback) when the outbox is empty.
 
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
@@ -16,7 +18,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use crate::claim::{ClaimRequest, waves};
 use crate::message::Message;
+use crate::ownership::{Assignment, Ownership};
 use crate::retry::RetryPolicy;
 use crate::sink::{Delivery, Sink, SinkError};
 use crate::store::{Failure, HeldBatch, Retention, Store, StoreError, Waiter};
@@ -31,7 +35,9 @@ pub struct RelayConfig {
     /// Batches being delivered at once: the next batch is claimed while the previous one is
     /// published and acked, which hides the sink's and the database's round trips.
     pub in_flight_batches: usize,
-    /// How long a claim stays with this relay before others may take it over.
+    /// How long a claim stays with this relay before others may take it over. A delivery gets
+    /// four fifths of it ([`RelayConfig::delivery_deadline`]); past that it counts as a failed
+    /// attempt, so a sink slower than the lease cannot make a message go round forever.
     pub lease: Duration,
     /// The polling fallback when no wake-up arrives; an idle relay queries about once per interval.
     pub poll_interval: Duration,
@@ -45,6 +51,20 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     /// Stop as soon as a claim finds nothing deliverable (drain mode, for scripts and benches).
     pub exit_when_idle: bool,
+    /// How often the relay checks which relays are alive and rebalances the partitions it
+    /// owns (on stores with ownership); also how soon it takes over from a relay that died.
+    pub rebalance_interval: Duration,
+    /// How often the relay counts an attempt for deliveries that never finished (a relay that
+    /// died while holding a claim).
+    pub recover_interval: Duration,
+}
+
+impl RelayConfig {
+    /// How long one batch may take in the sink before its unfinished messages count a failed
+    /// attempt: four fifths of the lease, leaving the rest to record the outcome.
+    pub fn delivery_deadline(&self) -> Duration {
+        self.lease.saturating_sub(self.lease / 5)
+    }
 }
 
 impl Default for RelayConfig {
@@ -61,6 +81,8 @@ impl Default for RelayConfig {
             purge_batch: 1000,
             shutdown_timeout: Duration::from_secs(10),
             exit_when_idle: false,
+            rebalance_interval: Duration::from_millis(500),
+            recover_interval: Duration::from_secs(1),
         }
     }
 }
@@ -130,6 +152,40 @@ struct Shared {
     health: Mutex<Health>,
     /// Set once shutdown was requested.
     stop: watch::Sender<bool>,
+    /// Keys and partitions with messages in delivery at this relay.
+    in_flight: Mutex<InFlight>,
+}
+
+/// What this relay is delivering: a key in here gets nothing more claimed, and a partition in
+/// here is not given up, until its batch is settled.
+#[derive(Debug, Default)]
+struct InFlight {
+    keys: HashSet<String>,
+    partitions: HashMap<i32, usize>,
+}
+
+impl InFlight {
+    fn add(&mut self, batch: &[Message]) {
+        for m in batch {
+            if let Some(k) = &m.key {
+                self.keys.insert(k.clone());
+                *self.partitions.entry(m.partition).or_default() += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, batch: &[(Option<String>, i32)]) {
+        for (key, partition) in batch {
+            let Some(k) = key else { continue };
+            self.keys.remove(k);
+            if let Some(n) = self.partitions.get_mut(partition) {
+                *n -= 1;
+                if *n == 0 {
+                    self.partitions.remove(partition);
+                }
+            }
+        }
+    }
 }
 
 type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
@@ -149,6 +205,7 @@ impl Relay {
                 state: watch::Sender::new(RelayState::Starting),
                 health: Mutex::default(),
                 stop: watch::Sender::new(false),
+                in_flight: Mutex::default(),
             }),
         }
     }
@@ -178,9 +235,17 @@ impl Relay {
             shutdown: shutdown.as_mut(),
             tasks: JoinSet::new(),
             pipeline: Pipeline::default(),
+            ownership: None,
+            assignment: Assignment::all(),
+            next_rebalance: Instant::now(),
         };
+        // Deliveries that a dead relay left unfinished count their attempt before anything is
+        // claimed, so a message that kills its relay cannot go round forever.
+        recover(&shared).await;
+        let recovering = tokio::spawn(recover_periodically(shared.clone()));
         main.run().await;
         main.finish().await;
+        recovering.abort();
         shared.state.send_replace(RelayState::Stopped);
         let report = shared.stats.report();
         info!(relay = %shared.config.relay_id, delivered = report.delivered, dead = report.dead, "relay stopped");
@@ -205,6 +270,10 @@ impl Shared {
         self.state.send_replace(RelayState::Working);
         self.health.lock().unwrap_or_else(|p| p.into_inner()).up();
     }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Claims batches and hands each to a delivery task; sleeps when there is nothing to claim.
@@ -213,6 +282,11 @@ struct MainLoop<'a> {
     shutdown: Shutdown<'a>,
     tasks: JoinSet<()>,
     pipeline: Pipeline,
+    /// This relay's membership, on stores with partition ownership.
+    ownership: Option<Box<dyn Ownership>>,
+    /// What it may claim, as of the last rebalance.
+    assignment: Assignment,
+    next_rebalance: Instant,
 }
 
 /// Whether claiming ahead, while batches are in delivery, is worth it. When every key at the
@@ -286,6 +360,9 @@ impl MainLoop<'_> {
         let Some(mut waiter) = self.connect_waiter().await else {
             return;
         };
+        if !self.join_owners().await {
+            return;
+        }
         let mut next_purge = Instant::now();
         while !self.stop_requested() {
             let more = !self.tasks.is_empty();
@@ -296,7 +373,8 @@ impl MainLoop<'_> {
                 continue;
             }
             self.purge_if_due(&mut next_purge).await;
-            let claimed = claim(&self.shared, more).await;
+            self.rebalance_if_due().await;
+            let claimed = claim(&self.shared, more, &self.assignment).await;
             if more {
                 self.pipeline.record(matches!(claimed, Ok(Some(_))));
             } else {
@@ -312,7 +390,11 @@ impl MainLoop<'_> {
                     // Batches still in delivery may free later messages of their keys.
                     if !self.tasks.is_empty() {
                         self.wait_for_a_task().await;
-                    } else if self.config().exit_when_idle || self.idle(waiter.as_mut()).await {
+                    } else if self.config().exit_when_idle {
+                        if self.drained().await {
+                            return;
+                        }
+                    } else if self.idle(waiter.as_mut()).await {
                         return;
                     }
                 }
@@ -320,6 +402,7 @@ impl MainLoop<'_> {
                     self.shared.up();
                     let n = batch.messages().len() as u64;
                     self.shared.stats.claimed.fetch_add(n, Ordering::Relaxed);
+                    self.shared.in_flight().add(batch.messages());
                     self.tasks.spawn(deliver(self.shared.clone(), batch));
                     if let Err(e) = waiter.busy().await {
                         debug!(error = %e, "could not withdraw wake-up registration");
@@ -327,6 +410,59 @@ impl MainLoop<'_> {
                 }
             }
         }
+    }
+
+    /// Joins the relays sharing the outbox, on stores with ownership; false on shutdown.
+    async fn join_owners(&mut self) -> bool {
+        loop {
+            match self.shared.store.ownership(&self.config().relay_id).await {
+                Ok(None) => return true,
+                Ok(Some(o)) => {
+                    self.ownership = Some(o);
+                    self.assignment = Assignment::none();
+                    return true;
+                }
+                Err(e) => {
+                    let pause = self.shared.down(&e);
+                    if self.sleep_or_stop(pause).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the partitions of this relay's share that are free, and gives up those outside
+    /// it that have nothing in flight here.
+    async fn rebalance_if_due(&mut self) {
+        let Some(ownership) = self.ownership.as_mut() else {
+            return;
+        };
+        if Instant::now() < self.next_rebalance {
+            return;
+        }
+        let busy: HashSet<i32> = self.shared.in_flight().partitions.keys().copied().collect();
+        self.assignment = match ownership.rebalance(&|p| busy.contains(&p)).await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "lost partition ownership; claiming unkeyed messages only until it is back");
+                Assignment::none()
+            }
+        };
+        self.next_rebalance = Instant::now() + self.shared.config.rebalance_interval;
+    }
+
+    /// Drain mode, after a claim found nothing and nothing is in flight: true when the outbox
+    /// holds nothing for this relay, i.e. every partition has a live owner (another relay
+    /// drains its own). Otherwise it waits for the next rebalance.
+    async fn drained(&mut self) -> bool {
+        if self.ownership.is_none() || self.assignment.complete {
+            return true;
+        }
+        let wait = self
+            .next_rebalance
+            .saturating_duration_since(Instant::now());
+        self.sleep_or_stop(wait).await
     }
 
     /// Lets every delivery task finish (each bounded by the shutdown timeout).
@@ -409,22 +545,26 @@ fn report_panic(done: Result<(), tokio::task::JoinError>) {
 
 /// Claims the next batch: held in a transaction when the store can, else leased. With
 /// batches still in delivery the store may look at the head of the backlog only.
-async fn claim(shared: &Shared, more: bool) -> Result<Option<Claimed>, StoreError> {
+async fn claim(
+    shared: &Shared,
+    more: bool,
+    assignment: &Assignment,
+) -> Result<Option<Claimed>, StoreError> {
     let cfg = &shared.config;
-    let store = &shared.store;
-    if store.holds_claims() {
-        let held = store.claim_held(cfg.batch_size, cfg.lease, more).await?;
+    let busy = shared.in_flight().keys.clone();
+    let req = ClaimRequest {
+        relay: &cfg.relay_id,
+        limit: cfg.batch_size,
+        lease: cfg.lease,
+        ahead: more,
+        partitions: assignment.claimable.as_deref(),
+        busy_keys: Some(&busy),
+    };
+    if shared.store.holds_claims() {
+        let held = shared.store.claim_held(&req).await?;
         return Ok(held.map(Claimed::Held));
     }
-    let batch = if more {
-        store
-            .claim_more(&cfg.relay_id, cfg.batch_size, cfg.lease)
-            .await?
-    } else {
-        store
-            .claim(&cfg.relay_id, cfg.batch_size, cfg.lease)
-            .await?
-    };
+    let batch = shared.store.claim_leased(&req).await?;
     Ok((!batch.is_empty()).then_some(Claimed::Leased(batch)))
 }
 
@@ -443,12 +583,21 @@ impl Claimed {
     }
 }
 
+/// What became of each message of a batch: `None` when it was not delivered because an
+/// earlier message of its key failed (it stays where it is, without an attempt counted).
+type Outcomes = Vec<Option<Delivery>>;
+
 /// Publishes one batch and records the outcome. Once shutdown is requested the publish gets
 /// the shutdown timeout to finish; after that the batch is released.
 async fn deliver(shared: Arc<Shared>, batch: Claimed) {
+    let slots: Vec<(Option<String>, i32)> = batch
+        .messages()
+        .iter()
+        .map(|m| (m.key.clone(), m.partition))
+        .collect();
     let outcomes = {
         let mut stop = shared.stop.subscribe();
-        let mut publish = pin!(publish(&shared, batch.messages()));
+        let mut publish = pin!(publish_waves(&shared, batch.messages()));
         let outcomes = tokio::select! {
             o = &mut publish => Some(o),
             _ = stop.wait_for(|s| *s) => None,
@@ -462,7 +611,13 @@ async fn deliver(shared: Arc<Shared>, batch: Claimed) {
     };
     match (batch, outcomes) {
         (Claimed::Leased(batch), Some(outcomes)) => settle(&shared, &batch, outcomes).await,
-        (Claimed::Leased(batch), None) => release(&shared, &batch).await,
+        (Claimed::Leased(batch), None) => {
+            warn!(
+                count = batch.len(),
+                "shutdown timeout: releasing unfinished messages"
+            );
+            release(&shared, batch.iter().map(|m| m.id).collect()).await;
+        }
         (Claimed::Held(held), Some(outcomes)) => settle_held(&shared, held, outcomes).await,
         (Claimed::Held(held), None) => {
             let n = held.messages().len() as u64;
@@ -474,9 +629,80 @@ async fn deliver(shared: Arc<Shared>, batch: Claimed) {
             shared.stats.released.fetch_add(n, Ordering::Relaxed);
         }
     }
+    shared.in_flight().remove(&slots);
 }
 
-/// Hands a batch to the sink. A sink that panics fails the batch instead of taking the
+/// Hands a batch to the sink one wave at a time (at most one message per key each, so a sink
+/// may deliver a wave concurrently), stopping a key at its first failure. The whole batch has
+/// the delivery deadline: what is still in the sink then fails, and later waves wait.
+async fn publish_waves(shared: &Shared, batch: &[Message]) -> Outcomes {
+    let deadline = Instant::now() + shared.config.delivery_deadline();
+    let mut out: Outcomes = vec![None; batch.len()];
+    let mut stopped: HashSet<&str> = HashSet::new();
+    give_up_on_unfinished(shared, batch, &mut out, &mut stopped);
+    for wave in waves(batch) {
+        let todo: Vec<usize> = wave
+            .clone()
+            .filter(|&i| out[i].is_none())
+            .filter(|&i| batch[i].key.as_deref().is_none_or(|k| !stopped.contains(k)))
+            .collect();
+        if todo.is_empty() {
+            continue;
+        }
+        let msgs: Cow<'_, [Message]> = if todo.len() == wave.len() {
+            Cow::Borrowed(&batch[wave])
+        } else {
+            Cow::Owned(todo.iter().map(|&i| batch[i].clone()).collect())
+        };
+        let Ok(outcomes) = tokio::time::timeout_at(deadline, publish(shared, &msgs)).await else {
+            let err = SinkError::transient(format!(
+                "delivery did not finish within {:?} (four fifths of the lease)",
+                shared.config.delivery_deadline()
+            ));
+            for i in todo {
+                out[i] = Some(Err(err.clone()));
+            }
+            break;
+        };
+        let mut outcomes = outcomes.into_iter();
+        for i in todo {
+            let o = outcomes
+                .next()
+                .unwrap_or_else(|| Err(SinkError::transient("sink returned no outcome")));
+            if o.is_err()
+                && let Some(k) = batch[i].key.as_deref()
+            {
+                stopped.insert(k);
+            }
+            out[i] = Some(o);
+        }
+    }
+    out
+}
+
+/// A leased message reclaimed more than `max_attempts` times never recorded an outcome (its
+/// relays died or lost the lease each time): it goes dead without another delivery.
+fn give_up_on_unfinished<'a>(
+    shared: &Shared,
+    batch: &'a [Message],
+    out: &mut Outcomes,
+    stopped: &mut HashSet<&'a str>,
+) {
+    let max = shared.config.retry.max_attempts;
+    for (i, m) in batch.iter().enumerate() {
+        if m.attempts > max {
+            out[i] = Some(Err(SinkError::permanent(format!(
+                "gave up after {} deliveries that never recorded an outcome (relay crash, kill or lost lease)",
+                m.attempts - 1
+            ))));
+            if let Some(k) = m.key.as_deref() {
+                stopped.insert(k);
+            }
+        }
+    }
+}
+
+/// Hands a wave to the sink. A sink that panics fails the wave instead of taking the
 /// relay's task down, so its messages back off and reach `max_attempts` like any failure
 /// rather than being redelivered in a tight loop.
 async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
@@ -492,9 +718,10 @@ async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
     }
 }
 
-/// Records the outcome of a held batch in its own transaction and commits it.
-async fn settle_held(shared: &Shared, held: Box<dyn HeldBatch>, outcomes: Vec<Delivery>) {
-    let (acks, failures) = classify(shared, held.messages(), outcomes);
+/// Records the outcome of a held batch in its own transaction and commits it; messages left
+/// behind by a failed key are simply unlocked.
+async fn settle_held(shared: &Shared, held: Box<dyn HeldBatch>, outcomes: Outcomes) {
+    let (acks, failures, _left) = classify(shared, held.messages(), outcomes);
     match held.settle(&acks, &failures, shared.config.retention).await {
         Ok(()) => {
             shared.up();
@@ -509,9 +736,10 @@ async fn settle_held(shared: &Shared, held: Box<dyn HeldBatch>, outcomes: Vec<De
     }
 }
 
-/// Acks delivered messages and records failures.
-async fn settle(shared: &Shared, batch: &[Message], outcomes: Vec<Delivery>) {
-    let (acks, failures) = classify(shared, batch, outcomes);
+/// Acks delivered messages, records failures, and gives back (without the attempt the claim
+/// counted) those left behind by a failed key.
+async fn settle(shared: &Shared, batch: &[Message], outcomes: Outcomes) {
+    let (acks, failures, left) = classify(shared, batch, outcomes);
     let (store, cfg) = (&shared.store, &shared.config);
     if !acks.is_empty()
         && persist(shared, "ack", || {
@@ -525,27 +753,31 @@ async fn settle(shared: &Shared, batch: &[Message], outcomes: Vec<Delivery>) {
     if !failures.is_empty() {
         persist(shared, "fail", || store.fail(&cfg.relay_id, &failures)).await;
     }
+    if !left.is_empty() {
+        release(shared, left).await;
+    }
 }
 
 fn classify(
     shared: &Shared,
     batch: &[Message],
-    outcomes: Vec<Delivery>,
-) -> (Vec<Uuid>, Vec<Failure>) {
+    outcomes: Outcomes,
+) -> (Vec<Uuid>, Vec<Failure>, Vec<Uuid>) {
     let stats = &shared.stats;
-    let mut outcomes = outcomes.into_iter();
     let mut acks = Vec::with_capacity(batch.len());
     let mut failures = Vec::new();
-    for msg in batch {
-        let outcome = outcomes
-            .next()
-            .unwrap_or_else(|| Err(SinkError::transient("sink returned no outcome")));
+    let mut left = Vec::new();
+    for (msg, outcome) in batch.iter().zip(outcomes) {
         let err = match outcome {
-            Ok(()) => {
+            Some(Ok(())) => {
                 acks.push(msg.id);
                 continue;
             }
-            Err(err) => err,
+            None => {
+                left.push(msg.id);
+                continue;
+            }
+            Some(Err(err)) => err,
         };
         let retry_in = shared.config.retry.decide(msg.attempts, &err);
         if retry_in.is_some() {
@@ -561,7 +793,30 @@ fn classify(
             retry_in,
         });
     }
-    (acks, failures)
+    (acks, failures, left)
+}
+
+/// Counts the attempts of deliveries that never finished; logs what it found.
+async fn recover(shared: &Shared) {
+    match shared.store.recover(shared.config.retry.max_attempts).await {
+        Ok(0) => {}
+        Ok(n) => warn!(
+            count = n,
+            "counted an attempt for messages whose delivery never finished (a relay died or lost its session)"
+        ),
+        Err(e) => debug!(error = %e, "could not look for unfinished deliveries"),
+    }
+}
+
+async fn recover_periodically(shared: Arc<Shared>) {
+    let mut stop = shared.stop.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(shared.config.recover_interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        recover(&shared).await;
+    }
 }
 
 /// Runs a store write until it succeeds. While stopping it gives up after a few tries: the
@@ -597,12 +852,8 @@ where
     false
 }
 
-async fn release(shared: &Shared, batch: &[Message]) {
-    let ids: Vec<Uuid> = batch.iter().map(|m| m.id).collect();
-    warn!(
-        count = ids.len(),
-        "shutdown timeout: releasing unfinished messages"
-    );
+/// Gives leased messages back without counting the attempt.
+async fn release(shared: &Shared, ids: Vec<Uuid>) {
     let (store, relay_id) = (&shared.store, &shared.config.relay_id);
     if persist(shared, "release", || store.release(relay_id, &ids)).await {
         let n = ids.len() as u64;

@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::claim::ClaimRequest;
 use crate::message::Message;
+use crate::ownership::Ownership;
 
 /// A store failure. The relay treats every one as "database unavailable for now": it backs off
 /// and tries again, and nothing is lost because nothing was acked.
@@ -87,15 +89,17 @@ pub struct StatusCounts {
 
 /// A database holding an outbox table.
 ///
-/// Claiming follows three rules that give the relay its guarantees:
+/// Claiming follows four rules that give the relay its guarantees:
 /// 1. only committed rows are visible, so nothing is delivered before its transaction commits
 ///    or ever if it rolls back;
-/// 2. a claim is a lease, written on the row or held as a row lock by an open transaction
+/// 2. a claim is a lease, written on the rows or held as a row lock by an open transaction
 ///    ([`Store::claim_held`]): a relay that dies leaves rows that any relay reclaims once the
 ///    lease expires or the transaction ends, so a crash loses nothing;
-/// 3. a message with a key is claimable only when no earlier message with that key is pending
-///    or in flight, so one key is delivered in enqueue order and never by two relays at once,
-///    while other keys go on.
+/// 3. a key's messages are claimed only as a run from its oldest undelivered one (the *head*),
+///    in order, and only by one relay at a time, so one key is delivered in order while other
+///    keys go on; [`crate::pick`] applies the rules every store shares;
+/// 4. a delivery that never records its outcome still counts as an attempt: the lease's
+///    claim counted it, or [`Store::recover`] does for a held claim whose relay died.
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Creates or upgrades the schema. Idempotent and safe to run from several processes.
@@ -103,21 +107,14 @@ pub trait Store: Send + Sync {
 
     /// Claims up to `limit` deliverable messages for `relay`, leased for `lease`, oldest first.
     /// Each claim counts as an attempt.
-    async fn claim(&self, relay: &str, limit: usize, lease: Duration) -> StoreResult<Vec<Message>>;
-
-    /// Claims like [`Store::claim`] while the relay still has batches in delivery. A store may
-    /// look at the oldest deliverable rows only and so miss claimable ones further back: when
-    /// every key at the head of the backlog has a message in flight, a full claim would examine
-    /// the whole backlog to find nothing. The relay makes a full claim whenever it has nothing in
-    /// flight, so nothing waits forever.
-    async fn claim_more(
-        &self,
-        relay: &str,
-        limit: usize,
-        lease: Duration,
-    ) -> StoreResult<Vec<Message>> {
-        self.claim(relay, limit, lease).await
+    async fn claim(&self, relay: &str, limit: usize, lease: Duration) -> StoreResult<Vec<Message>> {
+        self.claim_leased(&ClaimRequest::new(relay, limit, lease))
+            .await
     }
+
+    /// Claims per `req` and writes a lease on what it claimed: runs of each key, in the wave
+    /// order of [`crate::pick`]. Each claimed message counts an attempt.
+    async fn claim_leased(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>>;
 
     /// Whether this store can hold a claim with row locks in an open transaction
     /// ([`Store::claim_held`]). The relay then uses that instead of leases.
@@ -125,22 +122,33 @@ pub trait Store: Send + Sync {
         false
     }
 
-    /// Claims like [`Store::claim`] (with `more`, like [`Store::claim_more`]), but instead of
-    /// writing a lease it locks the rows in a transaction that stays open until the batch is
-    /// settled: nothing is written at claim time, and a relay that dies gives its messages back
-    /// at once. Messages carry the attempt number of this delivery; it is stored only if the
-    /// delivery fails. `None` when nothing is claimable. `lease` bounds how long the transaction
-    /// may stay idle: past it the database ends the session and the messages go to other relays.
-    async fn claim_held(
-        &self,
-        limit: usize,
-        lease: Duration,
-        more: bool,
-    ) -> StoreResult<Option<Box<dyn HeldBatch>>> {
-        let _ = (limit, lease, more);
+    /// Claims like [`Store::claim_leased`], but instead of writing a lease it locks the rows
+    /// in a transaction that stays open until the batch is settled: a relay that dies gives its
+    /// messages back at once. Messages carry the attempt number of this delivery; it is stored
+    /// when the delivery fails, or by [`Store::recover`] when it never ends. `None` when
+    /// nothing is claimable. `req.lease` bounds how long the transaction may stay idle: past
+    /// it the database ends the session and the messages go to other relays.
+    async fn claim_held(&self, req: &ClaimRequest<'_>) -> StoreResult<Option<Box<dyn HeldBatch>>> {
+        let _ = req;
         Err(StoreError::Config(
             "this store cannot hold claims in a transaction".into(),
         ))
+    }
+
+    /// Joins the relays that share this outbox, for a relay that claims with
+    /// [`ClaimRequest::partitions`]. `None`: the store has no ownership and every relay claims
+    /// from every partition.
+    async fn ownership(&self, relay: &str) -> StoreResult<Option<Box<dyn Ownership>>> {
+        let _ = relay;
+        Ok(None)
+    }
+
+    /// Counts an attempt for each message whose held delivery ended without an outcome (its
+    /// relay crashed, was killed, or lost its session) and makes those at `max_attempts` dead.
+    /// Returns how many messages it counted. Relays call it at start and then periodically.
+    async fn recover(&self, max_attempts: i32) -> StoreResult<u64> {
+        let _ = max_attempts;
+        Ok(0)
     }
 
     /// Marks delivered messages done: deleted, or kept as `delivered` per `retention`.
@@ -175,7 +183,7 @@ pub trait Store: Send + Sync {
 /// Dropping it unsettled also rolls back, shortly after, when the connection is recycled.
 #[async_trait]
 pub trait HeldBatch: Send {
-    /// The claimed messages, oldest first, at most one per key.
+    /// The claimed messages, in the wave order of [`crate::pick`].
     fn messages(&self) -> &[Message];
 
     /// Records the outcome and commits: `acks` done per `retention`, `failures` back to pending

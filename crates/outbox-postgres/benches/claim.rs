@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use outbox_core::{NewMessage, Retention, Store};
+use outbox_core::{ClaimRequest, NewMessage, Retention, Store};
 use outbox_postgres::{PgConfig, PgStore};
 use sqlx::postgres::PgPoolOptions;
 use tokio::runtime::Runtime;
@@ -78,7 +78,7 @@ where
 
 async fn held_round(store: PgStore) -> usize {
     let held = store
-        .claim_held(100, Duration::from_secs(30), false)
+        .claim_held(&ClaimRequest::new("bench", 100, Duration::from_secs(30)))
         .await
         .expect("claim")
         .expect("a batch");

@@ -51,6 +51,7 @@
 
 mod inbox;
 mod migrate;
+mod ownership;
 mod sql;
 mod store;
 

@@ -45,6 +45,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "claim held by the relay's transaction",
         sql: include_str!("../migrations/0006_claim_held.sql"),
     },
+    Migration {
+        version: 7,
+        description: "claims by key runs, partition ownership, attempts of unfinished deliveries",
+        sql: include_str!("../migrations/0007_claim_runs.sql"),
+    },
 ];
 
 /// The schema version this build writes.

@@ -51,9 +51,11 @@ const COLUMNS: &str = "m.id, m.seq, m.topic, m.type, m.key, m.partition, m.paylo
 pub(crate) struct Sql {
     pub insert: Arc<str>,
     pub insert_batch: Arc<str>,
-    pub claim: Arc<str>,
-    pub claim_window: Arc<str>,
-    pub claim_held: Arc<str>,
+    pub claim_runs: Arc<str>,
+    pub lease: Arc<str>,
+    pub delivery_start: Arc<str>,
+    pub delivery_end: Arc<str>,
+    pub recover: Arc<str>,
     pub ack_delete: Arc<str>,
     pub ack_keep: Arc<str>,
     pub held_delete: Arc<str>,
@@ -77,9 +79,12 @@ impl Sql {
         Self {
             insert: r(INSERT),
             insert_batch: r(INSERT_BATCH),
-            claim: r(&CLAIM.replace("{columns}", COLUMNS)),
-            claim_window: r(&CLAIM_WINDOW.replace("{columns}", COLUMNS)),
-            claim_held: r(&CLAIM_HELD.replace("{columns}", COLUMNS)),
+            claim_runs: r(&CLAIM_RUNS.replace("{columns}", COLUMNS)),
+            lease: r(LEASE),
+            delivery_start: r("INSERT INTO {schema}.{p}deliveries (lock_key, relay, ids) \
+                 VALUES ($1, $2, $3) ON CONFLICT (lock_key) DO NOTHING"),
+            delivery_end: r("DELETE FROM {schema}.{p}deliveries WHERE lock_key = $1"),
+            recover: r("SELECT {schema}.{p}recover($1, $2)"),
             ack_delete: r(
                 "DELETE FROM {schema}.{p}messages WHERE id = ANY($1) AND status = 'in_flight'",
             ),
@@ -115,7 +120,7 @@ impl Sql {
             )),
             dead_retry: r(
                 "UPDATE {schema}.{p}messages SET status = 'pending', attempts = 0, available_at = now(), \
-                 dead_at = NULL, locked_by = NULL \
+                 dead_at = NULL, locked_by = NULL, interrupted = false \
                  WHERE status = 'dead' AND ($1::uuid[] IS NULL OR id = ANY($1))",
             ),
             dead_purge: r("DELETE FROM {schema}.{p}messages WHERE status = 'dead' \
@@ -143,16 +148,16 @@ const INSERT_BATCH: &str = "INSERT INTO {schema}.{p}messages \
       WITH ORDINALITY AS b(id, topic, type, key, partition, payload, content_type, headers, at, delay_ms, ord) \
     ORDER BY ord";
 
-/// The claim (see migration 3): deliverable rows, pending and due or in flight with an expired
-/// lease, whose key has no earlier undelivered message. SKIP LOCKED lets concurrent relays take
-/// disjoint rows; the NOT EXISTS reads committed state, so a key never has two messages in flight.
-const CLAIM: &str = "SELECT {columns} FROM {schema}.{p}claim($1, $2, $3) m";
+/// The claim (migration 7): key heads and their runs in a window of the ready index, locked
+/// by the caller's transaction; `due` tells the caller where a run must stop.
+const CLAIM_RUNS: &str = "SELECT {columns}, m.interrupted, (m.available_at <= now()) AS due \
+    FROM {schema}.{p}claim_runs($1, $2, $3, $4, $5, $6, $7) m";
 
-/// The same claim among the oldest `$4` deliverable rows only (migration 5).
-const CLAIM_WINDOW: &str = "SELECT {columns} FROM {schema}.{p}claim_window($1, $4, $2, $3) m";
-
-/// The claim held by the caller's transaction (migration 6); `$2` NULL means unbounded.
-const CLAIM_HELD: &str = "SELECT {columns} FROM {schema}.{p}claim_held($1, $2, $3) m";
+/// A leased claim writes its lease on the rows it picked, in the transaction of the claim.
+const LEASE: &str = "UPDATE {schema}.{p}messages SET status = 'in_flight', locked_by = $2, \
+    attempts = attempts + 1, interrupted = false, \
+    available_at = now() + $3 * interval '1 millisecond' \
+    WHERE seq = ANY($1) RETURNING available_at";
 
 /// Records failures: a NULL delay means dead. `{attempts}` and `{owner}` differ between a
 /// leased claim (attempt counted at claim time; the lease must still be this relay's) and a held
@@ -162,7 +167,7 @@ const FAIL: &str = "UPDATE {schema}.{p}messages m SET \
       available_at = CASE WHEN f.delay_ms IS NULL THEN m.available_at \
                      ELSE now() + f.delay_ms * interval '1 millisecond' END, \
       dead_at = CASE WHEN f.delay_ms IS NULL THEN now() END, \
-      {attempts}last_error = f.error, locked_by = NULL \
+      {attempts}last_error = f.error, locked_by = NULL, interrupted = false \
     FROM UNNEST($1::uuid[], $2::text[], $3::bigint[]) AS f(id, error, delay_ms) \
     WHERE m.id = f.id{owner}";
 

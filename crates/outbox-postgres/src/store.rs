@@ -6,11 +6,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Failure, HeldBatch, Message, NewMessage, Retention, Status, StatusCounts, Store, StoreError,
-    StoreResult, Waiter, parse_headers,
+    Candidate, ClaimRequest, Failure, HeldBatch, Message, NewMessage, Ownership, Retention, Status,
+    StatusCounts, Store, StoreError, StoreResult, Waiter, parse_headers, pick,
 };
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -30,10 +30,8 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// How far a claim made while batches are in delivery looks into the ready index (migrations 5
-/// and 6): twice the batch, so that it still fills a batch past a batch's worth of keys in flight.
-fn scan_window(limit: i64) -> i64 {
-    limit.saturating_mul(2)
+fn int(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
 }
 
 fn db(e: sqlx::Error) -> StoreError {
@@ -205,6 +203,45 @@ impl PgStore {
         &self.outbox.sql
     }
 
+    /// The advisory-lock namespace of this outbox's `what` (deliveries, members, partitions):
+    /// two outboxes in one database never share a lock.
+    pub(crate) fn lock_ns(&self, what: &str) -> i32 {
+        let name = format!(
+            "outbox:{}.{}:{what}",
+            self.config.schema, self.config.table_prefix
+        );
+        (crc32fast::hash(name.as_bytes()) & 0x7fff_ffff) as i32
+    }
+
+    /// Runs the claim in `conn`'s transaction and picks the batch; its rows stay locked by it.
+    /// A held claim passes its lease as the transaction's idle timeout (`idle_ms`) and the key
+    /// of its delivery lock.
+    async fn pick_in(
+        &self,
+        conn: &mut PgConnection,
+        req: &ClaimRequest<'_>,
+        idle_ms: Option<i64>,
+        lock_key: Option<i32>,
+    ) -> StoreResult<Vec<Message>> {
+        let rows = q(&self.sql().claim_runs)
+            .bind(int(req.limit))
+            .bind(int(req.scan_window()))
+            .bind(idle_ms)
+            .bind(req.partitions.map(<[bool]>::to_vec))
+            .bind(self.lock_ns("deliveries"))
+            .bind(lock_key)
+            .bind(!req.ahead)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?;
+        let candidates = rows
+            .iter()
+            .map(candidate_from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        Ok(pick(candidates, req))
+    }
+
     async fn execute(
         &self,
         query: sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>,
@@ -233,6 +270,18 @@ fn message_from_row(row: &PgRow) -> Result<Message, sqlx::Error> {
     })
 }
 
+/// A claimed row. A row found `in_flight` had a lease that expired: its delivery never recorded
+/// an outcome either.
+fn candidate_from_row(row: &PgRow) -> Result<Candidate, sqlx::Error> {
+    let message = message_from_row(row)?;
+    let interrupted = row.try_get::<bool, _>("interrupted")? || message.status == Status::InFlight;
+    Ok(Candidate {
+        message,
+        due: row.try_get("due")?,
+        interrupted,
+    })
+}
+
 fn messages(rows: Vec<PgRow>) -> StoreResult<Vec<Message>> {
     let mut out = rows
         .iter()
@@ -249,33 +298,29 @@ impl Store for PgStore {
         migrate_to(&self.pool, &self.config, LATEST_VERSION).await
     }
 
-    async fn claim(&self, relay: &str, limit: usize, lease: Duration) -> StoreResult<Vec<Message>> {
-        let rows = q(&self.sql().claim)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .bind(relay)
-            .bind(millis(lease))
-            .fetch_all(&self.pool)
+    async fn claim_leased(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut batch = self.pick_in(&mut tx, req, None, None).await?;
+        if batch.is_empty() {
+            tx.rollback().await.map_err(db)?;
+            return Ok(batch);
+        }
+        let until: DateTime<Utc> = q(&self.sql().lease)
+            .bind(batch.iter().map(|m| m.seq).collect::<Vec<_>>())
+            .bind(req.relay.to_owned())
+            .bind(millis(req.lease))
+            .fetch_one(&mut *tx)
             .await
+            .map_err(db)?
+            .try_get(0)
             .map_err(db)?;
-        messages(rows)
-    }
-
-    async fn claim_more(
-        &self,
-        relay: &str,
-        limit: usize,
-        lease: Duration,
-    ) -> StoreResult<Vec<Message>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = q(&self.sql().claim_window)
-            .bind(limit)
-            .bind(relay)
-            .bind(millis(lease))
-            .bind(scan_window(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
-        messages(rows)
+        tx.commit().await.map_err(db)?;
+        for m in &mut batch {
+            m.attempts += 1;
+            m.status = Status::InFlight;
+            m.available_at = until;
+        }
+        Ok(batch)
     }
 
     async fn ack(&self, ids: &[Uuid], retention: Retention) -> StoreResult<u64> {
@@ -295,36 +340,58 @@ impl Store for PgStore {
         self.claim_mode == ClaimMode::Transaction
     }
 
-    async fn claim_held(
-        &self,
-        limit: usize,
-        lease: Duration,
-        more: bool,
-    ) -> StoreResult<Option<Box<dyn HeldBatch>>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    async fn claim_held(&self, req: &ClaimRequest<'_>) -> StoreResult<Option<Box<dyn HeldBatch>>> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let rows = q(&self.sql().claim_held)
-            .bind(limit)
-            .bind(more.then(|| scan_window(limit)))
-            // The idle timeout is an int of milliseconds; 0 would mean none.
-            .bind(millis(lease).clamp(1, i64::from(i32::MAX)))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db)?;
-        if rows.is_empty() {
+        let lock_key = (rand::random::<u32>() & 0x7fff_ffff) as i32;
+        // The idle timeout is an int of milliseconds; 0 would mean none.
+        let idle = millis(req.lease).clamp(1, i64::from(i32::MAX));
+        let mut messages = self
+            .pick_in(&mut tx, req, Some(idle), Some(lock_key))
+            .await?;
+        if messages.is_empty() {
             tx.rollback().await.map_err(db)?;
             return Ok(None);
         }
-        let mut messages = messages(rows)?;
         for m in &mut messages {
             m.attempts += 1;
             m.status = Status::InFlight;
+        }
+        // Committed before the sink sees anything: if this batch never settles, recover()
+        // finds the record with its lock free and counts the attempt.
+        let started = q(&self.sql().delivery_start)
+            .bind(lock_key)
+            .bind(req.relay.to_owned())
+            .bind(messages.iter().map(|m| m.id).collect::<Vec<_>>())
+            .execute(&self.pool)
+            .await;
+        if let Err(e) = started {
+            tx.rollback().await.map_err(db)?;
+            return Err(db(e));
         }
         Ok(Some(Box::new(PgHeldBatch {
             tx,
             messages,
             sql: self.outbox.sql.clone(),
+            pool: self.pool.clone(),
+            lock_key,
         })))
+    }
+
+    async fn ownership(&self, relay: &str) -> StoreResult<Option<Box<dyn Ownership>>> {
+        let _ = relay;
+        Ok(Some(Box::new(crate::ownership::PgOwnership::new(self))))
+    }
+
+    async fn recover(&self, max_attempts: i32) -> StoreResult<u64> {
+        let n: i64 = q(&self.sql().recover)
+            .bind(self.lock_ns("deliveries"))
+            .bind(max_attempts)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn release(&self, relay: &str, ids: &[Uuid]) -> StoreResult<()> {
@@ -410,11 +477,14 @@ fn fail_query(
         )
 }
 
-/// A claim whose rows stay locked by `tx` until it is settled or dropped (rolled back).
+/// A claim whose rows stay locked by `tx` until it is settled or dropped (rolled back). Its
+/// delivery record (`lock_key`) goes with the outcome, in the same commit.
 struct PgHeldBatch {
     tx: Transaction<'static, Postgres>,
     messages: Vec<Message>,
     sql: Arc<Sql>,
+    pool: PgPool,
+    lock_key: i32,
 }
 
 #[async_trait]
@@ -429,7 +499,17 @@ impl HeldBatch for PgHeldBatch {
         failures: &[Failure],
         retention: Retention,
     ) -> StoreResult<()> {
-        let PgHeldBatch { mut tx, sql, .. } = *self;
+        let PgHeldBatch {
+            mut tx,
+            sql,
+            lock_key,
+            ..
+        } = *self;
+        q(&sql.delivery_end)
+            .bind(lock_key)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         if !acks.is_empty() {
             let done = match retention {
                 Retention::Delete => &sql.held_delete,
@@ -451,7 +531,21 @@ impl HeldBatch for PgHeldBatch {
     }
 
     async fn release(self: Box<Self>) -> StoreResult<()> {
-        self.tx.rollback().await.map_err(db)
+        let PgHeldBatch {
+            tx,
+            sql,
+            pool,
+            lock_key,
+            ..
+        } = *self;
+        tx.rollback().await.map_err(db)?;
+        // A release counts no attempt; if this fails, recover() counts one, which is harmless.
+        q(&sql.delivery_end)
+            .bind(lock_key)
+            .execute(&pool)
+            .await
+            .map_err(db)
+            .map(drop)
     }
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use outbox_core::{NewMessage, Store};
+use outbox_core::{ClaimRequest, NewMessage, Store};
 use outbox_postgres::PgStore;
 use serde_json::Value;
 
@@ -27,23 +27,48 @@ async fn buffers_of(store: &PgStore, function: &str, args: &str) -> anyhow::Resu
     Ok((hit + read, rows))
 }
 
-async fn enqueue(store: &PgStore, range: std::ops::Range<u64>) -> anyhow::Result<()> {
+async fn enqueue(store: &PgStore, range: std::ops::Range<u64>, keys: u64) -> anyhow::Result<()> {
     let msgs: Vec<NewMessage> = range
-        .map(|n| outbox_testkit::msg("t", n).key(format!("k{}", n % 100)))
+        .map(|n| outbox_testkit::msg("t", n).key(format!("k{}", n % keys)))
         .collect();
-    let mut tx = store.pool().begin().await?;
-    store.outbox().enqueue_batch(&mut tx, &msgs).await?;
-    tx.commit().await?;
+    for chunk in msgs.chunks(10_000) {
+        let mut tx = store.pool().begin().await?;
+        store.outbox().enqueue_batch(&mut tx, chunk).await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// `claim_runs(limit, scan, lease_ms, owned, lock_ns, lock_key, widen)` for a batch of 1,000.
+const CLAIM: &str = "1000, 1000, 30000, NULL, 1, NULL, true";
+
+#[tokio::test]
+async fn a_claim_costs_the_same_whatever_the_backlog_behind_its_keys() -> anyhow::Result<()> {
+    for keys in [1, 10] {
+        let store = common::fresh_store().await?;
+        store.migrate().await?;
+        enqueue(&store, 0..2_000, keys).await?;
+        let (small, found) = buffers_of(&store, "claim_runs", CLAIM).await?;
+        assert_eq!(found, 1000, "{keys} keys: a full batch of runs");
+        enqueue(&store, 2_000..60_000, keys).await?;
+        let (large, found) = buffers_of(&store, "claim_runs", CLAIM).await?;
+        assert_eq!(found, 1000);
+        assert!(
+            large < small * 2,
+            "{keys} keys: {small} buffers at 2,000 pending, {large} at 60,000"
+        );
+        common::drop_schema(&store).await?;
+    }
     Ok(())
 }
 
 #[tokio::test]
-async fn a_pipelined_claim_behind_keys_in_flight_reads_a_window_not_the_backlog()
--> anyhow::Result<()> {
+async fn a_claim_ahead_behind_keys_in_flight_reads_a_window_not_the_backlog() -> anyhow::Result<()>
+{
     let store = common::fresh_store().await?;
     store.migrate().await?;
     // Statistics taken while the table was empty after a drain, as after a quiet night.
-    enqueue(&store, 0..1000).await?;
+    enqueue(&store, 0..1000, 100).await?;
     let table = format!("{}.outbox_messages", store.config().schema);
     for sql in [
         format!("DELETE FROM {table}"),
@@ -53,42 +78,24 @@ async fn a_pipelined_claim_behind_keys_in_flight_reads_a_window_not_the_backlog(
             .execute(store.pool())
             .await?;
     }
-    enqueue(&store, 0..20_000).await?;
+    enqueue(&store, 0..20_000, 100).await?;
 
-    // Every key's head goes in flight: nothing else is claimable.
-    assert_eq!(store.claim("a", 1000, LEASE).await?.len(), 100);
-    let (window, found) = buffers_of(&store, "claim_window", "100, 200, 'b', 30000").await?;
-    assert_eq!(
-        found, 0,
-        "nothing is claimable while every head is in flight"
-    );
-    let (full, found) = buffers_of(&store, "claim", "100, 'b', 30000").await?;
+    // Every key is in delivery (its head and the start of its run are locked): nothing else is
+    // claimable.
+    let held = store
+        .claim_held(&ClaimRequest::new("a", 1000, LEASE))
+        .await?
+        .expect("runs");
+    assert_eq!(held.messages().len(), 1000);
+    let ahead = "1000, 3000, 30000, NULL, 1, NULL, false";
+    let (window, found) = buffers_of(&store, "claim_runs", ahead).await?;
+    assert_eq!(found, 0, "nothing is claimable while every key is locked");
+    let (full, found) = buffers_of(&store, "claim_runs", CLAIM).await?;
     assert_eq!(found, 0);
-    // The full claim has to look at every waiting row; the window only at its 200.
+    // Widened, the claim has to look at every waiting row; ahead, only at its window.
     assert!(
-        window * 20 < full,
-        "the bounded claim touched {window} buffers, the full one {full}"
-    );
-    common::drop_schema(&store).await
-}
-
-#[tokio::test]
-async fn a_pipelined_held_claim_behind_keys_in_flight_reads_a_window_not_the_backlog()
--> anyhow::Result<()> {
-    let store = common::fresh_store().await?;
-    store.migrate().await?;
-    enqueue(&store, 0..20_000).await?;
-
-    // Every key's head is locked by a batch in delivery: nothing else is claimable.
-    let held = store.claim_held(1000, LEASE, false).await?.expect("heads");
-    assert_eq!(held.messages().len(), 100);
-    let (window, found) = buffers_of(&store, "claim_held", "100, 200, 30000").await?;
-    assert_eq!(found, 0, "nothing is claimable while every head is locked");
-    let (full, found) = buffers_of(&store, "claim_held", "100, NULL, 30000").await?;
-    assert_eq!(found, 0);
-    assert!(
-        window * 20 < full,
-        "the bounded claim touched {window} buffers, the full one {full}"
+        window * 4 < full,
+        "the claim ahead touched {window} buffers, the widened one {full}"
     );
     drop(held);
     common::drop_schema(&store).await

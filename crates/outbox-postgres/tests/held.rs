@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use outbox_core::{Failure, NewMessage, Retention, Status, Store};
+use outbox_core::{ClaimRequest, Failure, HeldBatch, NewMessage, Retention, Status, Store};
 use outbox_postgres::PgStore;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -20,8 +20,14 @@ async fn enqueue(store: &PgStore, msgs: &[NewMessage]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ids(held: &dyn outbox_core::HeldBatch) -> Vec<Uuid> {
+fn ids(held: &dyn HeldBatch) -> Vec<Uuid> {
     held.messages().iter().map(|m| m.id).collect()
+}
+
+async fn claim(store: &PgStore, lease: Duration) -> anyhow::Result<Option<Box<dyn HeldBatch>>> {
+    Ok(store
+        .claim_held(&ClaimRequest::new("test", 10, lease))
+        .await?)
 }
 
 #[tokio::test]
@@ -34,9 +40,10 @@ async fn a_held_batch_hides_its_rows_and_its_keys_until_it_settles() -> anyhow::
     let free = outbox_testkit::msg("t", 4);
     enqueue(&store, &[a1.clone(), a2.clone(), b1.clone(), free.clone()]).await?;
 
-    // One message per key, plus the unkeyed one; attempt numbers are this delivery's.
-    let first = store.claim_held(10, LEASE, false).await?.expect("a batch");
-    assert_eq!(ids(first.as_ref()), [a1.id(), b1.id(), free.id()]);
+    // Each key's run and the unkeyed one, in waves (a1, b1 and free, then a2); attempt numbers
+    // are this delivery's.
+    let first = claim(&store, LEASE).await?.expect("a batch");
+    assert_eq!(ids(first.as_ref()), [a1.id(), b1.id(), free.id(), a2.id()]);
     assert!(first.messages().iter().all(|m| m.attempts == 1));
     assert!(
         first
@@ -44,17 +51,17 @@ async fn a_held_batch_hides_its_rows_and_its_keys_until_it_settles() -> anyhow::
             .iter()
             .all(|m| m.status == Status::InFlight)
     );
-    // Another relay gets neither the locked rows nor a2, whose key is in delivery.
-    assert!(store.claim_held(10, LEASE, false).await?.is_none());
+    // Another relay gets none of the locked rows.
+    assert!(claim(&store, LEASE).await?.is_none());
     assert!(store.claim("lease-relay", 10, LEASE).await?.is_empty());
 
     // Released unsettled: everything is back at once, no attempt counted.
     first.release().await?;
-    let second = store.claim_held(10, LEASE, false).await?.expect("a batch");
-    assert_eq!(ids(second.as_ref()), [a1.id(), b1.id(), free.id()]);
+    let second = claim(&store, LEASE).await?.expect("a batch");
+    assert_eq!(ids(second.as_ref()), [a1.id(), b1.id(), free.id(), a2.id()]);
     assert!(second.messages().iter().all(|m| m.attempts == 1));
 
-    // a1 delivered, b1 failed (retry at once), free dead.
+    // a1 delivered, b1 failed (retry at once), free dead; a2, in neither list, is unlocked.
     let failures = [
         Failure {
             id: b1.id(),
@@ -80,7 +87,7 @@ async fn a_held_batch_hides_its_rows_and_its_keys_until_it_settles() -> anyhow::
     );
 
     // a2 is now its key's head; b1 comes back as its second attempt.
-    let third = store.claim_held(10, LEASE, false).await?.expect("a batch");
+    let third = claim(&store, LEASE).await?.expect("a batch");
     let got: Vec<_> = third
         .messages()
         .iter()
@@ -102,11 +109,11 @@ async fn a_relay_stuck_past_its_lease_loses_its_session_and_its_messages() -> an
     enqueue(&store, std::slice::from_ref(&m)).await?;
 
     let lease = Duration::from_millis(300);
-    let stuck = store.claim_held(10, lease, false).await?.expect("a batch");
+    let stuck = claim(&store, lease).await?.expect("a batch");
     // The database ends the idle session after the lease; then another relay gets the message.
     let deadline = Instant::now() + Duration::from_secs(30);
     let taken = loop {
-        if let Some(batch) = store.claim_held(10, LEASE, false).await? {
+        if let Some(batch) = claim(&store, LEASE).await? {
             break batch;
         }
         assert!(Instant::now() < deadline, "the stuck relay kept its lock");
@@ -133,9 +140,69 @@ async fn kept_rows_are_marked_delivered() -> anyhow::Result<()> {
     store.migrate().await?;
     let m = outbox_testkit::msg("t", 1);
     enqueue(&store, std::slice::from_ref(&m)).await?;
-    let held = store.claim_held(10, LEASE, false).await?.expect("a batch");
+    let held = claim(&store, LEASE).await?.expect("a batch");
     held.settle(&[m.id()], &[], Retention::Keep(LEASE)).await?;
     let counts = store.status().await?;
     assert_eq!((counts.pending, counts.delivered), (0, 1), "{counts:?}");
+    common::drop_schema(&store).await
+}
+
+#[tokio::test]
+async fn a_delivery_that_never_settles_counts_its_attempt_and_goes_alone() -> anyhow::Result<()> {
+    let store = common::fresh_store().await?;
+    store.migrate().await?;
+    let msgs: Vec<_> = (0..3).map(|n| outbox_testkit::msg("t", n)).collect();
+    enqueue(&store, &msgs).await?;
+
+    // Nothing counted while the batch is alive.
+    let held = claim(&store, LEASE).await?.expect("a batch");
+    assert_eq!(held.messages().len(), 3);
+    assert_eq!(store.recover(3).await?, 0);
+
+    // The relay "dies": its transaction ends without an outcome.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.recover(3).await? == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the lost delivery was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.recover(3).await?, 0, "counted twice");
+
+    // Each message of the lost batch now goes alone, with its attempt counted.
+    let alone = claim(&store, LEASE).await?.expect("a batch");
+    assert_eq!(ids(alone.as_ref()), [msgs[0].id()]);
+    assert_eq!(alone.messages()[0].attempts, 2);
+    alone
+        .settle(&[msgs[0].id()], &[], Retention::Delete)
+        .await?;
+    let next = claim(&store, LEASE).await?.expect("a batch");
+    assert_eq!(ids(next.as_ref()), [msgs[1].id()]);
+    next.release().await?;
+    assert_eq!(store.recover(3).await?, 0, "a release counted an attempt");
+    common::drop_schema(&store).await
+}
+
+#[tokio::test]
+async fn a_message_whose_deliveries_never_finish_goes_dead_at_max_attempts() -> anyhow::Result<()> {
+    let store = common::fresh_store().await?;
+    store.migrate().await?;
+    let poison = outbox_testkit::msg("t", 1).key("k");
+    enqueue(&store, std::slice::from_ref(&poison)).await?;
+    for attempt in 1..=2 {
+        drop(claim(&store, LEASE).await?.expect("a batch"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while store.recover(2).await? == 0 {
+            assert!(Instant::now() < deadline, "attempt {attempt} never counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(claim(&store, LEASE).await?.is_none());
+    let dead = store.dead_list(10).await?;
+    assert_eq!((dead.len(), dead[0].attempts), (1, 2));
+    let error = dead[0].last_error.as_deref().unwrap_or_default();
+    assert!(error.contains("never finished"), "{error}");
     common::drop_schema(&store).await
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Failure, Message, NewMessage, PollingWaiter, Retention, Status, StatusCounts, Store,
-    StoreError, StoreResult, Waiter, parse_headers,
+    Candidate, ClaimRequest, Failure, Message, NewMessage, PollingWaiter, Retention, Status,
+    StatusCounts, Store, StoreError, StoreResult, Waiter, parse_headers, pick,
 };
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
@@ -81,7 +81,11 @@ const ROWS_PER_INSERT: usize = 32_766 / INSERT_COLUMNS;
 #[derive(Debug)]
 struct Sql {
     insert_head: String,
-    claim: Arc<str>,
+    heads: Arc<str>,
+    heads_widened: Arc<str>,
+    rows: Arc<str>,
+    run: String,
+    lease: Arc<str>,
     ack_delete: Arc<str>,
     ack_keep: Arc<str>,
     fail_retry: Arc<str>,
@@ -103,16 +107,14 @@ impl Sql {
                 "INSERT INTO {p}messages (id, topic, type, key, partition, payload, content_type, \
                  headers, created_at, available_at) VALUES "
             ),
-            claim: r("UPDATE {p}messages \
-                 SET status = 'in_flight', locked_by = ?1, attempts = attempts + 1, available_at = ?2 \
-                 WHERE seq IN (\
-                   SELECT c.seq FROM {p}messages c \
-                   WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= ?3 \
-                     AND (c.key IS NULL OR NOT EXISTS (\
-                       SELECT 1 FROM {p}messages e \
-                       WHERE e.key = c.key AND e.seq < c.seq AND e.status IN ('pending', 'in_flight'))) \
-                   ORDER BY c.available_at, c.seq LIMIT ?4) \
-                 RETURNING {columns}"),
+            heads: r(HEADS),
+            heads_widened: r(HEADS_WIDENED),
+            rows: r("SELECT {columns}, available_at <= ?2 AS due \
+                 FROM {p}messages WHERE seq IN (SELECT value FROM json_each(?1))"),
+            run: RUN.replace("{p}", p).replace("{columns}", COLUMNS),
+            lease: r("UPDATE {p}messages \
+                 SET status = 'in_flight', locked_by = ?2, attempts = attempts + 1, available_at = ?3 \
+                 WHERE seq IN (SELECT value FROM json_each(?1))"),
             ack_delete: r("DELETE FROM {p}messages \
                  WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'in_flight'"),
             ack_keep: r(
@@ -156,6 +158,32 @@ impl Sql {
         }
     }
 }
+
+/// The heads in a window of the ready index (see `outbox_core::claim`): unkeyed rows, and each
+/// key's oldest row in the window when no older message of the key is undelivered.
+const HEADS: &str = "WITH w AS (\
+      SELECT seq, key, available_at FROM {p}messages \
+      WHERE status IN ('pending', 'in_flight') AND available_at <= ?1 \
+      ORDER BY available_at, seq LIMIT ?2), \
+    firsts AS (SELECT min(seq) AS seq FROM w WHERE key IS NOT NULL GROUP BY key) \
+    SELECT w.seq, w.key FROM w WHERE w.key IS NULL OR (w.seq IN (SELECT seq FROM firsts) \
+      AND NOT EXISTS (SELECT 1 FROM {p}messages e \
+        WHERE e.key = w.key AND e.seq < w.seq AND e.status IN ('pending', 'in_flight'))) \
+    ORDER BY w.available_at, w.seq LIMIT ?3";
+
+/// The heads anywhere in the backlog, for when the window held none.
+const HEADS_WIDENED: &str = "SELECT c.seq, c.key FROM {p}messages c \
+    WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= ?1 \
+      AND (c.key IS NULL OR NOT EXISTS (SELECT 1 FROM {p}messages e \
+        WHERE e.key = c.key AND e.seq < c.seq AND e.status IN ('pending', 'in_flight'))) \
+    ORDER BY c.available_at, c.seq LIMIT ?3";
+
+/// One key's messages after its head; `?n` placeholders are filled per head.
+const RUN: &str = "SELECT * FROM (SELECT {columns}, available_at <= ?1 AS due FROM {p}messages \
+    WHERE key = ?K AND seq > ?S AND status IN ('pending', 'in_flight') ORDER BY seq LIMIT ?N)";
+
+/// Runs are fetched for at most this many keyed heads: past that, a batch is full of heads.
+const MAX_RUNS: usize = 256;
 
 /// The writer's handle: enqueues messages inside the caller's transaction.
 #[derive(Debug, Clone)]
@@ -303,6 +331,85 @@ impl SqliteStore {
         Ok(query.execute(&self.pool).await.map_err(db)?.rows_affected())
     }
 
+    /// The heads of a claim and, for keyed ones, the runs that follow them.
+    async fn candidates(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        req: &ClaimRequest<'_>,
+        now: i64,
+    ) -> StoreResult<Vec<Candidate>> {
+        let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
+        let scan = i64::try_from(req.scan_window()).unwrap_or(i64::MAX);
+        let mut heads: Vec<(i64, Option<String>)> = Vec::new();
+        for sql in [&self.sql().heads, &self.sql().heads_widened] {
+            let rows = q(sql)
+                .bind(now)
+                .bind(scan)
+                .bind(limit)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(db)?;
+            heads = rows
+                .iter()
+                .map(|r| Ok((r.try_get("seq")?, r.try_get("key")?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(db)?;
+            if !heads.is_empty() || req.ahead {
+                break;
+            }
+        }
+        if heads.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seqs = serde_json::to_string(&heads.iter().map(|h| h.0).collect::<Vec<_>>())
+            .unwrap_or_else(|_| "[]".into());
+        let rows = q(&self.sql().rows)
+            .bind(seqs)
+            .bind(now)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db)?;
+        let mut out = candidates(&rows)?;
+        let keyed: Vec<(i64, String)> = heads
+            .into_iter()
+            .filter_map(|(seq, key)| key.map(|k| (seq, k)))
+            .collect();
+        let per_key = (req.limit.saturating_sub(out.len())) / keyed.len().max(1);
+        if !keyed.is_empty() && keyed.len() <= MAX_RUNS && per_key > 0 {
+            out.extend(self.runs(tx, &keyed, per_key, now).await?);
+        }
+        Ok(out)
+    }
+
+    /// The next `per_key` messages of each head's key, in one compound statement.
+    async fn runs(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        heads: &[(i64, String)],
+        per_key: usize,
+        now: i64,
+    ) -> StoreResult<Vec<Candidate>> {
+        let parts: Vec<String> = (0..heads.len())
+            .map(|i| {
+                let n = 2 + i * 3;
+                self.sql()
+                    .run
+                    .replace("?K", &format!("?{n}"))
+                    .replace("?S", &format!("?{}", n + 1))
+                    .replace("?N", &format!("?{}", n + 2))
+            })
+            .collect();
+        let mut query = sqlx::query(AssertSqlSafe(parts.join(" UNION ALL "))).bind(now);
+        for (seq, key) in heads {
+            query = query
+                .bind(key.clone())
+                .bind(*seq)
+                .bind(i64::try_from(per_key).unwrap_or(i64::MAX));
+        }
+        let rows = query.fetch_all(&mut **tx).await.map_err(db)?;
+        candidates(&rows)
+    }
+
     async fn fetch_messages(&self, query: Query) -> StoreResult<Vec<Message>> {
         let rows = query.fetch_all(&self.pool).await.map_err(db)?;
         let mut out = rows
@@ -340,20 +447,52 @@ fn message_from_row(row: &SqliteRow) -> Result<Message, sqlx::Error> {
     })
 }
 
+/// Claimed rows; one found `in_flight` had a lease that expired without an outcome.
+fn candidates(rows: &[SqliteRow]) -> StoreResult<Vec<Candidate>> {
+    rows.iter()
+        .map(|r| {
+            let message = message_from_row(r)?;
+            Ok(Candidate {
+                interrupted: message.status == Status::InFlight,
+                due: r.try_get("due")?,
+                message,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(db)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
         migrate_to(&self.pool, &self.config.table_prefix, LATEST_VERSION).await
     }
 
-    async fn claim(&self, relay: &str, limit: usize, lease: Duration) -> StoreResult<Vec<Message>> {
+    async fn claim_leased(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
         let now = now_ms();
-        let query = q(&self.sql().claim)
-            .bind(relay.to_owned())
-            .bind(now.saturating_add(ms(lease)))
-            .bind(now)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        self.fetch_messages(query).await
+        // The write lock up front: the claim reads, then writes its lease, with no writer between.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        let candidates = self.candidates(&mut tx, req, now).await?;
+        let mut batch = pick(candidates, req);
+        if !batch.is_empty() {
+            let seqs = serde_json::to_string(&batch.iter().map(|m| m.seq).collect::<Vec<_>>())
+                .unwrap_or_else(|_| "[]".into());
+            q(&self.sql().lease)
+                .bind(seqs)
+                .bind(req.relay.to_owned())
+                .bind(now.saturating_add(ms(req.lease)))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        let until = time(now.saturating_add(ms(req.lease)));
+        for m in &mut batch {
+            m.attempts += 1;
+            m.status = Status::InFlight;
+            m.available_at = until;
+        }
+        Ok(batch)
     }
 
     async fn ack(&self, ids: &[Uuid], retention: Retention) -> StoreResult<u64> {

@@ -102,12 +102,19 @@ async fn empty_batch_is_a_no_op() -> R {
 }
 
 #[tokio::test]
-async fn a_key_releases_its_next_message_only_after_the_first_is_acked() -> R {
+async fn a_key_goes_out_as_a_run_and_its_next_message_waits_for_the_first() -> R {
     let f = migrated().await?;
     let (a, b, other) = (msg(1).key("k"), msg(2).key("k"), msg(3).key("j"));
     enqueue(&f.store, &[a.clone(), b.clone(), other.clone()]).await?;
 
-    assert_eq!(claim_ids(&f.store, "r1").await?, vec![a.id(), other.id()]);
+    // The run of "k" in waves: a with the other key's head, then b.
+    assert_eq!(
+        claim_ids(&f.store, "r1").await?,
+        vec![a.id(), other.id(), b.id()]
+    );
+    assert!(claim_ids(&f.store, "r2").await?.is_empty());
+    // b given back while a is still in flight: b waits for a.
+    f.store.release("r1", &[b.id()]).await?;
     assert!(claim_ids(&f.store, "r2").await?.is_empty());
     assert_eq!(f.store.ack(&[a.id()], Retention::Delete).await?, 1);
     assert_eq!(claim_ids(&f.store, "r2").await?, vec![b.id()]);
@@ -119,13 +126,14 @@ async fn a_pending_retry_holds_back_its_key() -> R {
     let f = migrated().await?;
     let (a, b) = (msg(1).key("k"), msg(2).key("k"));
     enqueue(&f.store, &[a.clone(), b.clone()]).await?;
-    assert_eq!(claim_ids(&f.store, "r").await?, vec![a.id()]);
+    assert_eq!(claim_ids(&f.store, "r").await?, vec![a.id(), b.id()]);
     let later = Failure {
         id: a.id(),
         error: "broker down".into(),
         retry_in: Some(HOUR),
     };
     f.store.fail("r", &[later]).await?;
+    f.store.release("r", &[b.id()]).await?;
     assert!(claim_ids(&f.store, "r").await?.is_empty());
     Ok(())
 }

@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use outbox_core::{
-    Delivery, Failure, HeldBatch, Message, NewMessage, PollingWaiter, Relay, RelayConfig,
-    Retention, Sink, StatusCounts, Store, StoreResult, Waiter,
+    ClaimRequest, Delivery, Failure, HeldBatch, Message, NewMessage, Ownership, PollingWaiter,
+    Relay, RelayConfig, Retention, Sink, StatusCounts, Store, StoreResult, Waiter,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -385,27 +385,20 @@ impl Store for PollingOnly {
     async fn migrate(&self) -> StoreResult<()> {
         self.0.migrate().await
     }
-    async fn claim(&self, relay: &str, limit: usize, lease: Duration) -> StoreResult<Vec<Message>> {
-        self.0.claim(relay, limit, lease).await
-    }
-    async fn claim_more(
-        &self,
-        relay: &str,
-        limit: usize,
-        lease: Duration,
-    ) -> StoreResult<Vec<Message>> {
-        self.0.claim_more(relay, limit, lease).await
+    async fn claim_leased(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
+        self.0.claim_leased(req).await
     }
     fn holds_claims(&self) -> bool {
         self.0.holds_claims()
     }
-    async fn claim_held(
-        &self,
-        limit: usize,
-        lease: Duration,
-        more: bool,
-    ) -> StoreResult<Option<Box<dyn HeldBatch>>> {
-        self.0.claim_held(limit, lease, more).await
+    async fn claim_held(&self, req: &ClaimRequest<'_>) -> StoreResult<Option<Box<dyn HeldBatch>>> {
+        self.0.claim_held(req).await
+    }
+    async fn ownership(&self, relay: &str) -> StoreResult<Option<Box<dyn Ownership>>> {
+        self.0.ownership(relay).await
+    }
+    async fn recover(&self, max_attempts: i32) -> StoreResult<u64> {
+        self.0.recover(max_attempts).await
     }
     async fn ack(&self, ids: &[Uuid], retention: Retention) -> StoreResult<u64> {
         self.0.ack(ids, retention).await

@@ -1,0 +1,147 @@
+-- Claims by key runs, partition ownership and attempts counted for deliveries that never finish.
+--
+-- A message whose last held delivery ended without an outcome (its relay was killed, crashed or
+-- lost its session) is marked here when its attempt is counted, so the relay delivers it alone.
+ALTER TABLE {schema}.{p}messages ADD COLUMN IF NOT EXISTS interrupted boolean NOT NULL DEFAULT false;
+
+-- One row per held batch in delivery, written (and committed) before the batch reaches the sink
+-- and deleted by the transaction that records its outcome. The batch's transaction holds the
+-- advisory lock (lock_ns, lock_key) from its claim on, so a row whose lock is free belongs to a
+-- delivery that ended without an outcome: recover() counts an attempt for each of its messages.
+CREATE TABLE IF NOT EXISTS {schema}.{p}deliveries (
+    lock_key   integer     PRIMARY KEY,
+    relay      text        NOT NULL,
+    ids        uuid[]      NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The claim. It looks at a window of the first p_scan deliverable rows (in the ready index's
+-- order, locked as they are read) that this relay may claim: unkeyed rows and rows of the partitions in p_owned (NULL:
+-- all). In the window, each key's oldest row is its head if no older message of the key is still
+-- undelivered; the first p_limit heads are claimed, and each keyed head brings the
+-- run of its key's next messages (as many as leave room in the batch), locked too. The caller
+-- decides (outbox_core::pick) where a run must stop: at a message not due yet.
+--
+-- The window keeps a claim's cost independent of the backlog: a hot key with a million messages
+-- costs one probe, not a million. When the window holds nothing claimable and p_widen is set, the
+-- claim walks the whole backlog once (heads only) so that nothing behind a blocked key waits.
+-- The probe for an older message walks the key index backwards from the candidate, which stops
+-- at the nearest live entry instead of crossing every dead entry of the key's delivered past.
+CREATE OR REPLACE FUNCTION {schema}.{p}claim_runs(
+    p_limit integer, p_scan integer, p_lease_ms bigint, p_owned boolean[],
+    p_lock_ns integer, p_lock_key integer, p_widen boolean)
+RETURNS SETOF {schema}.{p}messages
+LANGUAGE plpgsql
+SET enable_sort = off
+SET enable_bitmapscan = off
+SET enable_seqscan = off
+AS $fn$
+DECLARE
+    heads bigint[];
+    head_keys text[];
+    keyed integer;
+    per_key integer;
+BEGIN
+    IF p_lease_ms IS NOT NULL THEN
+        PERFORM set_config('idle_in_transaction_session_timeout', p_lease_ms::text, true);
+    END IF;
+    IF p_lock_key IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(p_lock_ns, p_lock_key);
+    END IF;
+
+    -- The window's rows are locked as they are read: rows in delivery elsewhere are skipped, and
+    -- a key whose head is skipped has a younger row here that the probe below turns down.
+    WITH w AS MATERIALIZED (
+        SELECT c.seq, c.key, c.available_at FROM {schema}.{p}messages c
+        WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= now()
+          AND (p_owned IS NULL OR c.key IS NULL OR p_owned[c.partition + 1])
+        ORDER BY c.available_at, c.seq
+        LIMIT p_scan
+        FOR UPDATE OF c SKIP LOCKED),
+    firsts AS (
+        SELECT DISTINCT ON (w.key) w.seq, w.key, w.available_at FROM w
+        WHERE w.key IS NOT NULL
+        ORDER BY w.key, w.seq),
+    cand AS (
+        SELECT w.seq, w.key, w.available_at FROM w WHERE w.key IS NULL
+        UNION ALL
+        SELECT f.seq, f.key, f.available_at FROM firsts f
+        WHERE NOT EXISTS (
+            SELECT 1 FROM (
+                SELECT e.seq FROM {schema}.{p}messages e
+                WHERE e.key = f.key AND e.seq < f.seq AND e.status IN ('pending', 'in_flight')
+                ORDER BY e.key DESC, e.seq DESC LIMIT 1) older))
+    SELECT array_agg(h.seq), array_agg(h.key) INTO heads, head_keys
+    FROM (SELECT cand.seq, cand.key FROM cand ORDER BY cand.available_at, cand.seq LIMIT p_limit) h;
+
+    IF heads IS NULL AND p_widen THEN
+        SELECT array_agg(h.seq), array_agg(h.key) INTO heads, head_keys
+        FROM (
+            SELECT c.seq, c.key FROM {schema}.{p}messages c
+            WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= now()
+              AND (p_owned IS NULL OR c.key IS NULL OR p_owned[c.partition + 1])
+              AND (c.key IS NULL OR NOT EXISTS (
+                  SELECT 1 FROM (
+                      SELECT e.seq FROM {schema}.{p}messages e
+                      WHERE e.key = c.key AND e.seq < c.seq AND e.status IN ('pending', 'in_flight')
+                      ORDER BY e.key DESC, e.seq DESC LIMIT 1) older))
+            ORDER BY c.available_at, c.seq
+            LIMIT p_limit
+            FOR UPDATE OF c SKIP LOCKED) h;
+    END IF;
+    IF heads IS NULL THEN
+        RETURN;
+    END IF;
+
+    RETURN QUERY SELECT m.* FROM {schema}.{p}messages m WHERE m.seq = ANY (heads);
+
+    keyed := cardinality(array_remove(head_keys, NULL));
+    IF keyed = 0 THEN
+        RETURN;
+    END IF;
+    per_key := (p_limit - cardinality(heads)) / keyed;
+    IF per_key <= 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+        SELECT f.* FROM unnest(heads, head_keys) AS h(seq, key)
+        CROSS JOIN LATERAL (
+            SELECT n.* FROM {schema}.{p}messages n
+            WHERE n.key = h.key AND n.seq > h.seq AND n.status IN ('pending', 'in_flight')
+            ORDER BY n.key, n.seq
+            LIMIT per_key
+            FOR UPDATE OF n SKIP LOCKED) f
+        WHERE h.key IS NOT NULL;
+END
+$fn$;
+
+-- Counts an attempt for each message of a delivery that ended without an outcome (see
+-- {p}deliveries) and makes those that reach p_max_attempts dead. Rows locked by a claim in
+-- progress are waited for, so an attempt is counted once whatever that claim does.
+CREATE OR REPLACE FUNCTION {schema}.{p}recover(p_lock_ns integer, p_max_attempts integer)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    n bigint;
+BEGIN
+    WITH orphans AS (
+        DELETE FROM {schema}.{p}deliveries d
+        WHERE pg_try_advisory_xact_lock(p_lock_ns, d.lock_key)
+        RETURNING d.ids, d.relay),
+    counts AS (
+        SELECT x.id, count(*) AS n, max(o.relay) AS relay
+        FROM orphans o CROSS JOIN LATERAL unnest(o.ids) AS x(id)
+        GROUP BY x.id)
+    UPDATE {schema}.{p}messages m SET
+        attempts = m.attempts + c.n,
+        interrupted = true,
+        last_error = format('delivery never finished: relay %s stopped (crash, kill, or lost database session) before recording an outcome', c.relay),
+        status = CASE WHEN m.attempts + c.n >= p_max_attempts THEN 'dead' ELSE m.status END,
+        dead_at = CASE WHEN m.attempts + c.n >= p_max_attempts THEN now() ELSE m.dead_at END
+    FROM counts c
+    WHERE m.id = c.id AND m.status = 'pending';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$fn$;
