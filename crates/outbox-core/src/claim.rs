@@ -77,7 +77,7 @@ pub struct Candidate {
 
 /// Turns a claim's candidates into the batch to deliver (see the module docs), ordered in
 /// waves: the first message of each key and the unkeyed ones, then each key's second, and so
-/// on, oldest first within a wave.
+/// on, oldest first within a wave. Past `limit`, the last waves are cut.
 pub fn pick(mut candidates: Vec<Candidate>, req: &ClaimRequest<'_>) -> Vec<Message> {
     candidates.sort_by_key(|c| c.message.seq);
     let mut stopped: HashSet<String> = HashSet::new();
@@ -107,8 +107,10 @@ pub fn pick(mut candidates: Vec<Candidate>, req: &ClaimRequest<'_>) -> Vec<Messa
         };
         return vec![kept.swap_remove(alone).message];
     }
-    kept.truncate(req.limit);
-    in_waves(kept.into_iter().map(|c| c.message).collect())
+    let mut batch = in_waves(kept.into_iter().map(|c| c.message).collect());
+    // Cut in wave order: every key keeps its head, and runs share the rest.
+    batch.truncate(req.limit);
+    batch
 }
 
 /// Orders messages (sorted by `seq`) in waves.
@@ -239,11 +241,17 @@ mod tests {
     }
 
     #[test]
-    fn the_limit_cuts_the_oldest_first() {
+    fn the_limit_cuts_in_waves_so_keys_share_the_batch() {
         let c = (1..=6)
             .map(|i| cand(i, Some(if i % 2 == 0 { "a" } else { "b" })))
             .collect();
         let batch = pick(c, &ClaimRequest::new("r", 3, Duration::ZERO));
         assert_eq!(seqs(&batch), [1, 2, 3]);
+        // A hot key's long run does not crowd out another key's second message.
+        let mut c: Vec<_> = (1..=8).map(|i| cand(i, Some("hot"))).collect();
+        c.push(cand(9, Some("cold")));
+        c.push(cand(10, Some("cold")));
+        let batch = pick(c, &ClaimRequest::new("r", 4, Duration::ZERO));
+        assert_eq!(seqs(&batch), [1, 9, 2, 10]);
     }
 }

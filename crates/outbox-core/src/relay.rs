@@ -174,10 +174,19 @@ impl InFlight {
         }
     }
 
-    fn remove(&mut self, batch: &[(Option<String>, i32)]) {
+    fn release_keys(&mut self, batch: &[(Option<String>, i32)]) {
+        for (key, _) in batch {
+            if let Some(k) = key {
+                self.keys.remove(k);
+            }
+        }
+    }
+
+    fn release_partitions(&mut self, batch: &[(Option<String>, i32)]) {
         for (key, partition) in batch {
-            let Some(k) = key else { continue };
-            self.keys.remove(k);
+            if key.is_none() {
+                continue;
+            }
             if let Some(n) = self.partitions.get_mut(partition) {
                 *n -= 1;
                 if *n == 0 {
@@ -242,10 +251,9 @@ impl Relay {
         // Deliveries that a dead relay left unfinished count their attempt before anything is
         // claimed, so a message that kills its relay cannot go round forever.
         recover(&shared).await;
-        let recovering = tokio::spawn(recover_periodically(shared.clone()));
+        let _recovering = AbortOnDrop(tokio::spawn(recover_periodically(shared.clone())));
         main.run().await;
         main.finish().await;
-        recovering.abort();
         shared.state.send_replace(RelayState::Stopped);
         let report = shared.stats.report();
         info!(relay = %shared.config.relay_id, delivered = report.delivered, dead = report.dead, "relay stopped");
@@ -609,6 +617,9 @@ async fn deliver(shared: Arc<Shared>, batch: Claimed) {
                 .ok(),
         }
     };
+    // The sink is done with these keys: a message of theirs claimed from now on is delivered
+    // after them. Their partitions stay busy until the outcome is recorded.
+    shared.in_flight().release_keys(&slots);
     match (batch, outcomes) {
         (Claimed::Leased(batch), Some(outcomes)) => settle(&shared, &batch, outcomes).await,
         (Claimed::Leased(batch), None) => {
@@ -629,7 +640,7 @@ async fn deliver(shared: Arc<Shared>, batch: Claimed) {
             shared.stats.released.fetch_add(n, Ordering::Relaxed);
         }
     }
-    shared.in_flight().remove(&slots);
+    shared.in_flight().release_partitions(&slots);
 }
 
 /// Hands a batch to the sink one wave at a time (at most one message per key each, so a sink
@@ -805,6 +816,15 @@ async fn recover(shared: &Shared) {
             "counted an attempt for messages whose delivery never finished (a relay died or lost its session)"
         ),
         Err(e) => debug!(error = %e, "could not look for unfinished deliveries"),
+    }
+}
+
+/// Stops a background task when the relay's future ends or is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -131,6 +131,10 @@ pub enum ClaimMode {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Connections to the same database that commit without waiting for the WAL flush, for the
+    /// delivery records of held batches: a record lost in a database crash only loses the count
+    /// of an attempt whose transaction died with it.
+    records: PgPool,
     config: Arc<PgConfig>,
     outbox: PgOutbox,
     inbox: crate::PgInbox,
@@ -147,8 +151,17 @@ impl PgStore {
     pub fn with_config(pool: PgPool, config: PgConfig) -> StoreResult<Self> {
         config.validate()?;
         let sql = Arc::new(Sql::new(&config));
+        let records = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(
+                (*pool.connect_options())
+                    .clone()
+                    .options([("synchronous_commit", "off")]),
+            );
         Ok(Self {
             pool,
+            records,
             inbox: crate::PgInbox::new(&config),
             config: Arc::new(config),
             outbox: PgOutbox { sql },
@@ -362,7 +375,7 @@ impl Store for PgStore {
             .bind(lock_key)
             .bind(req.relay.to_owned())
             .bind(messages.iter().map(|m| m.id).collect::<Vec<_>>())
-            .execute(&self.pool)
+            .execute(&self.records)
             .await;
         if let Err(e) = started {
             tx.rollback().await.map_err(db)?;

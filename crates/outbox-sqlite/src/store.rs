@@ -180,7 +180,7 @@ const HEADS_WIDENED: &str = "SELECT c.seq, c.key FROM {p}messages c \
 
 /// One key's messages after its head; `?n` placeholders are filled per head.
 const RUN: &str = "SELECT * FROM (SELECT {columns}, available_at <= ?1 AS due FROM {p}messages \
-    WHERE key = ?K AND seq > ?S AND status IN ('pending', 'in_flight') ORDER BY seq LIMIT ?N)";
+    WHERE key = ?K AND seq > ?S AND status IN ('pending', 'in_flight') ORDER BY seq LIMIT ?N OFFSET ?2)";
 
 /// Runs are fetched for at most this many keyed heads: past that, a batch is full of heads.
 const MAX_RUNS: usize = 256;
@@ -374,24 +374,34 @@ impl SqliteStore {
             .into_iter()
             .filter_map(|(seq, key)| key.map(|k| (seq, k)))
             .collect();
-        let per_key = (req.limit.saturating_sub(out.len())) / keyed.len().max(1);
+        // As on PostgreSQL: each key brings its fair share of the room left, then, when some
+        // had less, the others what is still missing.
+        let room = req.limit.saturating_sub(out.len());
+        let per_key = room / keyed.len().max(1);
         if !keyed.is_empty() && keyed.len() <= MAX_RUNS && per_key > 0 {
-            out.extend(self.runs(tx, &keyed, per_key, now).await?);
+            let first = self.runs(tx, &keyed, per_key, 0, now).await?;
+            let missing = room.saturating_sub(first.len());
+            out.extend(first);
+            if missing > 0 {
+                out.extend(self.runs(tx, &keyed, missing, per_key, now).await?);
+            }
         }
         Ok(out)
     }
 
-    /// The next `per_key` messages of each head's key, in one compound statement.
+    /// Up to `per_key` messages of each head's key after its first `skip` followers, in one
+    /// compound statement.
     async fn runs(
         &self,
         tx: &mut Transaction<'_, Sqlite>,
         heads: &[(i64, String)],
         per_key: usize,
+        skip: usize,
         now: i64,
     ) -> StoreResult<Vec<Candidate>> {
         let parts: Vec<String> = (0..heads.len())
             .map(|i| {
-                let n = 2 + i * 3;
+                let n = 3 + i * 3;
                 self.sql()
                     .run
                     .replace("?K", &format!("?{n}"))
@@ -399,7 +409,9 @@ impl SqliteStore {
                     .replace("?N", &format!("?{}", n + 2))
             })
             .collect();
-        let mut query = sqlx::query(AssertSqlSafe(parts.join(" UNION ALL "))).bind(now);
+        let mut query = sqlx::query(AssertSqlSafe(parts.join(" UNION ALL ")))
+            .bind(now)
+            .bind(i64::try_from(skip).unwrap_or(i64::MAX));
         for (seq, key) in heads {
             query = query
                 .bind(key.clone())

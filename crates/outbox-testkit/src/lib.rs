@@ -74,6 +74,10 @@ macro_rules! conformance_tests {
             inbox_processes_each_message_once_per_consumer,
             inbox_record_rolls_back_with_the_effects,
             inbox_racing_redeliveries_process_once,
+            hot_keys_go_out_in_runs_and_in_order,
+            relays_joining_and_dying_keep_each_key_in_order,
+            a_sink_slower_than_the_lease_counts_attempts_and_goes_dead,
+            a_message_that_kills_its_relay_goes_dead_alone,
         );
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
@@ -152,7 +156,17 @@ pub async fn drain(store: Arc<dyn Store>, config: RelayConfig) -> Recorder {
     rec
 }
 
+mod order;
+
+pub use order::OrderCheck;
+
 pub mod tests {
+    pub use crate::order::{
+        a_message_that_kills_its_relay_goes_dead_alone,
+        a_sink_slower_than_the_lease_counts_attempts_and_goes_dead,
+        hot_keys_go_out_in_runs_and_in_order, relays_joining_and_dying_keep_each_key_in_order,
+    };
+
     use super::*;
     use anyhow::ensure;
 
