@@ -279,7 +279,12 @@ pub struct BenchArgs {
     /// kafka://mock is librdkafka's in-process mock cluster (feature kafka)
     #[arg(long = "sink", value_name = "URL")]
     pub sinks: Vec<String>,
-    /// Scenarios to run (comma-separated); all by default
+    /// Relays draining the backlog at once in the drain scenario, each with its own pool
+    /// (the relays scenario always runs 1, 2 and 4)
+    #[arg(long, default_value_t = 1)]
+    pub relays: usize,
+    /// Scenarios to run (comma-separated): write, drain, latency, brokers (the default), keys
+    /// and relays
     #[arg(
         long,
         value_delimiter = ',',

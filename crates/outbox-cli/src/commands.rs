@@ -373,8 +373,13 @@ async fn bench(settings: &StoreSettings, args: BenchArgs) -> anyhow::Result<()> 
     for url in &args.sinks {
         outbox_sinks::check_url(url)?;
     }
-    if args.messages == 0 || args.batch_size == 0 || args.clients == 0 || args.rate == 0 {
-        bail!("--messages, --batch-size, --clients and --rate must be at least 1");
+    if args.messages == 0
+        || args.batch_size == 0
+        || args.clients == 0
+        || args.rate == 0
+        || args.relays == 0
+    {
+        bail!("--messages, --batch-size, --clients, --rate and --relays must be at least 1");
     }
     let opts = crate::bench::Options {
         messages: args.messages,
@@ -388,6 +393,7 @@ async fn bench(settings: &StoreSettings, args: BenchArgs) -> anyhow::Result<()> 
         latency_duration: args.latency_duration,
         poll_interval: args.poll_interval,
         sinks: args.sinks,
+        relays: args.relays,
         scenarios: args.scenario,
         out: (!args.no_files).then_some(args.out),
         json: args.json,
@@ -399,7 +405,7 @@ async fn bench(settings: &StoreSettings, args: BenchArgs) -> anyhow::Result<()> 
     } else {
         crate::bench::print_text(&report);
     }
-    Ok(())
+    crate::bench::check(&report)
 }
 
 #[cfg(test)]

@@ -700,6 +700,54 @@ fn bench_on_sqlite_prints_every_key() {
     bench_prints_every_key(&Db::sqlite(), &[]);
 }
 
+/// `outbox bench --scenario drain,keys,relays --relays 2`: a rate per key count and per number
+/// of relays, their ratios, the drain by 2 relays, no message out of its key's order, and
+/// nothing left behind.
+fn bench_scaling_reports_every_count(db: &Db) {
+    let out = db.run(&[
+        "bench",
+        "--json",
+        "--no-files",
+        "--scenario=drain,keys,relays",
+        "--relays=2",
+        "--messages=300",
+        "--batch-size=100",
+        "--keys=20",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let positive = |v: &Value| v.as_f64().is_some_and(|v| v > 0.0);
+    for (field, names) in [
+        ("keys_drain_per_s", &["0", "1000", "10", "1"][..]),
+        ("keys_ratios", &["10/1000", "1/1000", "1000/0", "0/raw"]),
+        ("relays_drain_per_s", &["1", "2", "4"]),
+        ("relays_ratios", &["2/1", "4/1"]),
+    ] {
+        for name in names {
+            assert!(positive(&report[field][name]), "{field}.{name}: {report}");
+        }
+    }
+    assert!(positive(&report["keys_raw_drain_per_s"]), "{report}");
+    assert!(positive(&report["drain_per_s"]), "{report}");
+    assert_eq!(report["relays"], 2, "{report}");
+    assert_eq!(report["order_violations"], 0, "{report}");
+    assert_eq!(db.status()["pending"], 0);
+}
+
+#[test]
+fn bench_scaling_on_postgres_reports_every_count() {
+    bench_scaling_reports_every_count(&Db::postgres());
+}
+
+#[test]
+fn bench_scaling_on_sqlite_reports_every_count() {
+    bench_scaling_reports_every_count(&Db::sqlite());
+}
+
 #[test]
 fn bench_refuses_an_outbox_that_holds_messages() {
     let db = Db::sqlite();

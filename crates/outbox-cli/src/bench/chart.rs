@@ -1,6 +1,7 @@
 //! The results folder: the JSON report, a Markdown table and two SVG charts (the commit-to-sink
 //! latency histogram and the drain's progress against the raw-SQL loop).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
@@ -32,12 +33,15 @@ pub fn write_results(dir: &Path, r: &Report) -> anyhow::Result<()> {
 fn fmt(v: Option<f64>, unit: &str) -> String {
     match v {
         Some(v) if v >= 100.0 => format!("{v:.0}{unit}"),
+        // The ratios of a collapsed drain (one hot key) would all read 0.00.
+        Some(v) if v > 0.0 && v < 0.01 => format!("{v:.4}{unit}"),
         Some(v) => format!("{v:.2}{unit}"),
         None => "—".into(),
     }
 }
 
-/// The report as a Markdown table: each figure with the baseline it is compared to.
+/// The report as a Markdown table: each figure with the baseline it is compared to. Scenarios
+/// that did not run leave no row.
 pub fn markdown(r: &Report) -> String {
     let mut s = format!(
         "### {} ({} cores, {} messages, {} keys, {}-byte payloads, batch {}, {} claims, {} clients)\n\n\
@@ -51,42 +55,139 @@ pub fn markdown(r: &Report) -> String {
         r.claim_mode,
         r.clients
     );
-    s += &format!(
-        "| write: business insert + enqueue, tx/s | {} | {} alone; {} with a plain second row ({}) | **{}** |\n",
-        fmt(r.write_outbox_tx_per_s, ""),
-        fmt(r.write_alone_tx_per_s, ""),
-        fmt(r.write_raw_row_tx_per_s, ""),
-        fmt(r.raw_write_ratio, ""),
-        fmt(r.write_ratio, ""),
-    );
-    s += &format!(
-        "| drain to the null sink, msg/s | {} | {} (claim + DELETE loop) | **{}** |\n",
-        fmt(r.drain_per_s, ""),
-        fmt(r.raw_drain_per_s, ""),
-        fmt(r.drain_ratio, ""),
-    );
-    s += &format!(
-        "| commit → sink at {} msg/s, wake-ups | p50 {} · p99 {} · max {} | | |\n",
-        r.rate,
-        fmt(r.latency_p50_ms, " ms"),
-        fmt(r.latency_p99_ms, " ms"),
-        fmt(r.latency_max_ms, " ms"),
-    );
-    s += &format!(
-        "| commit → sink at {} msg/s, polling only | p50 {} · p99 {} · max {} | | |\n",
-        r.rate,
-        fmt(r.polling_latency_p50_ms, " ms"),
-        fmt(r.polling_latency_p99_ms, " ms"),
-        fmt(r.polling_latency_max_ms, " ms"),
-    );
-    s += &format!(
-        "| relay peak RSS (drain, latency) | {} | | |\n",
-        fmt(r.relay_peak_rss_mib, " MiB")
-    );
+    s += &drain_and_latency_rows(r);
     for (url, rate) in &r.brokers {
         s += &format!("| drain to `{url}`, msg/s | {rate:.0} | | |\n");
     }
+    s += &keys_rows(r);
+    s += &relays_rows(r);
+    if let Some(n) = r.order_violations {
+        s += &format!("| per-key order violations seen by the sinks | {n} | | |\n");
+    }
     s
+}
+
+/// The rows of the write, drain and latency scenarios, and of the memory they took.
+fn drain_and_latency_rows(r: &Report) -> String {
+    let mut s = String::new();
+    if r.write_outbox_tx_per_s.is_some() {
+        s += &format!(
+            "| write: business insert + enqueue, tx/s | {} | {} alone; {} with a plain second row ({}) | **{}** |\n",
+            fmt(r.write_outbox_tx_per_s, ""),
+            fmt(r.write_alone_tx_per_s, ""),
+            fmt(r.write_raw_row_tx_per_s, ""),
+            fmt(r.raw_write_ratio, ""),
+            fmt(r.write_ratio, ""),
+        );
+    }
+    if r.drain_per_s.is_some() {
+        let by = match r.relays {
+            1 => String::new(),
+            n => format!(" by {n} relays at once"),
+        };
+        s += &format!(
+            "| drain to the null sink{by}, msg/s | {} | {} (claim + DELETE loop) | **{}** |\n",
+            fmt(r.drain_per_s, ""),
+            fmt(r.raw_drain_per_s, ""),
+            fmt(r.drain_ratio, ""),
+        );
+    }
+    if r.latency_p50_ms.is_some() {
+        s += &format!(
+            "| commit → sink at {} msg/s, wake-ups | p50 {} · p99 {} · max {} | | |\n",
+            r.rate,
+            fmt(r.latency_p50_ms, " ms"),
+            fmt(r.latency_p99_ms, " ms"),
+            fmt(r.latency_max_ms, " ms"),
+        );
+        s += &format!(
+            "| commit → sink at {} msg/s, polling only | p50 {} · p99 {} · max {} | | |\n",
+            r.rate,
+            fmt(r.polling_latency_p50_ms, " ms"),
+            fmt(r.polling_latency_p99_ms, " ms"),
+            fmt(r.polling_latency_max_ms, " ms"),
+        );
+    }
+    if r.relay_peak_rss_mib.is_some() {
+        s += &format!(
+            "| relay peak RSS (drain, latency) | {} | | |\n",
+            fmt(r.relay_peak_rss_mib, " MiB")
+        );
+    }
+    s
+}
+
+/// One row per key count of the keys scenario, each against the baseline of its ratio.
+fn keys_rows(r: &Report) -> String {
+    let mut s = String::new();
+    // In the order they run: unkeyed, then from many keys to one.
+    let mut rates: Vec<_> = r.keys_drain_per_s.iter().collect();
+    rates.sort_by_key(|(keys, _)| (**keys != 0, std::cmp::Reverse(**keys)));
+    for (keys, rate) in rates {
+        let label = match keys {
+            0 => "unkeyed".to_owned(),
+            1 => "1 key".to_owned(),
+            n => format!("{n} keys"),
+        };
+        let (baseline, ratio) = match ratio_of(&r.keys_ratios, *keys) {
+            Some(("raw", v)) => (
+                format!("{} (claim + DELETE loop)", fmt(r.keys_raw_drain_per_s, "")),
+                Some(v),
+            ),
+            Some((of, v)) => {
+                let base = of.parse().ok().and_then(|k| r.keys_drain_per_s.get(&k));
+                let name = if of == "0" {
+                    "unkeyed".into()
+                } else {
+                    format!("with {of} keys")
+                };
+                (format!("{} {name}", fmt(base.copied(), "")), Some(v))
+            }
+            None => (String::new(), None),
+        };
+        s += &format!(
+            "| drain, {label}, msg/s | {} | {baseline} | {} |\n",
+            fmt(Some(*rate), ""),
+            bold(ratio)
+        );
+    }
+    s
+}
+
+/// One row per relay count of the relays scenario, each against the single relay.
+fn relays_rows(r: &Report) -> String {
+    let mut s = String::new();
+    let single = r.relays_drain_per_s.get(&1).copied();
+    for (n, rate) in &r.relays_drain_per_s {
+        let (label, baseline) = match n {
+            1 => ("1 relay".to_owned(), String::new()),
+            n => (
+                format!("{n} relays at once"),
+                format!("{} with 1 relay", fmt(single, "")),
+            ),
+        };
+        let ratio = ratio_of(&r.relays_ratios, *n).map(|(_, v)| v);
+        s += &format!(
+            "| drain by {label} ({} keys, own pools), msg/s | {} | {baseline} | {} |\n",
+            r.keys,
+            fmt(Some(*rate), ""),
+            bold(ratio)
+        );
+    }
+    s
+}
+
+/// A ratio cell: bold when there is a ratio, empty when the row is a baseline itself.
+fn bold(ratio: Option<f64>) -> String {
+    ratio.map_or_else(String::new, |v| format!("**{}**", fmt(Some(v), "")))
+}
+
+/// The ratio named `"{numerator}/…"`, with its denominator's name.
+fn ratio_of(ratios: &BTreeMap<String, f64>, numerator: usize) -> Option<(&str, f64)> {
+    ratios.iter().find_map(|(name, v)| {
+        let (a, b) = name.split_once('/')?;
+        (a.parse() == Ok(numerator)).then_some((b, *v))
+    })
 }
 
 type ChartResult = Result<(), Box<dyn std::error::Error>>;

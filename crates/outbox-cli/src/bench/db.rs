@@ -10,6 +10,7 @@ use outbox_core::{NewMessage, Store};
 use outbox_postgres::{ClaimMode, PgConfig, PgStore};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
 use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::{AssertSqlSafe, Executor};
 
 use crate::cli::ClaimArg;
@@ -113,6 +114,33 @@ impl BenchDb {
             Self::Postgres { store, .. } => Arc::new(store.clone()),
             Self::Sqlite { store, .. } => Arc::new(store.clone()),
         }
+    }
+
+    /// A store of the same outbox on a pool of its own, `connections` large: what a relay in
+    /// another process would have, so that relays of one run do not queue for one pool.
+    pub async fn separate_store(&self, connections: u32) -> anyhow::Result<Arc<dyn Store>> {
+        let timeout = Duration::from_secs(10);
+        Ok(match self {
+            Self::Postgres { store, .. } => {
+                let options = store.pool().connect_options();
+                let pool = PgPoolOptions::new()
+                    .max_connections(connections)
+                    .acquire_timeout(timeout)
+                    .connect_with((*options).clone())
+                    .await?;
+                let separate = PgStore::with_config(pool, store.config().clone())?;
+                Arc::new(separate.with_claim_mode(store.claim_mode()))
+            }
+            Self::Sqlite { store, .. } => {
+                let options = store.pool().connect_options();
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(connections)
+                    .acquire_timeout(timeout)
+                    .connect_with((*options).clone())
+                    .await?;
+                Arc::new(SqliteStore::with_config(pool, store.config().clone())?)
+            }
+        })
     }
 
     fn names(&self) -> &Names {
@@ -282,6 +310,18 @@ impl BenchDb {
             }
         }
         Ok(())
+    }
+
+    /// Refreshes the outbox's statistics after a prefill, as [`Self::copy_to_raw`] does, so
+    /// that every drain of a run starts from the same kind of plan.
+    pub async fn analyze(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Postgres { names, .. } => {
+                self.execute(&format!("VACUUM ANALYZE {}", names.messages))
+                    .await
+            }
+            Self::Sqlite { .. } => self.execute("ANALYZE").await,
+        }
     }
 
     /// Copies the prefilled outbox into the raw table, and refreshes both tables' statistics

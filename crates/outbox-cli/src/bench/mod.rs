@@ -28,6 +28,10 @@ pub enum Scenario {
     Drain,
     Latency,
     Brokers,
+    /// The drain with 0 (unkeyed), 1,000, 10 and 1 keys on backlogs of the same size.
+    Keys,
+    /// The drain with 1, 2 and 4 relays at once, each with its own pool.
+    Relays,
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +47,8 @@ pub struct Options {
     pub latency_duration: Duration,
     pub poll_interval: Duration,
     pub sinks: Vec<String>,
+    /// Relays that drain the backlog at once in the drain scenario.
+    pub relays: usize,
     pub scenarios: Vec<Scenario>,
     pub out: Option<PathBuf>,
     pub json: bool,
@@ -68,6 +74,8 @@ pub struct Report {
     pub claim_mode: String,
     pub clients: usize,
     pub rate: u32,
+    /// Relays at once in the drain scenario (`--relays`).
+    pub relays: usize,
     pub write_alone_tx_per_s: Option<f64>,
     pub write_outbox_tx_per_s: Option<f64>,
     pub write_raw_row_tx_per_s: Option<f64>,
@@ -85,6 +93,20 @@ pub struct Report {
     pub relay_peak_rss_mib: Option<f64>,
     /// Drain rate per sink URL (`--sink`), same message count as the drain scenario.
     pub brokers: BTreeMap<String, f64>,
+    /// Drain rate per key count (0: unkeyed), each on a fresh backlog of `messages`.
+    pub keys_drain_per_s: BTreeMap<usize, f64>,
+    /// The raw-SQL drain of the unkeyed backlog of the keys scenario.
+    pub keys_raw_drain_per_s: Option<f64>,
+    /// `10/1000`, `1/1000`, `1000/0` (keyed against unkeyed) and `0/raw`.
+    pub keys_ratios: BTreeMap<String, f64>,
+    /// Drain rate per number of relays running at once, each on a fresh backlog of `messages`.
+    pub relays_drain_per_s: BTreeMap<usize, f64>,
+    /// `2/1` and `4/1`.
+    pub relays_ratios: BTreeMap<String, f64>,
+    /// Deliveries of a key's message after a later one of the same key, over every drain whose
+    /// sink checked the order (keys, relays, and the drain with `--relays` above 1). Anything
+    /// above 0 fails the run.
+    pub order_violations: Option<u64>,
     #[serde(skip)]
     pub series: Series,
 }
@@ -114,6 +136,7 @@ pub async fn run(settings: &StoreSettings, opts: Options) -> anyhow::Result<Repo
         claim_mode: db.claim_mode().into(),
         clients: opts.clients,
         rate: opts.rate,
+        relays: opts.relays,
         ..Report::default()
     };
     let outcome = scenario::run_all(&db, &opts, &mut report).await;
@@ -140,6 +163,17 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     bar.set_style(style);
     bar.set_prefix(what.to_owned());
     bar
+}
+
+/// Fails a run whose sinks saw a key's messages out of order, after its report was printed:
+/// the figures of a relay that breaks the ordering guarantee mean nothing.
+pub fn check(r: &Report) -> anyhow::Result<()> {
+    match r.order_violations {
+        Some(n) if n > 0 => anyhow::bail!(
+            "{n} messages were delivered after a later message of their key (order_violations)"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// The text summary printed without `--json`.

@@ -1,6 +1,7 @@
 //! The scenarios. Each fills the outbox it needs and leaves it empty.
 
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -9,9 +10,9 @@ use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use outbox_core::{
     ClaimRequest, Delivery, Failure, HeldBatch, Message, NewMessage, Ownership, PollingWaiter,
-    Relay, RelayConfig, Retention, Sink, StatusCounts, Store, StoreResult, Waiter,
+    Relay, RelayConfig, RelayReport, Retention, Sink, StatusCounts, Store, StoreResult, Waiter,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
@@ -41,6 +42,12 @@ pub async fn run_all(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Re
             r.brokers.insert(url.clone(), rate);
             db.clear().await?;
         }
+    }
+    if opts.runs(Scenario::Keys) {
+        keys(db, opts, r).await?;
+    }
+    if opts.runs(Scenario::Relays) {
+        relays(db, opts, r).await?;
     }
     Ok(())
 }
@@ -138,7 +145,13 @@ async fn drain(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<(
     db.copy_to_raw().await?;
     let (raw_rate, raw_series) = raw_drain(db, opts).await?;
     rss::reset_peak();
-    let (rate, series) = relay_drain(db, opts, Arc::new(outbox_sinks::NullSink), "drain").await?;
+    let (rate, series) = if opts.relays > 1 {
+        let drained = relays_drain(db, opts, opts.relays, "drain").await?;
+        count_violations(r, drained.violations);
+        (drained.rate, drained.series)
+    } else {
+        relay_drain(db, opts, Arc::new(outbox_sinks::NullSink), "drain").await?
+    };
     r.relay_peak_rss_mib = rss::peak_mib();
     r.drain_per_s = Some(rate);
     r.raw_drain_per_s = Some(raw_rate);
@@ -230,6 +243,264 @@ async fn relay_drain(
         );
     }
     Ok((report.delivered as f64 / secs, series))
+}
+
+// ---- 2b. key counts ----------------------------------------------------------------------
+
+/// The key counts of the keys scenario, in the order they run: unkeyed, many, few, one hot key.
+const KEY_COUNTS: [usize; 4] = [0, 1000, 10, 1];
+
+/// The ratios it reports, numerator and denominator key counts.
+const KEY_RATIOS: [(usize, usize); 3] = [(10, 1000), (1, 1000), (1000, 0)];
+
+/// The drain of one backlog shape at each of [`KEY_COUNTS`], each on a fresh backlog of the
+/// same size, and the raw-SQL drain of the unkeyed one: how much ordering by key costs, and
+/// how much less a relay drains when few keys hold the whole backlog.
+async fn keys(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<()> {
+    let mut violations = 0;
+    for keys in KEY_COUNTS {
+        let shaped = Options {
+            keys,
+            ..opts.clone()
+        };
+        prefill(db, &shaped).await?;
+        if keys == 0 {
+            db.copy_to_raw().await?;
+            r.keys_raw_drain_per_s = Some(raw_drain(db, &shaped).await?.0);
+        } else {
+            db.analyze().await?;
+        }
+        let check = Arc::new(OrderCheck::default());
+        let sink = Arc::new(OrderSink(check.clone()));
+        let what = format!("{keys} keys");
+        let (rate, _) = relay_drain(db, &shaped, sink, &what).await?;
+        violations += check.violations();
+        r.keys_drain_per_s.insert(keys, rate);
+        db.clear().await?;
+    }
+    for (a, b) in KEY_RATIOS {
+        insert_ratio(&mut r.keys_ratios, &r.keys_drain_per_s, a, b);
+    }
+    if let (Some(unkeyed), Some(raw)) = (r.keys_drain_per_s.get(&0), r.keys_raw_drain_per_s) {
+        r.keys_ratios.insert("0/raw".into(), unkeyed / raw);
+    }
+    count_violations(r, violations);
+    Ok(())
+}
+
+/// Inserts `rates[a] / rates[b]` as `"a/b"`.
+fn insert_ratio(
+    ratios: &mut BTreeMap<String, f64>,
+    rates: &BTreeMap<usize, f64>,
+    a: usize,
+    b: usize,
+) {
+    if let (Some(x), Some(y)) = (rates.get(&a), rates.get(&b)) {
+        ratios.insert(format!("{a}/{b}"), x / y);
+    }
+}
+
+fn count_violations(r: &mut Report, n: u64) {
+    r.order_violations = Some(r.order_violations.unwrap_or(0) + n);
+}
+
+// ---- 2c. several relays ------------------------------------------------------------------
+
+/// The relay counts of the relays scenario.
+const RELAY_COUNTS: [usize; 3] = [1, 2, 4];
+
+/// The drain by 1, 2 and 4 relays at once, each on a fresh backlog of the same shape: whether
+/// more relays drain faster, or only contend for the same head of the backlog.
+async fn relays(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<()> {
+    let mut violations = 0;
+    for n in RELAY_COUNTS {
+        prefill(db, opts).await?;
+        db.analyze().await?;
+        let what = format!("{n} relays");
+        let drained = relays_drain(db, opts, n, &what).await?;
+        violations += drained.violations;
+        r.relays_drain_per_s.insert(n, drained.rate);
+        db.clear().await?;
+    }
+    for n in RELAY_COUNTS.into_iter().filter(|n| *n > 1) {
+        insert_ratio(&mut r.relays_ratios, &r.relays_drain_per_s, n, 1);
+    }
+    count_violations(r, violations);
+    Ok(())
+}
+
+/// What a drain by several relays measured.
+struct Drained {
+    rate: f64,
+    series: Progress,
+    violations: u64,
+}
+
+/// How long the relays may deliver nothing before the drain is abandoned as stuck.
+const STALL: Duration = Duration::from_secs(60);
+
+/// Runs `relays` relays at once, each with a pool and a relay id of its own as in separate
+/// processes, until their sinks together counted the whole backlog. Not in drain mode: with
+/// several relays one may find nothing for itself while the others still deliver.
+async fn relays_drain(
+    db: &BenchDb,
+    opts: &Options,
+    relays: usize,
+    what: &str,
+) -> anyhow::Result<Drained> {
+    let target = opts.messages as u64;
+    let check = Arc::new(OrderCheck::default());
+    let (abort, aborted) = watch::channel(false);
+    let mut started_relays = Vec::with_capacity(relays);
+    for i in 0..relays {
+        started_relays.push(bench_relay(db, opts, i, check.clone()).await?);
+    }
+    let bar = progress(target, what);
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for relay in started_relays {
+        let (check, mut aborted) = (check.clone(), aborted.clone());
+        tasks.spawn(relay.run(async move {
+            tokio::select! {
+                _ = check.reached(target) => {}
+                _ = aborted.wait_for(|a| *a) => {}
+            }
+        }));
+    }
+    let series = follow(&mut tasks, &check, &abort, &bar, started).await?;
+    let secs = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let delivered = check.delivered();
+    if *aborted.borrow() || delivered < target {
+        bail!("{what}: the relays delivered {delivered} of {target} messages, then stalled");
+    }
+    let left = db.store().status().await?;
+    if left.pending + left.in_flight > 0 {
+        bail!(
+            "{what}: {} messages still pending after the sinks counted the backlog",
+            left.pending + left.in_flight
+        );
+    }
+    Ok(Drained {
+        rate: delivered as f64 / secs,
+        series,
+        violations: check.violations(),
+    })
+}
+
+/// One relay of a multi-relay drain, on its own pool, delivering to an order-checking sink.
+async fn bench_relay(
+    db: &BenchDb,
+    opts: &Options,
+    i: usize,
+    check: Arc<OrderCheck>,
+) -> anyhow::Result<Relay> {
+    let config = RelayConfig {
+        relay_id: format!("bench-{}-{i}", std::process::id()),
+        batch_size: opts.batch_size,
+        ..RelayConfig::default()
+    };
+    // One connection per batch in delivery, one for LISTEN, one to spare.
+    let connections = config.in_flight_batches as u32 + 2;
+    let store = db.separate_store(connections).await?;
+    Ok(Relay::with_config(
+        store,
+        Arc::new(OrderSink(check)),
+        config,
+    ))
+}
+
+/// Samples the sinks' count until every relay stopped; aborts the relays once nothing was
+/// delivered for [`STALL`]. Returns the progress.
+async fn follow(
+    tasks: &mut JoinSet<RelayReport>,
+    check: &OrderCheck,
+    abort: &watch::Sender<bool>,
+    bar: &indicatif::ProgressBar,
+    started: Instant,
+) -> anyhow::Result<Progress> {
+    let mut series = vec![(0.0, 0)];
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut moved = Instant::now();
+    loop {
+        tokio::select! {
+            done = tasks.join_next() => match done {
+                Some(report) => { report.context("relay task")?; }
+                None => break,
+            },
+            _ = tick.tick() => {
+                let n = check.delivered();
+                if series.last().is_some_and(|(_, last)| *last != n) {
+                    moved = Instant::now();
+                }
+                series.push((started.elapsed().as_secs_f64(), n));
+                bar.set_position(n);
+                if moved.elapsed() > STALL {
+                    abort.send_replace(true);
+                }
+            }
+        }
+    }
+    series.push((started.elapsed().as_secs_f64(), check.delivered()));
+    Ok(series)
+}
+
+/// Per-key order as the sinks of one drain saw it, shared by all its relays.
+#[derive(Default)]
+struct OrderCheck {
+    /// The highest seq delivered per key.
+    last_seq: Mutex<HashMap<String, i64>>,
+    violations: AtomicU64,
+    delivered: watch::Sender<u64>,
+}
+
+impl OrderCheck {
+    fn record(&self, batch: &[Message]) {
+        let mut late = 0;
+        {
+            let mut last = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
+            for m in batch {
+                let Some(key) = &m.key else { continue };
+                match last.get_mut(key) {
+                    Some(prev) if m.seq < *prev => late += 1,
+                    Some(prev) => *prev = m.seq,
+                    None => {
+                        last.insert(key.clone(), m.seq);
+                    }
+                }
+            }
+        }
+        self.violations.fetch_add(late, Ordering::Relaxed);
+        self.delivered.send_modify(|n| *n += batch.len() as u64);
+    }
+
+    fn delivered(&self) -> u64 {
+        *self.delivered.borrow()
+    }
+
+    fn violations(&self) -> u64 {
+        self.violations.load(Ordering::Relaxed)
+    }
+
+    /// Completes once the sinks counted `n` deliveries.
+    async fn reached(&self, n: u64) {
+        let _ = self.delivered.subscribe().wait_for(|c| *c >= n).await;
+    }
+}
+
+/// A null sink that checks per-key order across every relay of a drain.
+struct OrderSink(Arc<OrderCheck>);
+
+#[async_trait]
+impl Sink for OrderSink {
+    async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
+        self.0.record(batch);
+        batch.iter().map(|_| Ok(())).collect()
+    }
+
+    fn name(&self) -> &str {
+        "null"
+    }
 }
 
 // ---- 3. latency --------------------------------------------------------------------------
@@ -456,4 +727,40 @@ async fn drain_to(db: &BenchDb, opts: &Options, url: &str, shown: &str) -> anyho
     .await;
     topology.remove().await?;
     Ok(drained?.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivered(key: Option<&str>, seq: i64) -> Message {
+        Message {
+            id: Uuid::now_v7(),
+            seq,
+            topic: TOPIC.into(),
+            message_type: "order.created".into(),
+            key: key.map(str::to_owned),
+            partition: 0,
+            payload: b"{}".to_vec(),
+            content_type: "application/json".into(),
+            headers: Default::default(),
+            created_at: chrono::Utc::now(),
+            available_at: chrono::Utc::now(),
+            attempts: 1,
+            last_error: None,
+            status: outbox_core::Status::InFlight,
+        }
+    }
+
+    #[test]
+    fn the_order_check_counts_a_message_delivered_after_a_later_one_of_its_key() {
+        let check = OrderCheck::default();
+        check.record(&[delivered(Some("a"), 1), delivered(Some("b"), 2)]);
+        // Another relay's batch: b's next message, a redelivery of b's (not a violation), and
+        // a message of a older than the one already delivered.
+        check.record(&[delivered(Some("b"), 5), delivered(Some("b"), 5)]);
+        check.record(&[delivered(Some("a"), 0), delivered(None, 0)]);
+        assert_eq!(check.violations(), 1);
+        assert_eq!(check.delivered(), 6);
+    }
 }
