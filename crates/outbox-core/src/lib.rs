@@ -16,13 +16,17 @@
 //!   after the publish, before the ack) leaves the lease to expire or the transaction to roll
 //!   back, and the message is delivered again with the same id: consumers deduplicate on it
 //!   (see the inbox).
-//! - **In order per key.** A message with a key is claimed only when no earlier message with
-//!   that key is pending or in flight, so a key goes out in enqueue order, one message at a
-//!   time, even with several relays. A failing key holds back its own later messages (until it
-//!   is delivered or dead) and nothing else.
+//! - **In order per key.** A key's messages are claimed as a run from its oldest undelivered
+//!   one and handed to the sink in waves of at most one message per key; a key stops at its
+//!   first failure. Relays own partitions of the keys where the store supports it, and a relay
+//!   never claims a key it has in delivery, so a key is never in delivery twice at once, even
+//!   with several relays and writers racing on it (see [`pick`] and [`Ownership`]). A failing
+//!   key holds back its own later messages (until it is delivered or dead) and nothing else.
 //! - **Bounded retries.** A failed delivery is retried with exponential backoff and jitter up
 //!   to `max_attempts`, then the message is `dead`: kept with its last error, listed and
-//!   replayable. A sink marks hopeless errors permanent and they go dead at once.
+//!   replayable. A sink marks hopeless errors permanent and they go dead at once. A delivery
+//!   past [`RelayConfig::delivery_deadline`] fails as an attempt, and one that never ends (the
+//!   relay died) counts an attempt too ([`Store::recover`]), its messages then going one by one.
 //! - **Quiet when idle, patient when down.** An idle relay queries about once per poll interval
 //!   and is woken within milliseconds by the store when it can; a relay whose database is down
 //!   backs off, reconnects by itself and logs once per change of state.

@@ -25,6 +25,8 @@ RETURNS SETOF {schema}.{p}messages
 LANGUAGE sql
 SET enable_seqscan = off
 SET enable_bitmapscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 SET jit = off
 AS $fn$
     WITH f AS MATERIALIZED (
@@ -47,18 +49,24 @@ AS $fn$
     FROM f WHERE f.seq NOT IN (SELECT l.seq FROM l)
 $fn$;
 
--- The claim. It looks at a window of the first p_scan deliverable rows (in the ready index's
--- order, locked as they are read) that this relay may claim: unkeyed rows and rows of the partitions in p_owned (NULL:
--- all). In the window, each key's oldest row is its head if no older message of the key is still
--- undelivered; the first p_limit heads are claimed, and each keyed head brings the
--- run of its key's next messages (as many as leave room in the batch), locked too. The caller
--- decides (outbox_core::pick) where a run must stop: at a message not due yet.
+-- Undelivered keyed rows whose delivery time is not their enqueue time: delayed, backing off
+-- after a failure, released, or leased. Only these can be older than a key's first row in the
+-- claim's window and still be undelivered, so the claim's probe reads this index alone. Rows
+-- enqueued for now (available_at = created_at) never enter it, so writers do not pay for it.
+CREATE INDEX IF NOT EXISTS {p}messages_rescheduled ON {schema}.{p}messages (key, seq)
+    WHERE key IS NOT NULL AND status IN ('pending', 'in_flight') AND available_at > created_at;
+
+-- The claim. It reads a window of the first p_scan deliverable rows in the ready index's order
+-- that this relay may claim: unkeyed rows, and rows of the partitions in p_owned (NULL: all).
+-- In the window each key's oldest row is its head, unless an older row of the key was
+-- rescheduled; the first p_limit heads that are not locked elsewhere are claimed (locked), and
+-- each keyed head brings the run of its key's next messages (see claim_followers). The caller
+-- (outbox_core::pick) decides where a run must stop. p_lease_ms, when set, becomes the
+-- transaction's idle timeout; p_lock_key, when set, is the advisory lock of the delivery record.
 --
 -- The window keeps a claim's cost independent of the backlog: a hot key with a million messages
 -- costs one probe, not a million. When the window holds nothing claimable and p_widen is set, the
 -- claim walks the whole backlog once (heads only) so that nothing behind a blocked key waits.
--- The probe for an older message walks the key index backwards from the candidate, which stops
--- at the nearest live entry instead of crossing every dead entry of the key's delivered past.
 CREATE OR REPLACE FUNCTION {schema}.{p}claim_runs(
     p_limit integer, p_scan integer, p_lease_ms bigint, p_owned boolean[],
     p_lock_ns integer, p_lock_key integer, p_widen boolean)
@@ -67,11 +75,15 @@ LANGUAGE plpgsql
 SET enable_sort = off
 SET enable_bitmapscan = off
 SET enable_seqscan = off
+-- Rows are found by their seq, one index probe each: a hash or merge join would read the table.
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 -- The few sorts left cost "disabled" and push the estimate past JIT's threshold: compiling the
 -- query would cost a claim a quarter of a second.
 SET jit = off
 AS $fn$
 DECLARE
+    found bigint[];
     heads {schema}.{p}messages[];
     keyed integer;
     room integer;
@@ -85,31 +97,39 @@ BEGIN
         PERFORM pg_advisory_xact_lock(p_lock_ns, p_lock_key);
     END IF;
 
-    -- The window's rows are locked as they are read: rows in delivery elsewhere are skipped, and
-    -- a key whose head is skipped has a younger row here that the probe below turns down.
+    -- The window is read without locks, so that a key whose oldest row is in delivery elsewhere
+    -- (locked) shows that row as its first: locking it fails below and the key sits out. An older
+    -- row of the key outside the window can only be one whose delivery time moved (delayed,
+    -- backing off, leased): the probe looks for those in their own small index, which the
+    -- delivered rows' dead entries never clutter.
     WITH w AS MATERIALIZED (
-        SELECT c AS msg, c.seq, c.key, c.available_at FROM {schema}.{p}messages c
+        SELECT c.seq, c.key, c.available_at FROM {schema}.{p}messages c
         WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= now()
           AND (p_owned IS NULL OR c.key IS NULL OR p_owned[c.partition + 1])
         ORDER BY c.available_at, c.seq
-        LIMIT p_scan
-        FOR UPDATE OF c SKIP LOCKED),
+        LIMIT p_scan),
     firsts AS (
         SELECT DISTINCT ON (w.key) w.seq, w.key, w.available_at FROM w
         WHERE w.key IS NOT NULL
         ORDER BY w.key, w.seq),
     cand AS (
-        SELECT w.seq, w.available_at FROM w WHERE w.key IS NULL
+        SELECT w.seq FROM w WHERE w.key IS NULL
         UNION ALL
-        SELECT f.seq, f.available_at FROM firsts f
+        SELECT f.seq FROM firsts f
         WHERE NOT EXISTS (
-            SELECT 1 FROM (
-                SELECT e.seq FROM {schema}.{p}messages e
-                WHERE e.key = f.key AND e.seq < f.seq AND e.status IN ('pending', 'in_flight')
-                ORDER BY e.key DESC, e.seq DESC LIMIT 1) older)),
-    chosen AS (
-        SELECT cand.seq FROM cand ORDER BY cand.available_at, cand.seq LIMIT p_limit)
-    SELECT array_agg(w.msg) INTO heads FROM w WHERE w.seq IN (SELECT chosen.seq FROM chosen);
+            SELECT 1 FROM {schema}.{p}messages e
+            WHERE e.key = f.key AND e.seq < f.seq AND e.status IN ('pending', 'in_flight')
+              AND e.available_at > e.created_at))
+    SELECT array_agg(cand.seq) INTO found FROM cand;
+
+    -- Oldest first by seq, which the primary key gives without a sort.
+    SELECT array_agg(x.msg) INTO heads
+    FROM (
+        SELECT m AS msg FROM {schema}.{p}messages m
+        WHERE m.seq = ANY (found)
+          AND m.status IN ('pending', 'in_flight') AND m.available_at <= now()
+        LIMIT p_limit
+        FOR UPDATE OF m SKIP LOCKED) x;
 
     IF heads IS NULL AND p_widen THEN
         SELECT array_agg(h) INTO heads

@@ -40,22 +40,23 @@ async fn enqueue(store: &PgStore, range: std::ops::Range<u64>, keys: u64) -> any
 }
 
 /// `claim_runs(limit, scan, lease_ms, owned, lock_ns, lock_key, widen)` for a batch of 1,000.
-const CLAIM: &str = "1000, 1000, 30000, NULL, 1, NULL, true";
+const CLAIM: &str = "1000, 2000, 30000, NULL, 1, NULL, true";
 
 #[tokio::test]
 async fn a_claim_costs_the_same_whatever_the_backlog_behind_its_keys() -> anyhow::Result<()> {
     for keys in [1, 10] {
         let store = common::fresh_store().await?;
         store.migrate().await?;
-        enqueue(&store, 0..2_000, keys).await?;
+        // Both sizes have index trees of the same height, so that buffers compare the work.
+        enqueue(&store, 0..5_000, keys).await?;
         let (small, found) = buffers_of(&store, "claim_runs", CLAIM).await?;
         assert_eq!(found, 1000, "{keys} keys: a full batch of runs");
-        enqueue(&store, 2_000..60_000, keys).await?;
+        enqueue(&store, 5_000..80_000, keys).await?;
         let (large, found) = buffers_of(&store, "claim_runs", CLAIM).await?;
         assert_eq!(found, 1000);
         assert!(
             large < small * 2,
-            "{keys} keys: {small} buffers at 2,000 pending, {large} at 60,000"
+            "{keys} keys: {small} buffers at 5,000 pending, {large} at 80,000"
         );
         common::drop_schema(&store).await?;
     }
@@ -87,7 +88,7 @@ async fn a_claim_ahead_behind_keys_in_flight_reads_a_window_not_the_backlog() ->
         .await?
         .expect("runs");
     assert_eq!(held.messages().len(), 1000);
-    let ahead = "1000, 3000, 30000, NULL, 1, NULL, false";
+    let ahead = "1000, 4000, 30000, NULL, 1, NULL, false";
     let (window, found) = buffers_of(&store, "claim_runs", ahead).await?;
     assert_eq!(found, 0, "nothing is claimable while every key is locked");
     let (full, found) = buffers_of(&store, "claim_runs", CLAIM).await?;

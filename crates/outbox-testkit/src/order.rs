@@ -364,8 +364,11 @@ pub async fn a_message_that_kills_its_relay_goes_dead_alone(f: &dyn Fixture) -> 
         dead.len() == 1 && dead[0].id == poison.id(),
         "dead after {crashes} crashes: {dead:?}"
     );
+    // Each crash counts once; a crash may come before the previous one was counted when the
+    // dead relay's transaction ends late (an aborted task's connection rolls back lazily, where
+    // a killed process's ends at once), hence one more at most.
     ensure!(
-        crashes == max_attempts,
+        (max_attempts..=max_attempts + 1).contains(&crashes),
         "{crashes} crashes for max_attempts {max_attempts}"
     );
     let got: HashSet<Uuid> = rec.ids().into_iter().collect();
