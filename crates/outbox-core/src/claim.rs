@@ -52,11 +52,11 @@ impl<'a> ClaimRequest<'a> {
         }
     }
 
-    /// How many rows of the ready order a claim looks at: enough to fill a batch past a
-    /// batch's worth of keys whose head is in flight.
+    /// How many rows of the ready order a claim looks at: a batch's worth, and three while
+    /// batches are in delivery, whose rows fill the front of the ready order.
     pub fn scan_window(&self) -> usize {
         self.limit
-            .saturating_mul(if self.ahead { 2 } else { 4 })
+            .saturating_mul(if self.ahead { 3 } else { 1 })
             .max(1)
     }
 

@@ -83,7 +83,9 @@ SET enable_mergejoin = off
 SET jit = off
 AS $fn$
 DECLARE
-    found bigint[];
+    w_ctid tid[];
+    w_seq bigint[];
+    w_key text[];
     heads {schema}.{p}messages[];
     keyed integer;
     room integer;
@@ -102,34 +104,53 @@ BEGIN
     -- row of the key outside the window can only be one whose delivery time moved (delayed,
     -- backing off, leased): the probe looks for those in their own small index, which the
     -- delivered rows' dead entries never clutter.
-    WITH w AS MATERIALIZED (
-        SELECT c.seq, c.key, c.available_at FROM {schema}.{p}messages c
+    SELECT array_agg(c.ctid), array_agg(c.seq), array_agg(c.key), count(c.key)
+    INTO w_ctid, w_seq, w_key, keyed
+    FROM (
+        SELECT c.ctid, c.seq, c.key FROM {schema}.{p}messages c
         WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= now()
           AND (p_owned IS NULL OR c.key IS NULL OR p_owned[c.partition + 1])
         ORDER BY c.available_at, c.seq
-        LIMIT p_scan),
-    firsts AS (
-        SELECT DISTINCT ON (w.key) w.seq, w.key, w.available_at FROM w
-        WHERE w.key IS NOT NULL
-        ORDER BY w.key, w.seq),
-    cand AS (
-        SELECT w.seq FROM w WHERE w.key IS NULL
-        UNION ALL
-        SELECT f.seq FROM firsts f
-        WHERE NOT EXISTS (
-            SELECT 1 FROM {schema}.{p}messages e
-            WHERE e.key = f.key AND e.seq < f.seq AND e.status IN ('pending', 'in_flight')
-              AND e.available_at > e.created_at))
-    SELECT array_agg(cand.seq) INTO found FROM cand;
+        LIMIT p_scan) c;
 
-    -- Oldest first by seq, which the primary key gives without a sort.
-    SELECT array_agg(x.msg) INTO heads
-    FROM (
-        SELECT m AS msg FROM {schema}.{p}messages m
-        WHERE m.seq = ANY (found)
-          AND m.status IN ('pending', 'in_flight') AND m.available_at <= now()
-        LIMIT p_limit
-        FOR UPDATE OF m SKIP LOCKED) x;
+    IF keyed = 0 THEN
+        -- Unkeyed rows only: no runs to add, the locked rows are the batch.
+        RETURN QUERY
+            SELECT m.* FROM {schema}.{p}messages m
+            WHERE m.ctid = ANY (w_ctid)
+              AND m.status IN ('pending', 'in_flight') AND m.available_at <= now()
+            LIMIT p_limit
+            FOR UPDATE OF m SKIP LOCKED;
+        GET DIAGNOSTICS got = ROW_COUNT;
+        IF got > 0 OR NOT p_widen THEN
+            RETURN;
+        END IF;
+    ELSE
+        SELECT array_agg(cand.ctid) INTO w_ctid
+        FROM (
+            SELECT w.ctid FROM unnest(w_ctid, w_seq, w_key) AS w(ctid, seq, key)
+            WHERE w.key IS NULL
+            UNION ALL
+            SELECT f.ctid FROM (
+                SELECT DISTINCT ON (w.key) w.ctid, w.seq, w.key
+                FROM unnest(w_ctid, w_seq, w_key) AS w(ctid, seq, key)
+                WHERE w.key IS NOT NULL
+                ORDER BY w.key, w.seq) f
+            WHERE NOT EXISTS (
+                SELECT 1 FROM {schema}.{p}messages e
+                WHERE e.key = f.key AND e.seq < f.seq AND e.status IN ('pending', 'in_flight')
+                  AND e.available_at > e.created_at)) cand;
+
+        -- Found by their place in the table (no index descent), oldest first; a row updated
+        -- since the window was read is followed to its new version and checked again.
+        SELECT array_agg(x.msg) INTO heads
+        FROM (
+            SELECT m AS msg FROM {schema}.{p}messages m
+            WHERE m.ctid = ANY (w_ctid)
+              AND m.status IN ('pending', 'in_flight') AND m.available_at <= now()
+            LIMIT p_limit
+            FOR UPDATE OF m SKIP LOCKED) x;
+    END IF;
 
     IF heads IS NULL AND p_widen THEN
         SELECT array_agg(h) INTO heads

@@ -40,7 +40,7 @@ async fn enqueue(store: &PgStore, range: std::ops::Range<u64>, keys: u64) -> any
 }
 
 /// `claim_runs(limit, scan, lease_ms, owned, lock_ns, lock_key, widen)` for a batch of 1,000.
-const CLAIM: &str = "1000, 2000, 30000, NULL, 1, NULL, true";
+const CLAIM: &str = "1000, 1000, 30000, NULL, 1, NULL, true";
 
 #[tokio::test]
 async fn a_claim_costs_the_same_whatever_the_backlog_behind_its_keys() -> anyhow::Result<()> {
@@ -88,7 +88,7 @@ async fn a_claim_ahead_behind_keys_in_flight_reads_a_window_not_the_backlog() ->
         .await?
         .expect("runs");
     assert_eq!(held.messages().len(), 1000);
-    let ahead = "1000, 4000, 30000, NULL, 1, NULL, false";
+    let ahead = "1000, 3000, 30000, NULL, 1, NULL, false";
     let (window, found) = buffers_of(&store, "claim_runs", ahead).await?;
     assert_eq!(found, 0, "nothing is claimable while every key is locked");
     let (full, found) = buffers_of(&store, "claim_runs", CLAIM).await?;
