@@ -27,6 +27,9 @@ pub struct Assignment {
     /// Every partition has a live owner: a relay that finds nothing to claim in its own may
     /// conclude that the outbox holds nothing for it (drain mode).
     pub complete: bool,
+    /// This relay owns exactly its share: no partition is still being handed over to or from
+    /// it. Until then the relay rebalances often, so that a joining relay gets its share fast.
+    pub settled: bool,
 }
 
 impl Assignment {
@@ -35,6 +38,7 @@ impl Assignment {
         Self {
             claimable: None,
             complete: true,
+            settled: true,
         }
     }
 
@@ -43,6 +47,7 @@ impl Assignment {
         Self {
             claimable: Some(vec![false; PARTITIONS as usize].into()),
             complete: false,
+            settled: false,
         }
     }
 }

@@ -331,6 +331,9 @@ impl Pipeline {
 }
 
 impl MainLoop<'_> {
+    /// How often a relay rebalances while partitions are being handed over to or from it.
+    const HANDOVER_INTERVAL: Duration = Duration::from_millis(20);
+
     fn config(&self) -> &RelayConfig {
         &self.shared.config
     }
@@ -457,7 +460,13 @@ impl MainLoop<'_> {
                 Assignment::none()
             }
         };
-        self.next_rebalance = Instant::now() + self.shared.config.rebalance_interval;
+        let interval = self.shared.config.rebalance_interval;
+        let next = if self.assignment.settled {
+            interval
+        } else {
+            interval.min(Self::HANDOVER_INTERVAL)
+        };
+        self.next_rebalance = Instant::now() + next;
     }
 
     /// Drain mode, after a claim found nothing and nothing is in flight: true when the outbox

@@ -15,12 +15,13 @@ CREATE TABLE IF NOT EXISTS {schema}.{p}deliveries (
     started_at timestamptz NOT NULL DEFAULT now()
 );
 
--- The messages after each keyed head of `heads`: up to p_limit per key, after its first p_skip.
+-- The messages after each keyed head of `heads`: up to p_limit per key, after its first p_skip,
+-- and p_total in all.
 -- They are locked like the heads, but a run must never skip one of its messages, so a row that
 -- another transaction holds (or that stopped being undelivered meanwhile) comes back unlocked with
 -- available_at in the year 9999: the caller sees a message that is not due and cuts the run there.
 CREATE OR REPLACE FUNCTION {schema}.{p}claim_followers(
-    heads {schema}.{p}messages[], p_skip integer, p_limit integer)
+    heads {schema}.{p}messages[], p_skip integer, p_limit integer, p_total integer)
 RETURNS SETOF {schema}.{p}messages
 LANGUAGE sql
 SET enable_seqscan = off
@@ -36,7 +37,8 @@ AS $fn$
             WHERE n.key = h.key AND n.seq > h.seq AND n.status IN ('pending', 'in_flight')
             ORDER BY n.key, n.seq
             OFFSET p_skip LIMIT p_limit) n
-        WHERE h.key IS NOT NULL),
+        WHERE h.key IS NOT NULL
+        LIMIT p_total),
     l AS MATERIALIZED (
         SELECT m.* FROM {schema}.{p}messages m
         WHERE m.seq IN (SELECT f.seq FROM f) AND m.status IN ('pending', 'in_flight')
@@ -185,12 +187,12 @@ BEGIN
     IF per_key <= 0 THEN
         RETURN;
     END IF;
-    RETURN QUERY SELECT * FROM {schema}.{p}claim_followers(heads, 0, per_key);
+    RETURN QUERY SELECT * FROM {schema}.{p}claim_followers(heads, 0, per_key, room);
     GET DIAGNOSTICS got = ROW_COUNT;
     IF got >= room THEN
         RETURN;
     END IF;
-    RETURN QUERY SELECT * FROM {schema}.{p}claim_followers(heads, per_key, room - got::integer);
+    RETURN QUERY SELECT * FROM {schema}.{p}claim_followers(heads, per_key, room - got::integer, room - got::integer);
 END
 $fn$;
 

@@ -110,6 +110,7 @@ impl PgOwnership {
             .map(|p| share[p] && self.owned[p])
             .collect();
         Ok(Assignment {
+            settled: share == self.owned,
             claimable: (!claimable.iter().all(|&c| c)).then(|| claimable.into()),
             complete: held == PARTITIONS as usize,
         })
