@@ -58,10 +58,9 @@ pub(crate) struct Sql {
     pub recover: Arc<str>,
     pub ack_delete: Arc<str>,
     pub ack_keep: Arc<str>,
-    pub held_delete: Arc<str>,
-    pub held_keep: Arc<str>,
+    pub settle_delete: Arc<str>,
+    pub settle_keep: Arc<str>,
     pub fail: Arc<str>,
-    pub held_fail: Arc<str>,
     pub release: Arc<str>,
     pub purge_delivered: Arc<str>,
     pub status: Arc<str>,
@@ -93,18 +92,17 @@ impl Sql {
                  WHERE id = ANY($1) AND status = 'in_flight'",
             ),
             // A held batch's rows are locked by its own transaction: no status or owner check.
-            held_delete: r("DELETE FROM {schema}.{p}messages WHERE id = ANY($1)"),
-            held_keep: r(
-                "UPDATE {schema}.{p}messages SET status = 'delivered', delivered_at = now(), locked_by = NULL \
-                 WHERE id = ANY($1)",
-            ),
+            settle_delete: r(&settle(
+                "DELETE FROM {schema}.{p}messages WHERE id = ANY($2)",
+            )),
+            settle_keep: r(&settle(
+                "UPDATE {schema}.{p}messages SET status = 'delivered', delivered_at = now(), \
+                 locked_by = NULL WHERE id = ANY($2)",
+            )),
             fail: r(&FAIL.replace("{attempts}", "").replace(
                 "{owner}",
                 " AND m.locked_by = $4 AND m.status = 'in_flight'",
             )),
-            held_fail: r(&FAIL
-                .replace("{attempts}", "attempts = m.attempts + 1, ")
-                .replace("{owner}", "")),
             release: r(
                 "UPDATE {schema}.{p}messages SET status = 'pending', available_at = now(), \
                  attempts = greatest(attempts - 1, 0), locked_by = NULL \
@@ -158,6 +156,22 @@ const LEASE: &str = "UPDATE {schema}.{p}messages SET status = 'in_flight', locke
     attempts = attempts + 1, interrupted = false, \
     available_at = now() + $3 * interval '1 millisecond' \
     WHERE seq = ANY($1) RETURNING available_at";
+
+/// The outcome of a held batch in one statement: its delivery record goes (`$1`), the delivered
+/// rows are done (`$2`), and the failures recorded with the attempt counted (`$3`–`$5`).
+fn settle(ack: &str) -> String {
+    let fail = FAIL
+        .replace("{attempts}", "attempts = m.attempts + 1, ")
+        .replace("{owner}", "")
+        .replace(
+            "$1::uuid[], $2::text[], $3::bigint[]",
+            "$3::uuid[], $4::text[], $5::bigint[]",
+        );
+    format!(
+        "WITH done AS (DELETE FROM {{schema}}.{{p}}deliveries WHERE lock_key = $1), \
+         acked AS ({ack}), failed AS ({fail}) SELECT 1"
+    )
+}
 
 /// Records failures: a NULL delay means dead. `{attempts}` and `{owner}` differ between a
 /// leased claim (attempt counted at claim time; the lease must still be this relay's) and a held

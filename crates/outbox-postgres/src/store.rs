@@ -479,7 +479,15 @@ fn fail_query(
     sql: &Arc<str>,
     failures: &[Failure],
 ) -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments> {
-    q(sql)
+    bind_failures(q(sql), failures)
+}
+
+/// Appends the failures' `UNNEST` arrays (ids, errors, delays) to a query's parameters.
+fn bind_failures(
+    query: sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>,
+    failures: &[Failure],
+) -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments> {
+    query
         .bind(failures.iter().map(|f| f.id).collect::<Vec<_>>())
         .bind(failures.iter().map(|f| f.error.clone()).collect::<Vec<_>>())
         .bind(
@@ -518,28 +526,15 @@ impl HeldBatch for PgHeldBatch {
             lock_key,
             ..
         } = *self;
-        q(&sql.delivery_end)
-            .bind(lock_key)
+        let done = match retention {
+            Retention::Delete => &sql.settle_delete,
+            Retention::Keep(_) => &sql.settle_keep,
+        };
+        let query = q(done).bind(lock_key).bind(acks.to_vec());
+        bind_failures(query, failures)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        if !acks.is_empty() {
-            let done = match retention {
-                Retention::Delete => &sql.held_delete,
-                Retention::Keep(_) => &sql.held_keep,
-            };
-            q(done)
-                .bind(acks.to_vec())
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        if !failures.is_empty() {
-            fail_query(&sql.held_fail, failures)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
         tx.commit().await.map_err(db)
     }
 
