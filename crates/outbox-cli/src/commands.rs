@@ -92,26 +92,89 @@ impl Line {
     }
 }
 
-/// Parses every line before anything is written, so a bad line rejects the whole file.
-fn read_lines(reader: impl BufRead, source: &str) -> anyhow::Result<Vec<NewMessage>> {
-    let mut msgs = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.with_context(|| format!("reading {source}"))?;
-        if line.trim().is_empty() {
-            continue;
+/// The longest `enqueue --file` line read: a message at the size limit, JSON-escaped, fits.
+const MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Messages written per statement while a file streams into its transaction.
+const CHUNK: usize = 500;
+
+/// Reads `enqueue --file` input a chunk at a time, so memory is bounded by the chunk and the
+/// line cap however large the file is. A bad line rejects the whole file: the caller writes
+/// every chunk in one transaction and rolls it back on the first error.
+struct LineReader<R> {
+    reader: R,
+    source: String,
+    line: usize,
+    max_line: usize,
+    buf: Vec<u8>,
+}
+
+impl<R: BufRead> LineReader<R> {
+    fn new(reader: R, source: &str, max_line: usize) -> Self {
+        Self {
+            reader,
+            source: source.to_owned(),
+            line: 0,
+            max_line,
+            buf: Vec::new(),
         }
-        let parsed: Line = serde_json::from_str(&line)
-            .map_err(|e| anyhow::anyhow!("{source} line {}: {e}; nothing was enqueued", i + 1))?;
-        msgs.push(
-            parsed
-                .into_message()
-                .with_context(|| format!("{source} line {}; nothing was enqueued", i + 1))?,
-        );
     }
-    if msgs.is_empty() {
-        bail!("{source} holds no messages");
+
+    /// Up to `n` messages; an empty vector at the end of the input.
+    fn next_chunk(&mut self, n: usize) -> anyhow::Result<Vec<NewMessage>> {
+        let mut msgs = Vec::new();
+        while msgs.len() < n {
+            if !self.next_line()? {
+                break;
+            }
+            let text = std::str::from_utf8(&self.buf).map_err(|_| self.error("is not UTF-8"))?;
+            if text.trim().is_empty() {
+                continue;
+            }
+            let parsed: Line =
+                serde_json::from_str(text).map_err(|e| self.error(&e.to_string()))?;
+            msgs.push(
+                parsed
+                    .into_message()
+                    .map_err(|e| self.error(&format!("{e:#}")))?,
+            );
+        }
+        Ok(msgs)
     }
-    Ok(msgs)
+
+    /// Reads one line into `buf` without its line ending; false at the end of the input.
+    fn next_line(&mut self) -> anyhow::Result<bool> {
+        self.buf.clear();
+        // One byte past the cap tells a line at the cap from a longer one without reading it.
+        let cap = u64::try_from(self.max_line)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let read = std::io::Read::take(&mut self.reader, cap)
+            .read_until(b'\n', &mut self.buf)
+            .with_context(|| format!("reading {}", self.source))?;
+        if read == 0 {
+            return Ok(false);
+        }
+        self.line += 1;
+        if self.buf.last() == Some(&b'\n') {
+            self.buf.pop();
+        } else if self.buf.len() > self.max_line {
+            let cap = self.max_line;
+            return Err(self.error(&format!("is longer than {cap} bytes")));
+        }
+        if self.buf.last() == Some(&b'\r') {
+            self.buf.pop();
+        }
+        Ok(true)
+    }
+
+    fn error(&self, what: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{} line {}: {what}; nothing was enqueued",
+            self.source,
+            self.line
+        )
+    }
 }
 
 fn message_from_flags(args: EnqueueArgs) -> anyhow::Result<NewMessage> {
@@ -138,23 +201,45 @@ fn message_from_flags(args: EnqueueArgs) -> anyhow::Result<NewMessage> {
 }
 
 async fn enqueue(settings: &StoreSettings, args: EnqueueArgs) -> anyhow::Result<()> {
-    let msgs = match &args.file {
-        Some(path) if path.as_os_str() == "-" => read_lines(std::io::stdin().lock(), "stdin")?,
+    let ids = match &args.file {
+        Some(path) if path.as_os_str() == "-" => {
+            let reader = LineReader::new(std::io::stdin().lock(), "stdin", MAX_LINE_BYTES);
+            enqueue_lines(settings, reader).await?
+        }
         Some(path) => {
             let f = std::fs::File::open(path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
-            read_lines(std::io::BufReader::new(f), &path.display().to_string())?
+            let source = path.display().to_string();
+            let reader = LineReader::new(std::io::BufReader::new(f), &source, MAX_LINE_BYTES);
+            enqueue_lines(settings, reader).await?
         }
-        None => vec![message_from_flags(args)?],
+        None => {
+            let msg = message_from_flags(args)?;
+            let store = open_migrated(settings).await?;
+            store.enqueue_stream(vec![msg], || Ok(Vec::new())).await?
+        }
     };
-    let store = open_migrated(settings).await?;
-    store.enqueue_all(&msgs).await?;
     let mut out = std::io::stdout().lock();
-    for m in &msgs {
-        writeln!(out, "{}", m.id())?;
+    for id in &ids {
+        writeln!(out, "{id}")?;
     }
-    eprintln!("enqueued {} message(s)", msgs.len());
+    eprintln!("enqueued {} message(s)", ids.len());
     Ok(())
+}
+
+/// Streams the lines into one transaction; the ids are printed only once it committed.
+async fn enqueue_lines(
+    settings: &StoreSettings,
+    mut reader: LineReader<impl BufRead>,
+) -> anyhow::Result<Vec<uuid::Uuid>> {
+    let first = reader.next_chunk(CHUNK)?;
+    if first.is_empty() {
+        bail!("{} holds no messages", reader.source);
+    }
+    let store = open_migrated(settings).await?;
+    store
+        .enqueue_stream(first, || reader.next_chunk(CHUNK))
+        .await
 }
 
 async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> anyhow::Result<()> {
@@ -416,7 +501,8 @@ mod tests {
     fn a_bad_line_rejects_the_file_and_names_the_line() {
         let input =
             "{\"topic\":\"t\",\"type\":\"e\",\"payload\":{}}\n\n{\"topic\":\"t\",\"payload\":1}\n";
-        let err = read_lines(input.as_bytes(), "events.jsonl")
+        let err = LineReader::new(input.as_bytes(), "events.jsonl", MAX_LINE_BYTES)
+            .next_chunk(CHUNK)
             .unwrap_err()
             .to_string();
         assert!(err.contains("events.jsonl line 3"), "{err}");
@@ -426,10 +512,40 @@ mod tests {
     #[test]
     fn lines_become_messages_with_keys_and_headers() {
         let input = "{\"topic\":\"t\",\"type\":\"e\",\"key\":\"k\",\"payload\":{\"a\":1},\"headers\":{\"h\":\"v\"}}\n";
-        let msgs = read_lines(input.as_bytes(), "stdin").unwrap();
+        let msgs = LineReader::new(input.as_bytes(), "stdin", MAX_LINE_BYTES)
+            .next_chunk(CHUNK)
+            .unwrap();
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].key_ref(), Some("k"));
         assert_eq!(msgs[0].header_map().get("h").map(String::as_str), Some("v"));
         assert_eq!(msgs[0].payload(), b"{\"a\":1}");
+    }
+
+    #[test]
+    fn input_is_read_a_chunk_at_a_time() {
+        let input = "{\"topic\":\"t\",\"type\":\"e\",\"payload\":1}\r\n".repeat(5);
+        let mut reader = LineReader::new(input.as_bytes(), "stdin", MAX_LINE_BYTES);
+        let sizes: Vec<usize> = (0..4)
+            .map(|_| reader.next_chunk(2).unwrap().len())
+            .collect();
+        assert_eq!(sizes, [2, 2, 1, 0]);
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_refused_without_reading_it_whole() {
+        let ok = "{\"topic\":\"t\",\"type\":\"e\",\"payload\":1}";
+        let long = format!(
+            "{{\"topic\":\"t\",\"type\":\"e\",\"payload\":\"{}\"}}",
+            "x".repeat(100)
+        );
+        let input = format!("{ok}\n{long}\n{ok}\n");
+        let mut reader = LineReader::new(input.as_bytes(), "f.jsonl", ok.len());
+        let err = reader.next_chunk(10).unwrap_err().to_string();
+        assert!(err.contains("f.jsonl line 2"), "{err}");
+        assert!(
+            err.contains(&format!("longer than {} bytes", ok.len())),
+            "{err}"
+        );
+        assert_eq!(reader.buf.len(), ok.len() + 1, "read past the cap");
     }
 }

@@ -8,6 +8,7 @@ use outbox_core::{NewMessage, Store};
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
 use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
 
 use crate::cli::ClaimArg;
 use crate::config::StoreSettings;
@@ -107,21 +108,31 @@ impl AnyStore {
         }
     }
 
-    /// Enqueues all messages in one transaction: all of them or none.
-    pub async fn enqueue_all(&self, msgs: &[NewMessage]) -> anyhow::Result<()> {
-        match self {
-            Self::Postgres(s) => {
-                let mut tx = s.pool().begin().await?;
-                s.outbox().enqueue_batch(&mut tx, msgs).await?;
+    /// Enqueues `first` and then every chunk `next` returns until an empty one, all in one
+    /// transaction: all of them or none (an error from `next` rolls back what was written).
+    pub async fn enqueue_stream(
+        &self,
+        first: Vec<NewMessage>,
+        mut next: impl FnMut() -> anyhow::Result<Vec<NewMessage>>,
+    ) -> anyhow::Result<Vec<Uuid>> {
+        let mut ids = Vec::new();
+        let mut chunk = first;
+        macro_rules! stream {
+            ($s:expr) => {{
+                let mut tx = $s.pool().begin().await?;
+                while !chunk.is_empty() {
+                    $s.outbox().enqueue_batch(&mut tx, &chunk).await?;
+                    ids.extend(chunk.iter().map(NewMessage::id));
+                    chunk = next()?;
+                }
                 tx.commit().await?;
-            }
-            Self::Sqlite(s) => {
-                let mut tx = s.pool().begin().await?;
-                s.outbox().enqueue_batch(&mut tx, msgs).await?;
-                tx.commit().await?;
-            }
+            }};
         }
-        Ok(())
+        match self {
+            Self::Postgres(s) => stream!(s),
+            Self::Sqlite(s) => stream!(s),
+        }
+        Ok(ids)
     }
 }
 

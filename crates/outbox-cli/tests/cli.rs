@@ -352,6 +352,32 @@ fn a_bad_line_rejects_the_whole_file() {
     );
 }
 
+/// A file is streamed, so a line is bounded: one over the cap is refused without being read
+/// whole, and the lines before it are rolled back.
+#[test]
+fn a_line_over_the_cap_rejects_the_whole_file() {
+    let db = Db::sqlite();
+    let file = db.path("huge.jsonl");
+    let ok = "{\"topic\":\"t\",\"type\":\"e\",\"payload\":{}}\n";
+    let huge = format!(
+        "{{\"topic\":\"t\",\"type\":\"e\",\"payload\":\"{}\"}}\n",
+        "x".repeat(5 << 20)
+    );
+    std::fs::write(&file, format!("{ok}{huge}{ok}")).unwrap();
+    let out = db.run(&["enqueue", "--file", file.to_str().unwrap()]);
+    assert!(!out.status.success(), "a 5 MiB line was enqueued");
+    let err = stderr_line(&out);
+    assert!(
+        err.contains("line 2") && err.contains("longer than"),
+        "{err}"
+    );
+    assert_eq!(
+        db.status()["pending"],
+        0,
+        "part of a rejected file was enqueued"
+    );
+}
+
 #[test]
 fn enqueue_reads_stdin() {
     let db = Db::sqlite();
