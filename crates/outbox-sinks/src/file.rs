@@ -1,33 +1,62 @@
 //! JSON-lines sinks: an append-only file and standard output.
 
+use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use outbox_core::{Delivery, Message, Sink, SinkError};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
 
 use crate::json_lines;
 
 /// Appends one JSON line per message to a file. A batch is written, flushed and fsynced before
-/// any of it is reported delivered, so an acked message is on disk.
+/// any of it is reported delivered, so an acked message is on disk. A reader never finds a torn
+/// line: a batch whose write fails half-way (disk full, size limit) is cut back before anything
+/// else is written, and a torn tail left by a crash is cut when the file is opened. One relay
+/// process per file: another process appending at the same time could be cut.
 pub struct FileSink {
     path: PathBuf,
-    file: Mutex<tokio::fs::File>,
+    file: Mutex<Appender>,
+}
+
+/// The open file, and where to cut it back to after a failed write.
+struct Appender {
+    file: tokio::fs::File,
+    /// False for what cannot be cut back (a pipe, `/dev/full`): nothing of it is on disk.
+    regular: bool,
+    /// Set while a failed write may have left part of a batch after this length.
+    torn_after: Option<u64>,
 }
 
 impl FileSink {
     /// Opens (or creates) `path` for appending.
     pub async fn open(path: impl AsRef<Path>) -> std::io::Result<Self> {
         let path = path.as_ref().to_path_buf();
+        let existed = tokio::fs::try_exists(&path).await.unwrap_or(true);
         let file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&path)
             .await?;
+        if !existed {
+            sync_parent(&path).await?;
+        }
+        let regular = file.metadata().await?.is_file();
+        let mut appender = Appender {
+            file,
+            regular,
+            torn_after: None,
+        };
+        if regular {
+            // A crash in the middle of a write leaves a torn last line: cut it.
+            appender.torn_after = Some(whole_lines_len(&mut appender.file).await?);
+            appender.cut_back().await?;
+        }
         Ok(Self {
             path,
-            file: Mutex::new(file),
+            file: Mutex::new(appender),
         })
     }
 
@@ -36,15 +65,69 @@ impl FileSink {
     }
 }
 
+impl Appender {
+    /// Truncates what a failed write left behind; a no-op when none did.
+    async fn cut_back(&mut self) -> std::io::Result<()> {
+        if let Some(len) = self.torn_after {
+            self.file.set_len(len).await?;
+            self.file.sync_data().await?;
+            self.torn_after = None;
+        }
+        Ok(())
+    }
+
+    async fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        // A failed cut-back fails this batch too: appending after a torn line would hide it.
+        self.cut_back().await?;
+        let before = match self.regular {
+            true => Some(self.file.metadata().await?.len()),
+            false => None,
+        };
+        let written = async {
+            write_all(&mut self.file, bytes).await?;
+            self.file.sync_data().await
+        }
+        .await;
+        if written.is_err() {
+            self.torn_after = before;
+            // Best effort now; the next batch tries again before it writes.
+            let _ = self.cut_back().await;
+        }
+        written
+    }
+}
+
+/// The length of the file up to and including its last newline, read from the end.
+async fn whole_lines_len(file: &mut tokio::fs::File) -> std::io::Result<u64> {
+    let mut end = file.metadata().await?.len();
+    let mut buf = vec![0; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start)).await?;
+        file.read_exact(chunk).await?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// A new file's directory entry must reach the disk too, or a crash can lose the whole file
+/// with every line that was acked into it.
+async fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    tokio::fs::File::open(parent).await?.sync_all().await
+}
+
 #[async_trait]
 impl Sink for FileSink {
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
-        let mut file = self.file.lock().await;
-        let written = async {
-            write_all(&mut *file, &json_lines(batch)).await?;
-            file.sync_data().await
-        }
-        .await;
+        let written = self.file.lock().await.append(&json_lines(batch)).await;
         outcome(batch.len(), written, &self.path.display().to_string())
     }
 
