@@ -7,8 +7,10 @@
 //! ```
 //!
 //! - `smtp://` connects in plain text (default port 587) and upgrades with STARTTLS:
-//!   `tls=starttls` (the default) upgrades when the server offers it, `tls=required` refuses to
-//!   send over a server that does not, `tls=none` never upgrades. `smtps://` (default port 465)
+//!   `tls=required` (the default) refuses to send over a server that does not offer it,
+//!   `tls=none` never upgrades, and `tls=starttls` upgrades when offered; that last one, the
+//!   default for `localhost` and loopback addresses, is refused for any other host because
+//!   whoever strips the offer reads the mail. `smtps://` (default port 465)
 //!   is TLS from the first byte. User and password come from the URL, percent-encoded; with
 //!   credentials TLS is required (the default becomes `tls=required`, and `tls=none` or
 //!   `tls=starttls` are refused) so that they never travel in clear.
@@ -109,7 +111,7 @@ impl Config {
             let (user, pass) = info.split_once(':').unwrap_or((info, ""));
             Credentials::new(decode(user), decode(pass))
         });
-        let tls = tls_mode(u, implicit, credentials.is_some())?;
+        let tls = tls_mode(u, implicit, credentials.is_some(), is_loopback(&host))?;
         Ok(Self {
             host,
             port,
@@ -155,7 +157,23 @@ fn host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
     Ok((host.to_owned(), port))
 }
 
-fn tls_mode(u: &SinkUrl<'_>, implicit: bool, credentials: bool) -> Result<TlsMode, SinkUrlError> {
+/// True for `localhost` and loopback addresses: a relay next to the process that sends on.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// TLS is required by default: opportunistic STARTTLS sends in clear as soon as a server, or
+/// someone in the path, leaves the offer out. Only a local relay gets it, and `tls=none` is
+/// the explicit way to send in clear.
+fn tls_mode(
+    u: &SinkUrl<'_>,
+    implicit: bool,
+    credentials: bool,
+    local: bool,
+) -> Result<TlsMode, SinkUrlError> {
     let mode = match (implicit, u.get("tls")) {
         (true, None | Some("required")) => TlsMode::Implicit,
         (true, Some(other)) => {
@@ -163,7 +181,7 @@ fn tls_mode(u: &SinkUrl<'_>, implicit: bool, credentials: bool) -> Result<TlsMod
                 "tls={other} does not apply to smtps://, which is always TLS"
             )));
         }
-        (false, None) if credentials => TlsMode::Required,
+        (false, None) if credentials || !local => TlsMode::Required,
         (false, None | Some("starttls")) => TlsMode::Opportunistic,
         (false, Some("required")) => TlsMode::Required,
         (false, Some("none")) => TlsMode::None,
@@ -173,6 +191,13 @@ fn tls_mode(u: &SinkUrl<'_>, implicit: bool, credentials: bool) -> Result<TlsMod
             )));
         }
     };
+    if mode == TlsMode::Opportunistic && !local {
+        return Err(u.invalid(
+            "tls=starttls sends in clear when the STARTTLS offer is stripped; use tls=required, \
+             or tls=none to send in clear knowingly"
+                .into(),
+        ));
+    }
     if credentials && matches!(mode, TlsMode::None | TlsMode::Opportunistic) {
         return Err(u.invalid(
             "credentials need tls=required (or smtps://): they must not travel in clear".into(),
@@ -490,6 +515,33 @@ pub(crate) fn from_url(u: &SinkUrl<'_>) -> Result<SmtpSink, SinkUrlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tls_of(url: &str) -> Result<TlsMode, SinkUrlError> {
+        let u = SinkUrl::parse(url).unwrap();
+        Config::parse(&u).map(|c| c.tls)
+    }
+
+    #[test]
+    fn tls_is_required_unless_the_server_is_local_or_the_url_opts_out() {
+        let q = "?from=a@example.org&to=b@example.org";
+        assert_eq!(
+            tls_of(&format!("smtp://mail.example.org{q}")).unwrap(),
+            TlsMode::Required
+        );
+        assert_eq!(
+            tls_of(&format!("smtp://10.0.0.5:25{q}")).unwrap(),
+            TlsMode::Required
+        );
+        for local in ["localhost", "127.0.0.1:2525", "[::1]:2525"] {
+            let mode = tls_of(&format!("smtp://{local}{q}")).unwrap();
+            assert_eq!(mode, TlsMode::Opportunistic, "{local}");
+        }
+        let plain = tls_of(&format!("smtp://mail.example.org{q}&tls=none"));
+        assert_eq!(plain.unwrap(), TlsMode::None);
+        // Opportunistic STARTTLS sends in clear when someone in the path strips the offer.
+        let err = tls_of(&format!("smtp://mail.example.org{q}&tls=starttls")).unwrap_err();
+        assert!(err.to_string().contains("tls=required"), "{err}");
+    }
 
     #[test]
     fn hosts_ports_and_ipv6() {
