@@ -38,8 +38,18 @@ pub fn decode_secret(secret: &str) -> Result<Vec<u8>, BadSecret> {
     let b64 = secret
         .strip_prefix("whsec_")
         .ok_or_else(|| BadSecret("missing the whsec_ prefix".into()))?;
-    B64.decode(b64).map_err(|e| BadSecret(e.to_string()))
+    let key = B64.decode(b64).map_err(|e| BadSecret(e.to_string()))?;
+    if key.len() < MIN_SECRET_BYTES {
+        return Err(BadSecret(format!(
+            "the key is {} bytes; Standard Webhooks asks for at least {MIN_SECRET_BYTES} bytes",
+            key.len()
+        )));
+    }
+    Ok(key)
 }
+
+/// The shortest key Standard Webhooks allows: a shorter one can be brute-forced.
+const MIN_SECRET_BYTES: usize = 24;
 
 /// The Standard Webhooks signature of one request.
 pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
@@ -68,6 +78,10 @@ impl WebhookSink {
             .map(decode_secret)
             .transpose()
             .map_err(|e| bad(e.to_string()))?;
+        if secret.is_none() {
+            // Receivers cannot tell these requests from forged ones.
+            tracing::warn!("webhook requests are unsigned; give the sink a whsec_ secret");
+        }
         Ok(Self {
             http,
             url: url.to_owned(),
@@ -183,5 +197,19 @@ mod tests {
     fn secrets_must_be_whsec_base64() {
         assert!(decode_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
         assert!(decode_secret("whsec_not base64!").is_err());
+    }
+
+    #[test]
+    fn secrets_shorter_than_the_standard_minimum_are_refused() {
+        for short in ["whsec_", &format!("whsec_{}", B64.encode([7u8; 23]))] {
+            let err = decode_secret(short).expect_err(short).to_string();
+            assert!(err.contains("24 bytes"), "{err}");
+        }
+        assert_eq!(
+            decode_secret(&format!("whsec_{}", B64.encode([7u8; 24])))
+                .unwrap()
+                .len(),
+            24
+        );
     }
 }
