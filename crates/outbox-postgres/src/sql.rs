@@ -29,9 +29,17 @@ impl PgConfig {
         outbox_core::check_identifier("table prefix", &self.table_prefix)
     }
 
-    /// The LISTEN/NOTIFY channel of this outbox.
+    /// The LISTEN/NOTIFY channel of this outbox. PostgreSQL refuses channel names over 63
+    /// bytes, so a long schema and prefix are cut and a hash of the whole name keeps them apart.
     pub fn channel(&self) -> String {
-        format!("{}_{}wake", self.schema, self.table_prefix)
+        const MAX: usize = 63;
+        let full = format!("{}_{}wake", self.schema, self.table_prefix);
+        if full.len() <= MAX {
+            return full;
+        }
+        // Identifiers are ASCII (see `validate`), so any byte index is a character boundary.
+        let hash = format!("_{:08x}wake", crc32fast::hash(full.as_bytes()));
+        format!("{}{hash}", &full[..MAX - hash.len()])
     }
 
     /// Substitutes the names into a template (migrations use `{schema}`, `{p}`, `{channel}`).

@@ -128,3 +128,9 @@ impl Backend for PostgresLease {
         Ok(Box::new(PgFixture { store }))
     }
 }
+
+/// The conformance fixture over a store the test configured itself.
+pub async fn fixture_for(store: PgStore) -> anyhow::Result<Box<dyn Fixture>> {
+    store.migrate().await?;
+    Ok(Box::new(PgFixture { store }))
+}
