@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use outbox_core::{RelayConfig, Retention, RetryPolicy, default_relay_id};
+use outbox_core::{RelayConfig, Retention, RetryPolicy};
 use serde::Deserialize;
 
 use crate::cli::{ClaimArg, Global, RelayArgs, parse_duration};
@@ -176,7 +176,7 @@ pub fn relay_settings(
             .relay_id
             .clone()
             .or(file.relay_id.clone())
-            .unwrap_or_else(default_relay_id),
+            .unwrap_or_else(|| RelayConfig::default().relay_id),
         batch_size,
         in_flight_batches,
         lease,

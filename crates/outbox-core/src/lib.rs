@@ -67,12 +67,12 @@ pub use claim::{Candidate, ClaimRequest, pick, waves};
 pub use message::{JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Status, parse_headers};
 pub use ownership::{Assignment, Ownership, assign};
 pub use partition::{PARTITIONS, partition_for};
-pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats, default_relay_id};
+pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats};
 pub use retry::RetryPolicy;
 pub use sink::{Delivery, HandlerSink, Sink, SinkError};
 pub use store::{
-    Failure, HeldBatch, PollingWaiter, Retention, StatusCounts, Store, StoreError, StoreResult,
-    Waiter, check_identifier,
+    Failure, HeldBatch, MAX_ERROR_LEN, PollingWaiter, Retention, StatusCounts, Store, StoreError,
+    StoreResult, Waiter, check_identifier, storable_error,
 };
 
 pub use async_trait::async_trait;

@@ -28,7 +28,9 @@ use crate::store::{Failure, HeldBatch, Retention, Store, StoreError, Waiter};
 /// How a relay behaves. `Default` gives production settings.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Names this relay's leases; unique per running relay.
+    /// Names this relay in leases, logs and `locked_by`. The relay appends a suffix unique to
+    /// the process (see [`Relay::id`]), so replicas started from one shared configuration
+    /// never share an id and cannot ack or release each other's claims.
     pub relay_id: String,
     /// Messages claimed per round trip.
     pub batch_size: usize,
@@ -70,7 +72,7 @@ impl RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            relay_id: default_relay_id(),
+            relay_id: "relay".into(),
             batch_size: 100,
             in_flight_batches: 2,
             lease: Duration::from_secs(30),
@@ -87,9 +89,14 @@ impl Default for RelayConfig {
     }
 }
 
-/// A relay id that differs between processes and between relays of one process.
-pub fn default_relay_id() -> String {
-    format!("relay-{}-{:04x}", std::process::id(), rand::random::<u16>())
+/// `name` with a suffix that differs between processes (even in containers, where every
+/// relay may be pid 1) and between relays of one process.
+fn unique_relay_id(name: &str) -> String {
+    format!(
+        "{name}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// Live counters of a relay, readable while it runs.
@@ -205,6 +212,10 @@ impl Relay {
     }
 
     pub fn with_config(store: Arc<dyn Store>, sink: Arc<dyn Sink>, config: RelayConfig) -> Self {
+        let config = RelayConfig {
+            relay_id: unique_relay_id(&config.relay_id),
+            ..config
+        };
         Self {
             shared: Arc::new(Shared {
                 store,
@@ -221,6 +232,11 @@ impl Relay {
 
     pub fn config(&self) -> &RelayConfig {
         &self.shared.config
+    }
+
+    /// The id this relay claims under: the configured `relay_id` and a per-process suffix.
+    pub fn id(&self) -> &str {
+        &self.shared.config.relay_id
     }
 
     pub fn stats(&self) -> Arc<RelayStats> {

@@ -55,6 +55,35 @@ impl StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The most of a failure's text a store keeps: enough for any real error, bounded so that a
+/// sink echoing a huge response body cannot bloat every row it fails.
+pub const MAX_ERROR_LEN: usize = 4096;
+
+/// A failure's text as a store keeps it: NUL bytes (which PostgreSQL refuses in text, so the
+/// failure could never be recorded) become U+FFFD, and the text is cut at [`MAX_ERROR_LEN`]
+/// bytes on a character boundary.
+pub fn storable_error(text: &str) -> String {
+    let mut cut = text.len().min(MAX_ERROR_LEN);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut kept = text[..cut].replace('\0', "\u{fffd}");
+    // Each replacement is two bytes longer than the NUL it replaces.
+    let mut cut = kept.len().min(MAX_ERROR_LEN);
+    while !kept.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    kept.truncate(cut);
+    kept
+}
+
+impl Failure {
+    /// The error text to store; see [`storable_error`].
+    pub fn stored_error(&self) -> String {
+        storable_error(&self.error)
+    }
+}
+
 /// What happens to a message whose delivery failed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {

@@ -489,7 +489,12 @@ fn bind_failures(
 ) -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments> {
     query
         .bind(failures.iter().map(|f| f.id).collect::<Vec<_>>())
-        .bind(failures.iter().map(|f| f.error.clone()).collect::<Vec<_>>())
+        .bind(
+            failures
+                .iter()
+                .map(Failure::stored_error)
+                .collect::<Vec<_>>(),
+        )
         .bind(
             failures
                 .iter()

@@ -527,7 +527,7 @@ impl Store for SqliteStore {
                 None => q(&self.sql().fail_dead).bind(f.id.to_string()).bind(now),
             };
             query
-                .bind(f.error.clone())
+                .bind(f.stored_error())
                 .bind(relay.to_owned())
                 .execute(&mut *tx)
                 .await

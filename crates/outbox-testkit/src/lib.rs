@@ -59,6 +59,8 @@ macro_rules! conformance_tests {
             transient_failures_back_off_then_go_dead,
             permanent_failure_is_dead_at_once,
             panicking_sink_fails_its_batch,
+            any_error_text_is_recorded,
+            replicas_sharing_a_configured_id_claim_under_distinct_ids,
             failing_key_does_not_block_other_keys,
             retried_head_behind_a_long_run_of_its_key_is_not_starved,
             dead_letters_can_be_retried_and_purged,
@@ -452,6 +454,55 @@ pub mod tests {
         ensure!(report.dead == 1 && report.retried == 0, "{report:?}");
         let dead = f.store().dead_list(10).await?;
         ensure!(dead[0].attempts == 1 && dead[0].last_error.as_deref() == Some("schema mismatch"));
+        Ok(())
+    }
+
+    /// Sink errors are arbitrary text: a NUL byte (which PostgreSQL refuses in text) or a
+    /// megabyte of body must not stop the failure from being recorded.
+    pub async fn any_error_text_is_recorded(f: &dyn Fixture) -> R {
+        let m = msg("t", 1);
+        enqueue(f, std::slice::from_ref(&m)).await?;
+        let error = format!("bad\0byte {}", "x".repeat(1 << 20));
+        let sink = Arc::new(failing_sink(Arc::default(), SinkError::permanent(error)));
+        let relay = Relay::with_config(f.store(), sink, drain_config());
+        let report = tokio::time::timeout(
+            Duration::from_secs(60),
+            relay.run(futures::future::pending()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the failure was never recorded"))?;
+        ensure!(report.dead == 1, "{report:?}");
+        let dead = f.store().dead_list(10).await?;
+        let stored = dead[0].last_error.as_deref().unwrap_or_default();
+        ensure!(
+            stored.starts_with("bad\u{fffd}byte xxx"),
+            "{:?}",
+            &stored[..20.min(stored.len())]
+        );
+        ensure!(
+            stored.len() <= outbox_core::MAX_ERROR_LEN,
+            "{} bytes stored",
+            stored.len()
+        );
+        Ok(())
+    }
+
+    /// A `relay_id` from a configuration shared by replicas must not make them one relay in
+    /// the store's eyes: each would ack, release and renew the other's claims.
+    pub async fn replicas_sharing_a_configured_id_claim_under_distinct_ids(f: &dyn Fixture) -> R {
+        let config = RelayConfig {
+            relay_id: "orders".into(),
+            ..drain_config()
+        };
+        let ids: Vec<String> = (0..2)
+            .map(|_| {
+                let sink = HandlerSink::new(|_: Message| async { Ok(()) });
+                Relay::with_config(f.store(), Arc::new(sink), config.clone())
+            })
+            .map(|relay| relay.id().to_owned())
+            .collect();
+        ensure!(ids[0] != ids[1], "two replicas claim as {:?}", ids[0]);
+        ensure!(ids.iter().all(|id| id.starts_with("orders-")), "{ids:?}");
         Ok(())
     }
 
