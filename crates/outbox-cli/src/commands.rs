@@ -420,9 +420,10 @@ async fn dead(settings: &StoreSettings, cmd: DeadCommand) -> anyhow::Result<()> 
             }
         }
         DeadCommand::Retry { ids, all } => {
-            let n = store
-                .dead_retry(if all { None } else { Some(&ids) })
-                .await?;
+            let ids = (!all).then_some(ids.as_slice());
+            warn_order(store.as_ref(), ids).await?;
+            let n = store.dead_retry(ids).await?;
+            let ids = ids.unwrap_or_default();
             if !all && (n as usize) < ids.len() {
                 bail!(
                     "{n} of {} messages retried; the others are not dead (or do not exist)",
@@ -491,6 +492,26 @@ async fn bench(settings: &StoreSettings, args: BenchArgs) -> anyhow::Result<()> 
         crate::bench::print_text(&report);
     }
     crate::bench::check(&report)
+}
+
+/// A retried dead message goes out after the later messages of its key that were delivered
+/// while it was dead: say so, per key, before retrying.
+async fn warn_order(store: &dyn Store, ids: Option<&[uuid::Uuid]>) -> anyhow::Result<()> {
+    for (key, later) in store.delivered_after_dead(ids).await? {
+        if later > 0 {
+            eprintln!(
+                "warning: key {key:?}: {later} later message(s) were delivered while it was dead; \
+                 the retried message(s) will reach consumers after them, out of order"
+            );
+        } else {
+            eprintln!(
+                "note: key {key:?}: no later delivered message is kept; if the relay deletes \
+                 delivered messages (no --retention), those delivered while it was dead are \
+                 ahead of the retried one(s)"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -378,6 +378,56 @@ fn a_line_over_the_cap_rejects_the_whole_file() {
     );
 }
 
+/// Retrying a dead message after later messages of its key were delivered breaks the key's
+/// order: the operator is told, with the count, before it happens.
+#[test]
+fn retrying_a_dead_message_behind_delivered_ones_warns() {
+    let db = Db::postgres();
+    let enqueue = |n: &str| {
+        db.ok(&[
+            "enqueue",
+            "--topic",
+            "t",
+            "--type",
+            "e",
+            "--key",
+            "k",
+            "--payload",
+            n,
+        ])
+    };
+    enqueue("1");
+    let failing = [
+        "relay",
+        "--sink",
+        "file:/dev/full",
+        "--max-attempts",
+        "1",
+        "--exit-when-idle",
+    ];
+    assert!(
+        db.cmd(&failing)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(db.status()["dead"], 1);
+    enqueue("2");
+    let sink = db.path("out.jsonl");
+    let mut relay = relay_to_file(&db, &sink, &["--exit-when-idle", "--retention", "1h"]);
+    assert!(relay.wait().unwrap().success());
+    assert_eq!(lines(&sink).len(), 1);
+
+    let out = db.run(&["dead", "retry", "--all"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("key \"k\": 1 later message(s) were delivered"),
+        "no order warning: {err}"
+    );
+}
+
 #[test]
 fn enqueue_reads_stdin() {
     let db = Db::sqlite();

@@ -200,6 +200,11 @@ pub trait Store: Send + Sync {
     /// Makes dead messages pending again with a fresh attempt count: `None` retries all.
     async fn dead_retry(&self, ids: Option<&[Uuid]>) -> StoreResult<u64>;
 
+    /// For each key among the dead messages `ids` would retry (`None`: all), how many later
+    /// messages of that key were delivered and are still kept (see [`Retention`]): retrying
+    /// puts the dead message after them, against the key's order.
+    async fn delivered_after_dead(&self, ids: Option<&[Uuid]>) -> StoreResult<Vec<(String, u64)>>;
+
     /// Deletes dead messages, all or those dead for longer than `older_than`.
     async fn dead_purge(&self, older_than: Option<Duration>) -> StoreResult<u64>;
 

@@ -74,6 +74,7 @@ pub(crate) struct Sql {
     pub status: Arc<str>,
     pub dead_list: Arc<str>,
     pub dead_retry: Arc<str>,
+    pub delivered_after_dead: Arc<str>,
     pub dead_purge: Arc<str>,
     pub park: Arc<str>,
     pub unpark: Arc<str>,
@@ -129,6 +130,11 @@ impl Sql {
                  dead_at = NULL, locked_by = NULL, interrupted = false \
                  WHERE status = 'dead' AND ($1::uuid[] IS NULL OR id = ANY($1))",
             ),
+            delivered_after_dead: r("SELECT d.key, count(l.id) AS later FROM (\
+ SELECT key, min(seq) AS seq FROM {schema}.{p}messages WHERE status = 'dead' AND key IS NOT NULL AND ($1::uuid[] IS NULL OR id = ANY($1)) \
+ GROUP BY key) d \
+ LEFT JOIN {schema}.{p}messages l ON l.key = d.key AND l.seq > d.seq AND l.status = 'delivered' \
+ GROUP BY d.key ORDER BY d.key"),
             dead_purge: r("DELETE FROM {schema}.{p}messages WHERE status = 'dead' \
                  AND ($1::bigint IS NULL OR dead_at <= now() - $1 * interval '1 millisecond')"),
             park: r(PARK),

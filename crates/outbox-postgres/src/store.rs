@@ -456,6 +456,20 @@ impl Store for PgStore {
         Ok(n)
     }
 
+    async fn delivered_after_dead(&self, ids: Option<&[Uuid]>) -> StoreResult<Vec<(String, u64)>> {
+        let rows = q(&self.sql().delivered_after_dead)
+            .bind(ids.map(<[Uuid]>::to_vec))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                let later: i64 = row.try_get("later").map_err(db)?;
+                Ok((row.try_get("key").map_err(db)?, later.max(0) as u64))
+            })
+            .collect()
+    }
+
     async fn dead_purge(&self, older_than: Option<Duration>) -> StoreResult<u64> {
         self.execute(q(&self.sql().dead_purge).bind(older_than.map(millis)))
             .await

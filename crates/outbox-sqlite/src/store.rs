@@ -66,6 +66,12 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// A list of ids as one JSON-array parameter, read back with `json_each`.
+/// A `(key, count)` row of `delivered_after_dead`.
+fn key_count(row: &sqlx::sqlite::SqliteRow) -> StoreResult<(String, u64)> {
+    let later: i64 = row.try_get("later").map_err(db)?;
+    Ok((row.try_get("key").map_err(db)?, later.max(0) as u64))
+}
+
 fn id_list(ids: &[Uuid]) -> String {
     serde_json::to_string(&ids.iter().map(Uuid::to_string).collect::<Vec<_>>())
         .unwrap_or_else(|_| "[]".into())
@@ -96,6 +102,7 @@ struct Sql {
     dead_list: Arc<str>,
     dead_retry_some: Arc<str>,
     dead_retry_all: Arc<str>,
+    delivered_after_dead: Arc<str>,
     dead_purge: Arc<str>,
 }
 
@@ -154,6 +161,11 @@ impl Sql {
                 "UPDATE {p}messages SET status = 'pending', attempts = 0, available_at = ?1, \
                  dead_at = NULL, locked_by = NULL WHERE status = 'dead'",
             ),
+            delivered_after_dead: r("SELECT d.key, count(l.id) AS later FROM (\
+ SELECT key, min(seq) AS seq FROM {p}messages WHERE status = 'dead' AND key IS NOT NULL AND (?1 IS NULL OR id IN (SELECT value FROM json_each(?1))) \
+ GROUP BY key) d \
+ LEFT JOIN {p}messages l ON l.key = d.key AND l.seq > d.seq AND l.status = 'delivered' \
+ GROUP BY d.key ORDER BY d.key"),
             dead_purge: r("DELETE FROM {p}messages WHERE status = 'dead' AND dead_at <= ?1"),
         }
     }
@@ -584,6 +596,15 @@ impl Store for SqliteStore {
             self.notify();
         }
         Ok(n)
+    }
+
+    async fn delivered_after_dead(&self, ids: Option<&[Uuid]>) -> StoreResult<Vec<(String, u64)>> {
+        let rows = q(&self.sql().delivered_after_dead)
+            .bind(ids.map(id_list))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(key_count).collect()
     }
 
     async fn dead_purge(&self, older_than: Option<Duration>) -> StoreResult<u64> {

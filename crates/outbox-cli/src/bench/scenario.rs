@@ -692,6 +692,9 @@ impl Store for PollingOnly {
     async fn dead_retry(&self, ids: Option<&[Uuid]>) -> StoreResult<u64> {
         self.0.dead_retry(ids).await
     }
+    async fn delivered_after_dead(&self, ids: Option<&[Uuid]>) -> StoreResult<Vec<(String, u64)>> {
+        self.0.delivered_after_dead(ids).await
+    }
     async fn dead_purge(&self, older_than: Option<Duration>) -> StoreResult<u64> {
         self.0.dead_purge(older_than).await
     }
