@@ -189,13 +189,15 @@ impl PgStore {
     }
 
     /// How long one operation of the relay or of an operator command may wait for the
-    /// database, unless set with [`PgStore::with_query_timeout`].
+    /// database, unless set with [`PgStore::with_query_timeout`]. `dead_retry` and
+    /// `dead_purge`, which may touch every dead letter in one statement, are not bounded.
     pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
     /// Bounds each operation (a claim, an ack, a settle, a rebalance…) so that a database that
     /// stops answering without closing the connection fails it: the relay then reports the
-    /// database down and backs off instead of hanging. Migrations are not bounded. Keep it
-    /// well below the lease, and above the slowest claim or settle the database may take.
+    /// database down and backs off instead of hanging. Migrations and the bulk dead-letter
+    /// commands are not bounded. Keep it well below the lease, and above the slowest claim or
+    /// settle the database may take.
     pub fn with_query_timeout(mut self, limit: Duration) -> Self {
         self.query_timeout = limit.max(Duration::from_millis(1));
         self
@@ -304,6 +306,16 @@ impl PgStore {
     ) -> StoreResult<u64> {
         let run = async { query.execute(&self.pool).await.map_err(db) };
         Ok(self.bounded(run).await?.rows_affected())
+    }
+
+    /// For operator commands that touch every dead letter at once: cut off by the query
+    /// timeout, such a statement would still run to its end on the server while the command
+    /// reported a failure.
+    async fn execute_unbounded(
+        &self,
+        query: sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>,
+    ) -> StoreResult<u64> {
+        Ok(query.execute(&self.pool).await.map_err(db)?.rows_affected())
     }
 }
 
@@ -503,7 +515,7 @@ impl Store for PgStore {
 
     async fn dead_retry(&self, ids: Option<&[Uuid]>) -> StoreResult<u64> {
         let n = self
-            .execute(q(&self.sql().dead_retry).bind(ids.map(<[Uuid]>::to_vec)))
+            .execute_unbounded(q(&self.sql().dead_retry).bind(ids.map(<[Uuid]>::to_vec)))
             .await?;
         // Retried rows are updates, which the insert trigger does not see: wake relays here.
         if n > 0 {
@@ -513,7 +525,7 @@ impl Store for PgStore {
     }
 
     async fn dead_purge(&self, older_than: Option<Duration>) -> StoreResult<u64> {
-        self.execute(q(&self.sql().dead_purge).bind(older_than.map(millis)))
+        self.execute_unbounded(q(&self.sql().dead_purge).bind(older_than.map(millis)))
             .await
     }
 
