@@ -263,6 +263,7 @@ impl Relay {
             ownership: None,
             assignment: Assignment::all(),
             next_rebalance: Instant::now(),
+            ownership_lost: false,
         };
         // Deliveries that a dead relay left unfinished count their attempt before anything is
         // claimed, so a message that kills its relay cannot go round forever.
@@ -311,6 +312,8 @@ struct MainLoop<'a> {
     /// What it may claim, as of the last rebalance.
     assignment: Assignment,
     next_rebalance: Instant,
+    /// The last rebalance failed (logged once until one succeeds).
+    ownership_lost: bool,
 }
 
 /// Whether claiming ahead, while batches are in delivery, is worth it. When every key at the
@@ -470,9 +473,17 @@ impl MainLoop<'_> {
         }
         let busy: HashSet<i32> = self.shared.in_flight().partitions.keys().copied().collect();
         self.assignment = match ownership.rebalance(&|p| busy.contains(&p)).await {
-            Ok(a) => a,
+            Ok(a) => {
+                if std::mem::take(&mut self.ownership_lost) {
+                    info!("partition ownership back");
+                }
+                a
+            }
             Err(e) => {
-                warn!(error = %e, "lost partition ownership; claiming unkeyed messages only until it is back");
+                // Once per loss, not once per failed rebalance while the database is away.
+                if !std::mem::replace(&mut self.ownership_lost, true) {
+                    warn!(error = %e, "lost partition ownership; claiming unkeyed messages only until it is back");
+                }
                 Assignment::none()
             }
         };

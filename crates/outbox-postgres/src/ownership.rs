@@ -8,12 +8,24 @@
 //! claimed by one relay at a time, and a dead relay's partitions are free at once, with no
 //! heartbeat written anywhere.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use outbox_core::{Assignment, Ownership, PARTITIONS, StoreError, StoreResult, assign};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, Row};
 
-use crate::store::PgStore;
+use crate::store::{PgStore, bounded};
+
+/// The server probes an idle ownership session after 10 s and drops it after three unanswered
+/// probes 5 s apart. A relay cut off by a partition (rather than exiting) holds its member and
+/// partition locks until its session ends; with the operating system's defaults that would
+/// take over two hours, during which no other relay may claim those partitions.
+const SERVER_KEEPALIVES: [(&str, &str); 3] = [
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+];
 
 /// Locks of one advisory namespace in this database, as (key, granted) pairs.
 const LOCKS: &str = "SELECT objid::int8 AS key FROM pg_locks \
@@ -32,6 +44,7 @@ fn db(e: sqlx::Error) -> StoreError {
 /// One relay's membership and partitions.
 pub(crate) struct PgOwnership {
     options: PgConnectOptions,
+    timeout: Duration,
     members_ns: i32,
     partitions_ns: i32,
     /// The session holding the locks, with this relay's member key; `None` once lost.
@@ -42,7 +55,10 @@ pub(crate) struct PgOwnership {
 impl PgOwnership {
     pub(crate) fn new(store: &PgStore) -> Self {
         Self {
-            options: (*store.pool().connect_options()).clone(),
+            options: (*store.pool().connect_options())
+                .clone()
+                .options(SERVER_KEEPALIVES),
+            timeout: store.query_timeout(),
             members_ns: store.lock_ns("members"),
             partitions_ns: store.lock_ns("partitions"),
             session: None,
@@ -139,7 +155,7 @@ async fn lock_keys(conn: &mut PgConnection, ns: i32) -> StoreResult<Vec<i64>> {
 #[async_trait]
 impl Ownership for PgOwnership {
     async fn rebalance(&mut self, busy: &(dyn Fn(i32) -> bool + Sync)) -> StoreResult<Assignment> {
-        let result = self.step(busy).await;
+        let result = bounded(self.timeout, self.step(busy)).await;
         if result.is_err() {
             // The session may be gone, and its locks with it: start over on a new one.
             self.session = None;

@@ -38,6 +38,23 @@ fn db(e: sqlx::Error) -> StoreError {
     StoreError::database(e)
 }
 
+/// A database operation that got no answer in time.
+#[derive(Debug, thiserror::Error)]
+#[error("PostgreSQL did not answer within {0:?} (network down or server overloaded)")]
+pub struct NoAnswer(pub Duration);
+
+/// Runs one database operation within `limit`. sqlx waits forever on a connection whose
+/// network went silent (no FIN, no RST): without this bound a partition would hang the relay
+/// with nothing logged until TCP gives up, which takes many minutes.
+pub(crate) async fn bounded<T>(
+    limit: Duration,
+    op: impl std::future::Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    tokio::time::timeout(limit, op)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::database(NoAnswer(limit))))
+}
+
 /// The writer's handle: enqueues messages inside the caller's transaction.
 #[derive(Debug, Clone)]
 pub struct PgOutbox {
@@ -139,6 +156,7 @@ pub struct PgStore {
     outbox: PgOutbox,
     inbox: crate::PgInbox,
     claim_mode: ClaimMode,
+    query_timeout: Duration,
 }
 
 impl PgStore {
@@ -166,7 +184,34 @@ impl PgStore {
             config: Arc::new(config),
             outbox: PgOutbox { sql },
             claim_mode: ClaimMode::default(),
+            query_timeout: Self::DEFAULT_QUERY_TIMEOUT,
         })
+    }
+
+    /// How long one operation of the relay or of an operator command may wait for the
+    /// database, unless set with [`PgStore::with_query_timeout`]. `dead_retry` and
+    /// `dead_purge`, which may touch every dead letter in one statement, are not bounded.
+    pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Bounds each operation (a claim, an ack, a settle, a rebalance…) so that a database that
+    /// stops answering without closing the connection fails it: the relay then reports the
+    /// database down and backs off instead of hanging. Migrations and the bulk dead-letter
+    /// commands are not bounded. Keep it well below the lease, and above the slowest claim or
+    /// settle the database may take.
+    pub fn with_query_timeout(mut self, limit: Duration) -> Self {
+        self.query_timeout = limit.max(Duration::from_millis(1));
+        self
+    }
+
+    pub fn query_timeout(&self) -> Duration {
+        self.query_timeout
+    }
+
+    async fn bounded<T>(
+        &self,
+        op: impl std::future::Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        bounded(self.query_timeout, op).await
     }
 
     /// Chooses how relays on this store hold their messages (default: in a transaction).
@@ -259,6 +304,17 @@ impl PgStore {
         &self,
         query: sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>,
     ) -> StoreResult<u64> {
+        let run = async { query.execute(&self.pool).await.map_err(db) };
+        Ok(self.bounded(run).await?.rows_affected())
+    }
+
+    /// For operator commands that touch every dead letter at once: cut off by the query
+    /// timeout, such a statement would still run to its end on the server while the command
+    /// reported a failure.
+    async fn execute_unbounded(
+        &self,
+        query: sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>,
+    ) -> StoreResult<u64> {
         Ok(query.execute(&self.pool).await.map_err(db)?.rows_affected())
     }
 }
@@ -305,13 +361,8 @@ fn messages(rows: Vec<PgRow>) -> StoreResult<Vec<Message>> {
     Ok(out)
 }
 
-#[async_trait]
-impl Store for PgStore {
-    async fn migrate(&self) -> StoreResult<()> {
-        migrate_to(&self.pool, &self.config, LATEST_VERSION).await
-    }
-
-    async fn claim_leased(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
+impl PgStore {
+    async fn claim_leased_unbounded(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let mut batch = self.pick_in(&mut tx, req, None, None).await?;
         if batch.is_empty() {
@@ -336,24 +387,10 @@ impl Store for PgStore {
         Ok(batch)
     }
 
-    async fn ack(&self, ids: &[Uuid], retention: Retention) -> StoreResult<u64> {
-        let sql = match retention {
-            Retention::Delete => &self.sql().ack_delete,
-            Retention::Keep(_) => &self.sql().ack_keep,
-        };
-        self.execute(q(sql).bind(ids.to_vec())).await
-    }
-
-    async fn fail(&self, relay: &str, failures: &[Failure]) -> StoreResult<()> {
-        let query = fail_query(&self.sql().fail, failures).bind(relay.to_owned());
-        self.execute(query).await.map(drop)
-    }
-
-    fn holds_claims(&self) -> bool {
-        self.claim_mode == ClaimMode::Transaction
-    }
-
-    async fn claim_held(&self, req: &ClaimRequest<'_>) -> StoreResult<Option<Box<dyn HeldBatch>>> {
+    async fn claim_held_unbounded(
+        &self,
+        req: &ClaimRequest<'_>,
+    ) -> StoreResult<Option<Box<dyn HeldBatch>>> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let lock_key = (rand::random::<u32>() & 0x7fff_ffff) as i32;
         // The idle timeout is an int of milliseconds; 0 would mean none.
@@ -387,7 +424,40 @@ impl Store for PgStore {
             sql: self.outbox.sql.clone(),
             pool: self.pool.clone(),
             lock_key,
+            timeout: self.query_timeout,
         })))
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        migrate_to(&self.pool, &self.config, LATEST_VERSION).await
+    }
+
+    async fn claim_leased(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
+        self.bounded(self.claim_leased_unbounded(req)).await
+    }
+
+    async fn ack(&self, ids: &[Uuid], retention: Retention) -> StoreResult<u64> {
+        let sql = match retention {
+            Retention::Delete => &self.sql().ack_delete,
+            Retention::Keep(_) => &self.sql().ack_keep,
+        };
+        self.execute(q(sql).bind(ids.to_vec())).await
+    }
+
+    async fn fail(&self, relay: &str, failures: &[Failure]) -> StoreResult<()> {
+        let query = fail_query(&self.sql().fail, failures).bind(relay.to_owned());
+        self.execute(query).await.map(drop)
+    }
+
+    fn holds_claims(&self) -> bool {
+        self.claim_mode == ClaimMode::Transaction
+    }
+
+    async fn claim_held(&self, req: &ClaimRequest<'_>) -> StoreResult<Option<Box<dyn HeldBatch>>> {
+        self.bounded(self.claim_held_unbounded(req)).await
     }
 
     async fn ownership(&self, relay: &str) -> StoreResult<Option<Box<dyn Ownership>>> {
@@ -396,14 +466,13 @@ impl Store for PgStore {
     }
 
     async fn recover(&self, max_attempts: i32) -> StoreResult<u64> {
-        let n: i64 = q(&self.sql().recover)
+        let query = q(&self.sql().recover)
             .bind(self.lock_ns("deliveries"))
-            .bind(max_attempts)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db)?
-            .try_get(0)
-            .map_err(db)?;
+            .bind(max_attempts);
+        let row = self
+            .bounded(async { query.fetch_one(&self.pool).await.map_err(db) })
+            .await?;
+        let n: i64 = row.try_get(0).map_err(db)?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
@@ -422,10 +491,10 @@ impl Store for PgStore {
     }
 
     async fn status(&self) -> StoreResult<StatusCounts> {
-        let row = q(&self.sql().status)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db)?;
+        let query = q(&self.sql().status);
+        let row = self
+            .bounded(async { query.fetch_one(&self.pool).await.map_err(db) })
+            .await?;
         let get = |name: &str| row.try_get::<i64, _>(name).map_err(db);
         Ok(StatusCounts {
             pending: get("pending")?,
@@ -437,17 +506,16 @@ impl Store for PgStore {
     }
 
     async fn dead_list(&self, limit: usize) -> StoreResult<Vec<Message>> {
-        let rows = q(&self.sql().dead_list)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
+        let query = q(&self.sql().dead_list).bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let rows = self
+            .bounded(async { query.fetch_all(&self.pool).await.map_err(db) })
+            .await?;
         messages(rows)
     }
 
     async fn dead_retry(&self, ids: Option<&[Uuid]>) -> StoreResult<u64> {
         let n = self
-            .execute(q(&self.sql().dead_retry).bind(ids.map(<[Uuid]>::to_vec)))
+            .execute_unbounded(q(&self.sql().dead_retry).bind(ids.map(<[Uuid]>::to_vec)))
             .await?;
         // Retried rows are updates, which the insert trigger does not see: wake relays here.
         if n > 0 {
@@ -471,13 +539,17 @@ impl Store for PgStore {
     }
 
     async fn dead_purge(&self, older_than: Option<Duration>) -> StoreResult<u64> {
-        self.execute(q(&self.sql().dead_purge).bind(older_than.map(millis)))
+        self.execute_unbounded(q(&self.sql().dead_purge).bind(older_than.map(millis)))
             .await
     }
 
     async fn waiter(&self, relay: &str) -> StoreResult<Box<dyn Waiter>> {
-        let mut listener = PgListener::connect_with(&self.pool).await.map_err(db)?;
-        listener.listen(&self.config.channel()).await.map_err(db)?;
+        let listener = self.bounded(async {
+            let mut listener = PgListener::connect_with(&self.pool).await.map_err(db)?;
+            listener.listen(&self.config.channel()).await.map_err(db)?;
+            Ok(listener)
+        });
+        let listener = listener.await?;
         Ok(Box::new(PgWaiter {
             store: self.clone(),
             listener,
@@ -525,6 +597,7 @@ struct PgHeldBatch {
     sql: Arc<Sql>,
     pool: PgPool,
     lock_key: i32,
+    timeout: Duration,
 }
 
 #[async_trait]
@@ -543,18 +616,21 @@ impl HeldBatch for PgHeldBatch {
             mut tx,
             sql,
             lock_key,
+            timeout,
             ..
         } = *self;
         let done = match retention {
             Retention::Delete => &sql.settle_delete,
             Retention::Keep(_) => &sql.settle_keep,
         };
-        let query = q(done).bind(lock_key).bind(acks.to_vec());
-        bind_failures(query, failures)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)
+        let query = bind_failures(q(done).bind(lock_key).bind(acks.to_vec()), failures);
+        // If the commit's answer is what the timeout cuts off, the outcome may still be
+        // recorded; either way every message was delivered at least once.
+        bounded(timeout, async {
+            query.execute(&mut *tx).await.map_err(db)?;
+            tx.commit().await.map_err(db)
+        })
+        .await
     }
 
     async fn release(self: Box<Self>) -> StoreResult<()> {
@@ -563,15 +639,14 @@ impl HeldBatch for PgHeldBatch {
             sql,
             pool,
             lock_key,
+            timeout,
             ..
         } = *self;
-        tx.rollback().await.map_err(db)?;
+        bounded(timeout, async { tx.rollback().await.map_err(db) }).await?;
         // A release counts no attempt; if this fails, recover() counts one, which is harmless.
-        q(&sql.delivery_end)
-            .bind(lock_key)
-            .execute(&pool)
+        let end = q(&sql.delivery_end).bind(lock_key);
+        bounded(timeout, async { end.execute(&pool).await.map_err(db) })
             .await
-            .map_err(db)
             .map(drop)
     }
 }

@@ -22,24 +22,36 @@ use tokio::sync::Mutex;
 
 use crate::cloudevents;
 
-/// Bounds on connecting and on a batch's confirms; together below the relay's default 30 s
-/// lease, so a batch fails before another relay may claim its messages again.
+/// The longest wait for a connection; a shorter confirm timeout shortens it too.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct AmqpSink {
     uri: String,
     exchange: String,
     link: Mutex<Option<(Connection, Channel)>>,
+    connect_timeout: Duration,
+    confirm_timeout: Duration,
 }
 
 impl AmqpSink {
+    /// How long a batch waits for its confirms, unless told otherwise. With the connect
+    /// timeout it stays below the relay's default 30 s lease, so a batch fails before another
+    /// relay may claim its messages again.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
     /// Connects to `uri` (`amqp://user:pass@host:5672/vhost`) and declares `exchange`.
-    pub async fn connect(uri: &str, exchange: &str) -> Result<Self, lapin::Error> {
+    /// `timeout` bounds the wait for a batch's confirms (and for a connection).
+    pub async fn connect(
+        uri: &str,
+        exchange: &str,
+        timeout: Duration,
+    ) -> Result<Self, lapin::Error> {
         let sink = Self {
             uri: uri.to_owned(),
             exchange: exchange.to_owned(),
             link: Mutex::new(None),
+            connect_timeout: timeout.min(CONNECT_TIMEOUT),
+            confirm_timeout: timeout,
         };
         sink.channel().await?;
         Ok(sink)
@@ -143,23 +155,21 @@ fn all_failed(n: usize, why: String) -> Vec<Delivery> {
 #[async_trait]
 impl Sink for AmqpSink {
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
-        let ch = match tokio::time::timeout(CONNECT_TIMEOUT, self.channel()).await {
+        let (connect, confirm) = (self.connect_timeout, self.confirm_timeout);
+        let ch = match tokio::time::timeout(connect, self.channel()).await {
             Ok(Ok(ch)) => ch,
             Ok(Err(e)) => return all_failed(batch.len(), format!("AMQP connect: {e}")),
             Err(_) => {
                 self.forget_channel().await;
                 return all_failed(
                     batch.len(),
-                    format!("AMQP connect: no answer in {CONNECT_TIMEOUT:?}"),
+                    format!("AMQP connect: no answer in {connect:?}"),
                 );
             }
         };
-        let Ok(out) = tokio::time::timeout(CONFIRM_TIMEOUT, self.send(&ch, batch)).await else {
+        let Ok(out) = tokio::time::timeout(confirm, self.send(&ch, batch)).await else {
             self.forget_channel().await;
-            return all_failed(
-                batch.len(),
-                format!("AMQP: no confirms in {CONFIRM_TIMEOUT:?}"),
-            );
+            return all_failed(batch.len(), format!("AMQP: no confirms in {confirm:?}"));
         };
         if out
             .iter()

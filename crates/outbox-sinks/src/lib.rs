@@ -8,15 +8,17 @@
 //! | `stdout:` | [`StdoutSink`]: one JSON line per message | written and flushed |
 //! | `null:` | [`NullSink`]: discards, for benchmarks | at once |
 //! | `http(s)://…` | `WebhookSink` (feature `webhook`): signed POST per message | 2xx received |
-//! | `redis://host:port[?maxlen=N&prefix=P]` | `RedisSink` (feature `redis`): `XADD` to the topic's stream | entry appended |
-//! | `nats://host:port[?prefix=P]` | `NatsSink` (feature `nats`): JetStream publish | publish ack from a stream |
+//! | `redis://host:port[?maxlen=N&prefix=P&timeout_ms=N]` | `RedisSink` (feature `redis`): `XADD` to the topic's stream | entry appended |
+//! | `nats://host:port[?prefix=P&timeout_ms=N]` | `NatsSink` (feature `nats`): JetStream publish | publish ack from a stream |
 //! | `kafka://host:port[,host:port][?prefix=P&timeout_ms=N]` | `KafkaSink` (feature `kafka`, opt-in: builds librdkafka): idempotent producer, `acks=all`, key = message key | delivery report |
-//! | `mqtt://host:port[?prefix=P&client_id=C]` | `MqttSink` (feature `mqtt`): MQTT 5, QoS 1, CloudEvents as user properties | PUBACK |
-//! | `amqp://user:pass@host:port/vhost[?exchange=E]` | `AmqpSink` (feature `amqp`): RabbitMQ topic exchange, mandatory, persistent | publisher confirm |
+//! | `mqtt://host:port[?prefix=P&client_id=C&timeout_ms=N]` | `MqttSink` (feature `mqtt`): MQTT 5, QoS 1, CloudEvents as user properties | PUBACK |
+//! | `amqp://user:pass@host:port/vhost[?exchange=E&timeout_ms=N]` | `AmqpSink` (feature `amqp`): RabbitMQ topic exchange, mandatory, persistent | publisher confirm |
 //! | `smtp://[user:pass@]host[:port]?from=F&(to=T\|to_field=P)[&tls=none\|starttls\|required&templates=DIR&ca_file=PEM&timeout_ms=N]`, `smtps://…` | `SmtpSink` (feature `smtp`): one email per message, from a template per type, `Message-ID: <id@outbox>` (options in the `smtp` module) | 250 after `DATA` |
 //!
 //! Every sink returns one outcome per message; an I/O failure is transient (the relay retries
-//! with backoff), never a silent drop. Each line carries the message id, which is the
+//! with backoff), never a silent drop. `timeout_ms` bounds how long a broker sink waits for its
+//! server to confirm a batch (and to connect): a server that stops answering without closing
+//! the connection fails the batch within it. Keep it below four fifths of the relay's lease. Each line carries the message id, which is the
 //! deduplication key downstream: the relay delivers at least once.
 
 #[cfg(feature = "amqp")]
@@ -116,10 +118,18 @@ fn scheme_options(scheme: &str) -> Result<&'static [&'static str], SinkUrlError>
     match scheme {
         "null" | "stdout" | "file" => Ok(&[]),
         "http" | "https" => built(cfg!(feature = "webhook"), "webhook", &[]),
-        "redis" | "rediss" => built(cfg!(feature = "redis"), "redis", &["prefix", "maxlen"]),
-        "nats" => built(cfg!(feature = "nats"), "nats", &["prefix"]),
-        "amqp" | "amqps" => built(cfg!(feature = "amqp"), "amqp", &["exchange"]),
-        "mqtt" => built(cfg!(feature = "mqtt"), "mqtt", &["prefix", "client_id"]),
+        "redis" | "rediss" => built(
+            cfg!(feature = "redis"),
+            "redis",
+            &["prefix", "maxlen", "timeout_ms"],
+        ),
+        "nats" => built(cfg!(feature = "nats"), "nats", &["prefix", "timeout_ms"]),
+        "amqp" | "amqps" => built(cfg!(feature = "amqp"), "amqp", &["exchange", "timeout_ms"]),
+        "mqtt" => built(
+            cfg!(feature = "mqtt"),
+            "mqtt",
+            &["prefix", "client_id", "timeout_ms"],
+        ),
         "kafka" => built(cfg!(feature = "kafka"), "kafka", &["prefix", "timeout_ms"]),
         "smtp" | "smtps" => built(
             cfg!(feature = "smtp"),
@@ -183,6 +193,9 @@ impl<'a> SinkUrl<'a> {
             if NUMERIC.contains(name) && value.parse::<u64>().is_err() {
                 return Err(parsed.invalid(format!("{name} {value:?} is not a whole number")));
             }
+            if *name == "timeout_ms" && value.parse::<u64>() == Ok(0) {
+                return Err(parsed.invalid("timeout_ms must be at least 1".into()));
+            }
         }
         Ok(parsed)
     }
@@ -199,6 +212,13 @@ impl<'a> SinkUrl<'a> {
     #[allow(dead_code)]
     fn number(&self, name: &str) -> Option<u64> {
         self.get(name).and_then(|v| v.parse().ok())
+    }
+
+    /// `timeout_ms`, or the sink's default.
+    #[allow(dead_code)]
+    fn timeout(&self, default: std::time::Duration) -> std::time::Duration {
+        self.number("timeout_ms")
+            .map_or(default, std::time::Duration::from_millis)
     }
 
     /// A connection or client error, reported with the URL.
@@ -275,18 +295,26 @@ pub async fn from_url(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
         #[cfg(feature = "redis")]
         "redis" | "rediss" => {
             let max_len = u.number("maxlen").map(|n| n as usize);
-            let sink = RedisSink::connect(u.base, u.get("prefix").unwrap_or(""), max_len).await;
+            let timeout = u.timeout(RedisSink::DEFAULT_TIMEOUT);
+            let sink = RedisSink::connect(u.base, u.get("prefix").unwrap_or(""), max_len, timeout);
+            let sink = sink.await;
             Arc::new(sink.map_err(|e| u.failed(e))?)
         }
         #[cfg(feature = "nats")]
         "nats" => Arc::new(
-            NatsSink::connect(u.base, u.get("prefix").unwrap_or(""))
-                .await
-                .map_err(|e| u.failed(e))?,
+            NatsSink::connect(
+                u.base,
+                u.get("prefix").unwrap_or(""),
+                u.timeout(NatsSink::DEFAULT_TIMEOUT),
+            )
+            .await
+            .map_err(|e| u.failed(e))?,
         ),
         #[cfg(feature = "amqp")]
         "amqp" | "amqps" => {
-            let sink = AmqpSink::connect(u.base, u.get("exchange").unwrap_or("outbox")).await;
+            let exchange = u.get("exchange").unwrap_or("outbox");
+            let timeout = u.timeout(AmqpSink::DEFAULT_TIMEOUT);
+            let sink = AmqpSink::connect(u.base, exchange, timeout).await;
             Arc::new(sink.map_err(|e| u.failed(e))?)
         }
         #[cfg(feature = "mqtt")]
@@ -310,6 +338,7 @@ pub async fn from_url(url: &str) -> Result<Arc<dyn Sink>, SinkUrlError> {
                 port,
                 &client_id,
                 u.get("prefix").unwrap_or(""),
+                u.timeout(MqttSink::DEFAULT_TIMEOUT),
             ))
         }
         #[cfg(feature = "smtp")]

@@ -53,9 +53,20 @@ pub struct MqttSink {
 }
 
 impl MqttSink {
+    /// How long a batch waits for its PUBACKs, unless told otherwise: below the relay's
+    /// default 30 s lease, so the batch fails before it can be claimed again.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
+
     /// Connects to `host:port` as `client_id`. The event loop runs in a task of its own and
     /// reconnects after errors; messages caught in a disconnection fail and are retried.
-    pub fn connect(host: &str, port: u16, client_id: &str, prefix: &str) -> Self {
+    /// `timeout` bounds the wait for a batch's PUBACKs.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        client_id: &str,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Self {
         let mut options = MqttOptions::new(client_id, host, port);
         options.set_keep_alive(Duration::from_secs(30));
         let (client, eventloop) = AsyncClient::new(options, 1024);
@@ -65,8 +76,7 @@ impl MqttSink {
             client,
             pending,
             prefix: prefix.to_owned(),
-            // Below the relay's default 30 s lease: the batch fails before it can be re-claimed.
-            ack_timeout: Duration::from_secs(20),
+            ack_timeout: timeout,
         }
     }
 
@@ -150,14 +160,20 @@ fn handle(event: Result<Event, rumqttc::v5::ConnectionError>, p: &mut Pending) -
 impl Sink for MqttSink {
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
         let acks: Vec<_> = batch.iter().map(|m| self.submit(m)).collect();
+        // One deadline for the batch: waiting the timeout once per message would let a server
+        // that stopped answering hold a batch of n for n timeouts.
+        let deadline = tokio::time::Instant::now() + self.ack_timeout;
         let mut out = Vec::with_capacity(batch.len());
         for ack in acks {
             out.push(match ack {
                 Err(e) => Err(e),
-                Ok(rx) => match tokio::time::timeout(self.ack_timeout, rx).await {
+                Ok(rx) => match tokio::time::timeout_at(deadline, rx).await {
                     Ok(Ok(Ok(()))) => Ok(()),
                     Ok(Ok(Err(why))) => Err(SinkError::transient(why)),
-                    Ok(Err(_)) | Err(_) => Err(SinkError::transient("MQTT: no PUBACK")),
+                    Ok(Err(_)) | Err(_) => Err(SinkError::transient(format!(
+                        "MQTT: no PUBACK within {:?}",
+                        self.ack_timeout
+                    ))),
                 },
             });
         }

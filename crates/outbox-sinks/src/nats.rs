@@ -16,9 +16,6 @@ use outbox_core::{Delivery, Message, Sink, SinkError};
 
 use crate::cloudevents;
 
-/// How long a publish waits for its ack from the stream.
-const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-
 pub struct NatsSink {
     client: async_nats::Client,
     js: Context,
@@ -26,18 +23,23 @@ pub struct NatsSink {
 }
 
 impl NatsSink {
+    /// How long a batch waits for its acks from the stream, unless told otherwise.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
     /// Connects to `url` (`nats://host:port`). The client reconnects by itself; while the
-    /// server is away publishes fail and the relay retries them.
+    /// server is away publishes fail and the relay retries them. `timeout` bounds the wait
+    /// for a batch's acks.
     pub async fn connect(
         url: &str,
         subject_prefix: &str,
+        timeout: Duration,
     ) -> Result<Self, async_nats::ConnectError> {
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect(url)
             .await?;
         let js = jetstream::ContextBuilder::new()
-            .timeout(ACK_TIMEOUT)
+            .timeout(timeout)
             .build(client.clone());
         Ok(Self {
             client,

@@ -18,22 +18,27 @@ pub struct RedisSink {
 }
 
 impl RedisSink {
+    /// How long a batch waits for its replies, unless told otherwise.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
     /// Connects to `url` (`redis://host:port[/db]`); the connection is re-established by itself
     /// after the server restarts. A batch sent while the server is unreachable fails within a
     /// few seconds (two quick reconnection attempts, bounded connect and reply waits) rather
     /// than after the client's default dozen seconds of retries, so the relay's backoff paces
     /// the retries and a server that accepts but never answers cannot hang the relay.
+    /// `timeout` bounds the wait for a batch's replies (and for a connection, at most 5 s).
     pub async fn connect(
         url: &str,
         stream_prefix: &str,
         max_len: Option<usize>,
+        timeout: Duration,
     ) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)));
+            .set_connection_timeout(Some(timeout.min(Duration::from_secs(5))))
+            .set_response_timeout(Some(timeout));
         let conn = ConnectionManager::new_with_config(client, config).await?;
         Ok(Self {
             conn,

@@ -159,6 +159,7 @@ pub async fn drain(store: Arc<dyn Store>, config: RelayConfig) -> Recorder {
 }
 
 mod order;
+pub mod proxy;
 
 pub use order::OrderCheck;
 
