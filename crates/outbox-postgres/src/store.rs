@@ -382,7 +382,7 @@ impl Store for PgStore {
             return Err(db(e));
         }
         Ok(Some(Box::new(PgHeldBatch {
-            tx,
+            tx: tokio::sync::Mutex::new(tx),
             messages,
             sql: self.outbox.sql.clone(),
             pool: self.pool.clone(),
@@ -501,7 +501,8 @@ fn bind_failures(
 /// A claim whose rows stay locked by `tx` until it is settled or dropped (rolled back). Its
 /// delivery record (`lock_key`) goes with the outcome, in the same commit.
 struct PgHeldBatch {
-    tx: Transaction<'static, Postgres>,
+    /// Locked only to ask whether the session is alive while the batch is in delivery.
+    tx: tokio::sync::Mutex<Transaction<'static, Postgres>>,
     messages: Vec<Message>,
     sql: Arc<Sql>,
     pool: PgPool,
@@ -521,11 +522,9 @@ impl HeldBatch for PgHeldBatch {
         retention: Retention,
     ) -> StoreResult<()> {
         let PgHeldBatch {
-            mut tx,
-            sql,
-            lock_key,
-            ..
+            tx, sql, lock_key, ..
         } = *self;
+        let mut tx = tx.into_inner();
         let done = match retention {
             Retention::Delete => &sql.settle_delete,
             Retention::Keep(_) => &sql.settle_keep,
@@ -546,7 +545,7 @@ impl HeldBatch for PgHeldBatch {
             lock_key,
             ..
         } = *self;
-        tx.rollback().await.map_err(db)?;
+        tx.into_inner().rollback().await.map_err(db)?;
         // A release counts no attempt; if this fails, recover() counts one, which is harmless.
         q(&sql.delivery_end)
             .bind(lock_key)
@@ -554,6 +553,11 @@ impl HeldBatch for PgHeldBatch {
             .await
             .map_err(db)
             .map(drop)
+    }
+
+    async fn is_held(&self) -> bool {
+        let mut tx = self.tx.lock().await;
+        sqlx::query("SELECT 1").execute(&mut **tx).await.is_ok()
     }
 }
 
