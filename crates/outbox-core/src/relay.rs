@@ -625,7 +625,24 @@ impl Claimed {
             Claimed::Held(held) => held.messages(),
         }
     }
+
+    /// Whether this relay still holds the batch. A lease holds until it expires, which the
+    /// delivery deadline already keeps ahead of; a held claim lives only as long as its session.
+    async fn still_held(&self) -> bool {
+        match self {
+            Claimed::Leased(_) => true,
+            Claimed::Held(held) => held.is_held().await,
+        }
+    }
 }
+
+/// How long a batch goes on from wave to wave before it checks that its claim is still held.
+/// A claim lost with its session frees the rows at once, and after a database restart the
+/// relays rejoin with their partitions reshuffled: another relay may then claim the same keys
+/// while this one is still delivering them. Checking every wave would cost a hot key's run one
+/// round trip per message; this bounds the overlap to a wave plus this interval, well under
+/// what a restart and a new claim take.
+const CLAIM_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What became of each message of a batch: `None` when it was not delivered because an
 /// earlier message of its key failed (it stays where it is, without an attempt counted).
@@ -641,7 +658,7 @@ async fn deliver(shared: Arc<Shared>, batch: Claimed) {
         .collect();
     let outcomes = {
         let mut stop = shared.stop.subscribe();
-        let mut publish = pin!(publish_waves(&shared, batch.messages()));
+        let mut publish = pin!(publish_waves(&shared, &batch));
         let outcomes = tokio::select! {
             o = &mut publish => Some(o),
             _ = stop.wait_for(|s| *s) => None,
@@ -681,9 +698,12 @@ async fn deliver(shared: Arc<Shared>, batch: Claimed) {
 
 /// Hands a batch to the sink one wave at a time (at most one message per key each, so a sink
 /// may deliver a wave concurrently), stopping a key at its first failure. The whole batch has
-/// the delivery deadline: what is still in the sink then fails, and later waves wait.
-async fn publish_waves(shared: &Shared, batch: &[Message]) -> Outcomes {
+/// the delivery deadline: what is still in the sink then fails, and later waves wait. A batch
+/// whose claim was lost stops: the rest is left, undelivered, to whoever claims it next.
+async fn publish_waves(shared: &Shared, claimed: &Claimed) -> Outcomes {
+    let batch = claimed.messages();
     let deadline = Instant::now() + shared.config.delivery_deadline();
+    let mut confirmed = Instant::now();
     let mut out: Outcomes = vec![None; batch.len()];
     let mut stopped: HashSet<&str> = HashSet::new();
     give_up_on_unfinished(shared, batch, &mut out, &mut stopped);
@@ -695,6 +715,17 @@ async fn publish_waves(shared: &Shared, batch: &[Message]) -> Outcomes {
             .collect();
         if todo.is_empty() {
             continue;
+        }
+        if confirmed.elapsed() >= CLAIM_CHECK_INTERVAL {
+            let held = tokio::time::timeout_at(deadline, claimed.still_held()).await;
+            if held != Ok(true) {
+                warn!(
+                    left = out.iter().filter(|o| o.is_none()).count(),
+                    "the claim was lost with its database session; leaving the rest of the batch"
+                );
+                break;
+            }
+            confirmed = Instant::now();
         }
         let msgs: Cow<'_, [Message]> = if todo.len() == wave.len() {
             Cow::Borrowed(&batch[wave])

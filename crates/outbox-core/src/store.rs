@@ -216,7 +216,7 @@ pub trait Store: Send + Sync {
 /// until [`HeldBatch::settle`] commits the outcome or [`HeldBatch::release`] rolls it back.
 /// Dropping it unsettled also rolls back, shortly after, when the connection is recycled.
 #[async_trait]
-pub trait HeldBatch: Send {
+pub trait HeldBatch: Send + Sync {
     /// The claimed messages, in the wave order of [`crate::pick`].
     fn messages(&self) -> &[Message];
 
@@ -232,6 +232,13 @@ pub trait HeldBatch: Send {
 
     /// Rolls back: every message is claimable again at once, and no attempt is counted.
     async fn release(self: Box<Self>) -> StoreResult<()>;
+
+    /// Whether the rows are still locked by this claim, i.e. its session is alive (one round
+    /// trip). A claim dies with its session (a database restart, a cut connection), and then
+    /// another relay may claim the same messages at once: a delivery must not go on with it.
+    async fn is_held(&self) -> bool {
+        true
+    }
 }
 
 /// How a relay sleeps when there is nothing to claim, and how it is woken.

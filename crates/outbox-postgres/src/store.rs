@@ -419,7 +419,7 @@ impl PgStore {
             return Err(db(e));
         }
         Ok(Some(Box::new(PgHeldBatch {
-            tx,
+            tx: tokio::sync::Mutex::new(tx),
             messages,
             sql: self.outbox.sql.clone(),
             pool: self.pool.clone(),
@@ -592,7 +592,8 @@ fn bind_failures(
 /// A claim whose rows stay locked by `tx` until it is settled or dropped (rolled back). Its
 /// delivery record (`lock_key`) goes with the outcome, in the same commit.
 struct PgHeldBatch {
-    tx: Transaction<'static, Postgres>,
+    /// Locked only to ask whether the session is alive while the batch is in delivery.
+    tx: tokio::sync::Mutex<Transaction<'static, Postgres>>,
     messages: Vec<Message>,
     sql: Arc<Sql>,
     pool: PgPool,
@@ -613,12 +614,13 @@ impl HeldBatch for PgHeldBatch {
         retention: Retention,
     ) -> StoreResult<()> {
         let PgHeldBatch {
-            mut tx,
+            tx,
             sql,
             lock_key,
             timeout,
             ..
         } = *self;
+        let mut tx = tx.into_inner();
         let done = match retention {
             Retention::Delete => &sql.settle_delete,
             Retention::Keep(_) => &sql.settle_keep,
@@ -642,12 +644,21 @@ impl HeldBatch for PgHeldBatch {
             timeout,
             ..
         } = *self;
-        bounded(timeout, async { tx.rollback().await.map_err(db) }).await?;
+        bounded(timeout, async { tx.into_inner().rollback().await.map_err(db) }).await?;
         // A release counts no attempt; if this fails, recover() counts one, which is harmless.
         let end = q(&sql.delivery_end).bind(lock_key);
         bounded(timeout, async { end.execute(&pool).await.map_err(db) })
             .await
             .map(drop)
+    }
+
+    async fn is_held(&self) -> bool {
+        // Bounded too: over a silent partition the answer would never come.
+        let check = async {
+            let mut tx = self.tx.lock().await;
+            sqlx::query("SELECT 1").execute(&mut **tx).await.map_err(db)
+        };
+        bounded(self.timeout, check).await.is_ok()
     }
 }
 

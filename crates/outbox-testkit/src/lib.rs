@@ -158,6 +158,7 @@ pub async fn drain(store: Arc<dyn Store>, config: RelayConfig) -> Recorder {
     rec
 }
 
+pub mod cluster;
 mod order;
 pub mod proxy;
 
