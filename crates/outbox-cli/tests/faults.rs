@@ -491,8 +491,10 @@ fn relay_log_on_failure(relays: &Relays, pg: &PgCluster, r: R) -> R {
 /// next poll. After a few idle seconds the relay's settling polls are seconds apart, and its
 /// poll interval is far above the bound, so only the wake-up arrives in time.
 async fn wakes_after_idle(rx: &Receiver, writer: &mut Writer) -> anyhow::Result<Duration> {
-    const IDLE: Duration = Duration::from_secs(4);
-    const WAKE: Duration = Duration::from_millis(500);
+    // Settling polls come 5, 10, 20 … ms apart: after 6 s idle the next one is over 4 s away,
+    // so a bound of 2 s tells a wake-up from a poll with room for a loaded machine.
+    const IDLE: Duration = Duration::from_secs(6);
+    const WAKE: Duration = Duration::from_secs(2);
     tokio::time::sleep(IDLE).await;
     let before = rx.log().distinct();
     let committed = Instant::now();

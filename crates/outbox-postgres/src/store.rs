@@ -644,7 +644,10 @@ impl HeldBatch for PgHeldBatch {
             timeout,
             ..
         } = *self;
-        bounded(timeout, async { tx.into_inner().rollback().await.map_err(db) }).await?;
+        bounded(timeout, async {
+            tx.into_inner().rollback().await.map_err(db)
+        })
+        .await?;
         // A release counts no attempt; if this fails, recover() counts one, which is harmless.
         let end = q(&sql.delivery_end).bind(lock_key);
         bounded(timeout, async { end.execute(&pool).await.map_err(db) })
