@@ -2,6 +2,7 @@
 
 use crate::cli::DemoArgs;
 use crate::commands::shutdown_signal;
+use outbox_core::redact;
 use outbox_payments::{DemoOptions, GatewayConfig, Role, Urls};
 
 const DEFAULT_DATABASE: &str = "sqlite://outbox-data/demo.db";
@@ -45,14 +46,14 @@ pub async fn run(
     };
     let role = args.role;
     let mail = match &args.smtp_url {
-        Some(url) => format!("sent through {url}"),
+        Some(url) => format!("sent through {}", redact(url)),
         None => format!("written as .eml files to {}", args.mail_dir.display()),
     };
     let broker = args.broker;
     let ready = move |urls: &Urls| {
         print_banner(role, urls, &database_url, &mail);
         if let Some(url) = &broker {
-            println!("events via:   {url}");
+            println!("events via:   {}", redact(url));
         }
         println!("Ctrl-C stops.");
     };
@@ -69,7 +70,7 @@ fn print_banner(role: Role, urls: &Urls, database: &str, mail: &str) {
         println!("gateway:      {gw}");
     }
     if matches!(role, Role::All | Role::Api | Role::Relay | Role::Worker) {
-        println!("database:     {database}");
+        println!("database:     {}", redact(database));
     }
     if matches!(role, Role::All | Role::Worker) {
         println!("e-mails:      {mail}");

@@ -126,7 +126,10 @@ pub async fn open_db(url: &str, schema: Option<&str>) -> anyhow::Result<Db> {
         }
         Ok(Db::Sqlite(SqliteStore::connect(url).await?))
     } else {
-        anyhow::bail!("the demo runs on postgres://… or sqlite://PATH, not {url:?}")
+        anyhow::bail!(
+            "the demo runs on postgres://… or sqlite://PATH, not {:?}",
+            outbox_core::redact(url)
+        )
     }
 }
 
