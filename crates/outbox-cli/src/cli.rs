@@ -222,6 +222,19 @@ pub struct DemoArgs {
     /// How long the worker holds a claimed event before another worker may take it over
     #[arg(long, default_value = "30s", env = "OUTBOX_LEASE", value_parser = parse_duration)]
     pub lease: Duration,
+    /// HTTP: time for a request's headers to arrive (also closes idle connections)
+    #[arg(long, default_value = "10s", env = "OUTBOX_HEADER_READ_TIMEOUT", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// HTTP: time for a whole request, body included, before it is answered 408
+    #[arg(long, default_value = "30s", env = "OUTBOX_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// HTTP: connections served at once per server; more wait until one closes
+    #[arg(long, default_value_t = 1024, env = "OUTBOX_MAX_CONNECTIONS")]
+    pub max_connections: usize,
+    /// On SIGINT/SIGTERM, how long requests in progress and the relay's batch in hand may
+    /// take before they are cut off
+    #[arg(long, default_value = "10s", env = "OUTBOX_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
     /// Benchmark baseline: the API writes payments without their outbox event
     #[arg(long, hide = true)]
     pub without_outbox: bool,

@@ -3,7 +3,7 @@
 use crate::cli::DemoArgs;
 use crate::commands::shutdown_signal;
 use outbox_core::redact;
-use outbox_payments::{DemoOptions, GatewayConfig, Role, Urls};
+use outbox_payments::{DemoOptions, GatewayConfig, Role, ServerLimits, Urls};
 
 const DEFAULT_DATABASE: &str = "sqlite://outbox-data/demo.db";
 
@@ -17,6 +17,17 @@ pub async fn run(
             "--decline-rate must be between 0 and 1, got {}",
             args.decline_rate
         );
+    }
+    if args.max_connections < 1 {
+        anyhow::bail!("--max-connections must be at least 1");
+    }
+    for (flag, d) in [
+        ("--header-read-timeout", args.header_read_timeout),
+        ("--request-timeout", args.request_timeout),
+    ] {
+        if d.is_zero() {
+            anyhow::bail!("{flag} must be longer than 0");
+        }
     }
     if args.max_declines < 1 {
         anyhow::bail!(
@@ -43,6 +54,12 @@ pub async fn run(
         lease: args.lease,
         write_events: !args.without_outbox,
         broker: args.broker.clone(),
+        limits: ServerLimits {
+            header_read_timeout: args.header_read_timeout,
+            request_timeout: args.request_timeout,
+            max_connections: args.max_connections,
+            shutdown_timeout: args.shutdown_timeout,
+        },
     };
     let role = args.role;
     let mail = match &args.smtp_url {
