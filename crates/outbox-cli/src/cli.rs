@@ -108,7 +108,7 @@ pub struct EnqueueArgs {
 #[derive(Debug, Args, Default)]
 pub struct RelayArgs {
     /// Where to deliver: file:PATH, stdout:, null:, http(s)://…, redis://…, nats://…
-    #[arg(long, env = "OUTBOX_SINK")]
+    #[arg(long, env = "OUTBOX_SINK", hide_env_values = true)]
     pub sink: Option<String>,
     /// Messages claimed per round trip [default: 100]
     #[arg(long, env = "OUTBOX_BATCH_SIZE")]
@@ -190,7 +190,7 @@ pub struct DemoArgs {
     pub role: outbox_payments::Role,
     /// Deliver the events through this broker (nats://… or amqp://…): the relay publishes,
     /// the worker consumes through the inbox
-    #[arg(long, env = "OUTBOX_DEMO_BROKER")]
+    #[arg(long, env = "OUTBOX_DEMO_BROKER", hide_env_values = true)]
     pub broker: Option<String>,
     /// Address of the payment API (port 0 picks a free port)
     #[arg(long, default_value = "127.0.0.1:8080", env = "OUTBOX_LISTEN")]
@@ -199,7 +199,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:0", env = "OUTBOX_GATEWAY_LISTEN")]
     pub gateway_listen: std::net::SocketAddr,
     /// Use this payment gateway instead of starting the simulated one
-    #[arg(long, env = "OUTBOX_GATEWAY_URL")]
+    #[arg(long, env = "OUTBOX_GATEWAY_URL", hide_env_values = true)]
     pub gateway_url: Option<String>,
     /// Share of charge attempts the simulated gateway declines, 0 to 1
     #[arg(long, default_value_t = 0.3, env = "OUTBOX_DECLINE_RATE")]
@@ -214,7 +214,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "outbox-data/mail", env = "OUTBOX_MAIL_DIR")]
     pub mail_dir: PathBuf,
     /// Send e-mails through this SMTP server (smtp://host:port)
-    #[arg(long, env = "OUTBOX_SMTP_URL")]
+    #[arg(long, env = "OUTBOX_SMTP_URL", hide_env_values = true)]
     pub smtp_url: Option<String>,
     /// Polling fallback of the worker
     #[arg(long, default_value = "1s", env = "OUTBOX_POLL_INTERVAL", value_parser = parse_duration)]
@@ -222,6 +222,19 @@ pub struct DemoArgs {
     /// How long the worker holds a claimed event before another worker may take it over
     #[arg(long, default_value = "30s", env = "OUTBOX_LEASE", value_parser = parse_duration)]
     pub lease: Duration,
+    /// HTTP: time for a request's headers to arrive (also closes idle connections)
+    #[arg(long, default_value = "10s", env = "OUTBOX_HEADER_READ_TIMEOUT", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// HTTP: time for a whole request, body included, before it is answered 408
+    #[arg(long, default_value = "30s", env = "OUTBOX_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// HTTP: connections served at once per server; more wait until one closes
+    #[arg(long, default_value_t = 1024, env = "OUTBOX_MAX_CONNECTIONS")]
+    pub max_connections: usize,
+    /// On SIGINT/SIGTERM, how long requests in progress and the relay's batch in hand may
+    /// take before they are cut off
+    #[arg(long, default_value = "10s", env = "OUTBOX_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
     /// Benchmark baseline: the API writes payments without their outbox event
     #[arg(long, hide = true)]
     pub without_outbox: bool,
@@ -331,7 +344,9 @@ pub fn usage_error(e: clap::Error) -> ExitCode {
         .take_while(|l| !l.starts_with("Usage:"))
         .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
         .collect();
-    eprintln!("{} (see outbox --help)", line.join(" "));
+    // A value that failed to parse is quoted in the message, and it may be a URL.
+    let line = outbox_core::redact(&line.join(" "));
+    eprintln!("{line} (see outbox --help)");
     ExitCode::from(2)
 }
 

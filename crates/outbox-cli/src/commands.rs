@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use outbox_core::{NewMessage, Relay, Sink, Store, StoreError};
+use outbox_core::{NewMessage, Relay, Sink, Store, StoreError, redact};
 use outbox_sinks::{Breaker, Route, Router};
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -51,8 +51,30 @@ fn init_logging(filter: Option<&str>) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(|| RedactedLine(Vec::new()))
         .try_init();
+}
+
+/// One log line on its way to stderr. Client libraries log the URLs they connect to and our
+/// own errors quote them, so every line loses its credentials before it is written.
+struct RedactedLine(Vec<u8>);
+
+impl Write for RedactedLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for RedactedLine {
+    fn drop(&mut self) {
+        let line = outbox_core::redact(&String::from_utf8_lossy(&self.0));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
 }
 
 /// Opens and migrates the store, for the commands that need the schema to exist.
@@ -288,7 +310,7 @@ async fn check_relay(
         return Ok(());
     }
     for p in &problems {
-        eprintln!("problem: {p}");
+        eprintln!("problem: {}", outbox_core::redact(p));
     }
     bail!("{} problem(s) in the configuration", problems.len())
 }
@@ -414,7 +436,7 @@ async fn dead(settings: &StoreSettings, cmd: DeadCommand) -> anyhow::Result<()> 
                         m.message_type,
                         m.key.as_deref().unwrap_or("-"),
                         m.attempts,
-                        m.last_error.as_deref().unwrap_or("-")
+                        m.last_error.as_deref().map_or("-".into(), redact)
                     );
                 }
             }
@@ -447,7 +469,8 @@ fn dead_entry(m: &outbox_core::Message) -> serde_json::Value {
         "type": m.message_type,
         "key": m.key,
         "attempts": m.attempts,
-        "last_error": m.last_error,
+        // Errors stored before they were redacted at the source may still hold credentials.
+        "last_error": m.last_error.as_deref().map(redact),
         "payload": m.payload_value(),
         "headers": m.headers,
         "created_at": m.created_at,

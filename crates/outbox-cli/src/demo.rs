@@ -2,7 +2,8 @@
 
 use crate::cli::DemoArgs;
 use crate::commands::shutdown_signal;
-use outbox_payments::{DemoOptions, GatewayConfig, Role, Urls};
+use outbox_core::redact;
+use outbox_payments::{DemoOptions, GatewayConfig, Role, ServerLimits, Urls};
 
 const DEFAULT_DATABASE: &str = "sqlite://outbox-data/demo.db";
 
@@ -16,6 +17,17 @@ pub async fn run(
             "--decline-rate must be between 0 and 1, got {}",
             args.decline_rate
         );
+    }
+    if args.max_connections < 1 {
+        anyhow::bail!("--max-connections must be at least 1");
+    }
+    for (flag, d) in [
+        ("--header-read-timeout", args.header_read_timeout),
+        ("--request-timeout", args.request_timeout),
+    ] {
+        if d.is_zero() {
+            anyhow::bail!("{flag} must be longer than 0");
+        }
     }
     if args.max_declines < 1 {
         anyhow::bail!(
@@ -42,17 +54,23 @@ pub async fn run(
         lease: args.lease,
         write_events: !args.without_outbox,
         broker: args.broker.clone(),
+        limits: ServerLimits {
+            header_read_timeout: args.header_read_timeout,
+            request_timeout: args.request_timeout,
+            max_connections: args.max_connections,
+            shutdown_timeout: args.shutdown_timeout,
+        },
     };
     let role = args.role;
     let mail = match &args.smtp_url {
-        Some(url) => format!("sent through {url}"),
+        Some(url) => format!("sent through {}", redact(url)),
         None => format!("written as .eml files to {}", args.mail_dir.display()),
     };
     let broker = args.broker;
     let ready = move |urls: &Urls| {
         print_banner(role, urls, &database_url, &mail);
         if let Some(url) = &broker {
-            println!("events via:   {url}");
+            println!("events via:   {}", redact(url));
         }
         println!("Ctrl-C stops.");
     };
@@ -69,7 +87,7 @@ fn print_banner(role: Role, urls: &Urls, database: &str, mail: &str) {
         println!("gateway:      {gw}");
     }
     if matches!(role, Role::All | Role::Api | Role::Relay | Role::Worker) {
-        println!("database:     {database}");
+        println!("database:     {}", redact(database));
     }
     if matches!(role, Role::All | Role::Worker) {
         println!("e-mails:      {mail}");

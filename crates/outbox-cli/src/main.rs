@@ -29,9 +29,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// One readable line on stderr, and a non-zero exit.
+/// One readable line on stderr, and a non-zero exit. Errors quote the URLs they failed on
+/// (ours and the libraries'), so the line loses its credentials.
 fn fail(e: &anyhow::Error) -> ExitCode {
-    let line = format!("{e:#}").replace('\n', " ");
+    let line = outbox_core::redact(&format!("{e:#}").replace('\n', " "));
     eprintln!("error: {line}");
     ExitCode::FAILURE
 }

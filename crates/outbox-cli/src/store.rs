@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use outbox_core::{NewMessage, Store};
+use outbox_core::{NewMessage, Store, redact};
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
 use sqlx::postgres::PgPoolOptions;
@@ -136,29 +136,21 @@ impl AnyStore {
     }
 }
 
-/// Hides the password of a URL in messages.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
-    fn redacts_passwords_only() {
+    fn database_urls_are_shown_without_credentials() {
+        use outbox_core::redact;
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(
-            super::redact("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
+            redact("postgres://u@h/db?password=secret"),
+            "postgres://u@h/db?password=***"
         );
-        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(super::redact("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(
+            redact("host=h user=u password=secret"),
+            "host=h user=u password=***"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
     }
 }

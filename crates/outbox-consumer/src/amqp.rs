@@ -75,10 +75,7 @@ impl<S: InboxStore, H: Handler<S::Db>> AmqpConsumer<S, H> {
     ) -> Result<Self, ConsumerError> {
         let connection = Connection::connect(uri, ConnectionProperties::default())
             .await
-            .map_err(|e| ConsumerError::Connect {
-                url: uri.to_owned(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| ConsumerError::connect(uri, e))?;
         let deliveries = declare_and_consume(&connection, config, &processor.config().name)
             .await
             .map_err(|e| ConsumerError::setup(format!("queue {}", config.queue), e))?;

@@ -11,10 +11,19 @@ pub enum ConsumerError {
 }
 
 impl ConsumerError {
+    /// The broker at `url` could not be reached. The URL and the client's message (which
+    /// may quote it) lose their credentials: this error is printed and logged.
+    pub(crate) fn connect(url: &str, reason: impl std::fmt::Display) -> Self {
+        ConsumerError::Connect {
+            url: outbox_core::redact(url),
+            reason: outbox_core::redact(&reason.to_string()),
+        }
+    }
+
     pub(crate) fn setup(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
         ConsumerError::Setup {
             what: what.into(),
-            reason: reason.to_string(),
+            reason: outbox_core::redact(&reason.to_string()),
         }
     }
 }

@@ -57,10 +57,7 @@ impl<S: InboxStore, H: Handler<S::Db>> KafkaConsumer<S, H> {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .create()
-            .map_err(|e| ConsumerError::Connect {
-                url: config.bootstrap.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| ConsumerError::connect(&config.bootstrap, e))?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)

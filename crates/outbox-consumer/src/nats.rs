@@ -77,10 +77,7 @@ impl<S: InboxStore, H: Handler<S::Db>> NatsConsumer<S, H> {
             .retry_on_initial_connect()
             .connect(url)
             .await
-            .map_err(|e| ConsumerError::Connect {
-                url: url.to_owned(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| ConsumerError::connect(url, e))?;
         let js = jetstream::new(client);
         let stream = js
             .get_or_create_stream(stream::Config {

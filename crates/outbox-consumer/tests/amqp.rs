@@ -139,3 +139,17 @@ async fn amqp_messages_take_effect_exactly_once_in_order_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     exactly_once(sqlite(&dir).await).await;
 }
+
+#[tokio::test]
+async fn a_connect_error_hides_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let (processor, _) = processor(sqlite(&dir).await, "billing");
+    let config = AmqpConfig::new(unique("q_"), "orders");
+    let uri = "amqp://u:S3cretXYZ@127.0.0.1:1/%2f";
+    let Err(e) = AmqpConsumer::connect(uri, &config, processor).await else {
+        panic!("connected to a closed port");
+    };
+    let text = e.to_string();
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert!(!text.contains("S3cretXYZ"), "{text}");
+}

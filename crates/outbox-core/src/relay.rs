@@ -858,16 +858,19 @@ fn classify(
             Some(Err(err)) => err,
         };
         let retry_in = shared.config.retry.decide(msg.attempts, &err);
+        // Sink errors often quote the URL they failed on; the stored error is readable by
+        // anyone who can list dead messages, so it never keeps a credential.
+        let error = crate::redact(&err.to_string());
         if retry_in.is_some() {
             stats.retried.fetch_add(1, Ordering::Relaxed);
-            debug!(id = %msg.id, attempt = msg.attempts, error = %err, "delivery failed; will retry");
+            debug!(id = %msg.id, attempt = msg.attempts, %error, "delivery failed; will retry");
         } else {
             stats.dead.fetch_add(1, Ordering::Relaxed);
-            warn!(id = %msg.id, topic = %msg.topic, attempt = msg.attempts, error = %err, "message is dead");
+            warn!(id = %msg.id, topic = %msg.topic, attempt = msg.attempts, %error, "message is dead");
         }
         failures.push(Failure {
             id: msg.id,
-            error: err.to_string(),
+            error,
             retry_in,
         });
     }

@@ -22,7 +22,7 @@ use outbox_consumer::{
     AmqpConfig, AmqpConsumer, ConsumerConfig, Handler, InboxStore, NatsConfig, NatsConsumer,
     Processor,
 };
-use outbox_core::{Message, Relay, RelayConfig, SinkError};
+use outbox_core::{Message, Relay, RelayConfig, SinkError, redact};
 use outbox_sinks::SinkUrl;
 use sqlx::{Postgres, Sqlite, Transaction};
 
@@ -37,12 +37,12 @@ pub const CONSUMER: &str = "payments-worker";
 fn broker_url(url: &str) -> anyhow::Result<SinkUrl<'_>> {
     let (scheme, _) = url
         .split_once("://")
-        .with_context(|| format!("--broker {url:?} is not a URL"))?;
+        .with_context(|| format!("--broker {:?} is not a URL", redact(url)))?;
     anyhow::ensure!(
         matches!(scheme, "nats" | "amqp" | "amqps"),
         "--broker takes nats://… or amqp://…, not {scheme}://"
     );
-    SinkUrl::parse(url).with_context(|| format!("--broker {url:?}"))
+    SinkUrl::parse(url).with_context(|| format!("--broker {:?}", redact(url)))
 }
 
 /// Checks `url` without connecting.
@@ -54,7 +54,7 @@ pub fn check_url(url: &str) -> anyhow::Result<()> {
 pub async fn relay(db: &Db, url: &str, config: RelayConfig) -> anyhow::Result<Relay> {
     let sink = outbox_sinks::from_url(url)
         .await
-        .with_context(|| format!("cannot publish to {url}"))?;
+        .with_context(|| format!("cannot publish to {}", redact(url)))?;
     Ok(Relay::with_config(db.store(), sink, config))
 }
 

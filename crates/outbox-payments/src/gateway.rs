@@ -159,7 +159,8 @@ impl GatewayClient {
         idempotency_key: &str,
         req: &ChargeRequest,
     ) -> Result<ChargeOutcome, GatewayUnavailable> {
-        let unavailable = |e: reqwest::Error| GatewayUnavailable(e.to_string());
+        let unavailable =
+            |e: reqwest::Error| GatewayUnavailable(outbox_core::redact(&e.to_string()));
         let resp = self
             .http
             .post(&self.url)

@@ -26,6 +26,7 @@ pub mod db;
 pub mod gateway;
 pub mod mail;
 mod openapi;
+pub mod server;
 pub mod validate;
 pub mod worker;
 
@@ -46,6 +47,7 @@ use tokio::sync::watch;
 
 pub use db::Db;
 pub use gateway::GatewayConfig;
+pub use server::ServerLimits;
 
 /// Which parts of the system this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +100,9 @@ pub struct DemoOptions {
     /// Deliver the events through this broker (`nats://…`, `amqp://…`) instead of to the
     /// worker in process: the relay publishes, the worker consumes through the inbox.
     pub broker: Option<String>,
+    /// Timeouts and connection cap of the HTTP servers; the shutdown timeout also bounds the
+    /// relay's last batch.
+    pub limits: ServerLimits,
 }
 
 /// Opens the demo's database: `postgres://…` or `sqlite://PATH` (created when missing).
@@ -126,7 +131,10 @@ pub async fn open_db(url: &str, schema: Option<&str>) -> anyhow::Result<Db> {
         }
         Ok(Db::Sqlite(SqliteStore::connect(url).await?))
     } else {
-        anyhow::bail!("the demo runs on postgres://… or sqlite://PATH, not {url:?}")
+        anyhow::bail!(
+            "the demo runs on postgres://… or sqlite://PATH, not {:?}",
+            outbox_core::redact(url)
+        )
     }
 }
 
@@ -142,23 +150,12 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `app` until `stop` completes, finishing requests in progress.
-async fn serve(
-    listener: TcpListener,
-    app: axum::Router,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await?;
-    Ok(())
-}
-
 /// The relay's settings: the worker's retry policy with the demo's poll interval and lease.
 fn relay_config(opts: &DemoOptions) -> outbox_core::RelayConfig {
     outbox_core::RelayConfig {
         poll_interval: opts.poll_interval,
         lease: opts.lease,
+        shutdown_timeout: opts.limits.shutdown_timeout,
         ..worker::Worker::relay_config()
     }
 }
@@ -197,9 +194,10 @@ pub async fn run(
             .await
             .context("gateway listen address")?;
         urls.gateway = Some(format!("http://{}", listener.local_addr()?));
-        tasks.spawn(serve(
+        tasks.spawn(server::serve(
             listener,
             gateway::router(opts.gateway.clone()),
+            opts.limits,
             stopped(),
         ));
     }
@@ -220,7 +218,7 @@ pub async fn run(
             metrics: metrics_handle(),
             write_events: opts.write_events,
         });
-        tasks.spawn(serve(listener, app, stopped()));
+        tasks.spawn(server::serve(listener, app, opts.limits, stopped()));
     }
     if let (true, Some(url), Some(db)) = (runs(Role::Relay), &opts.broker, &db) {
         let relay = broker::relay(db, url, relay_config(&opts)).await?;

@@ -70,7 +70,7 @@ fn smtp_transport(url: &str) -> anyhow::Result<AsyncSmtpTransport<Tokio1Executor
         Some((h, p)) => (
             h,
             p.parse()
-                .map_err(|_| anyhow::anyhow!("bad SMTP port in {url:?}"))?,
+                .map_err(|_| anyhow::anyhow!("bad SMTP port in {:?}", outbox_core::redact(url)))?,
         ),
         None => (rest.trim_end_matches('/'), 25),
     };

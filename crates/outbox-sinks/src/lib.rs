@@ -42,7 +42,7 @@ mod webhook;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use outbox_core::{Delivery, Message, Sink};
+use outbox_core::{Delivery, Message, Sink, redact};
 use serde::Serialize;
 
 #[cfg(feature = "amqp")]
@@ -167,12 +167,18 @@ impl<'a> SinkUrl<'a> {
     pub fn parse(url: &'a str) -> Result<Self, SinkUrlError> {
         let (scheme, rest) = url
             .split_once(':')
-            .ok_or_else(|| SinkUrlError::NoScheme(url.to_owned()))?;
+            .ok_or_else(|| SinkUrlError::NoScheme(redact(url)))?;
         let allowed = scheme_options(scheme)?;
         if scheme == "file" && rest.trim_start_matches("//").is_empty() {
             return Err(SinkUrlError::MissingPath(url.to_owned()));
         }
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        // A webhook's query belongs to its receiver (a route, an access token): it is part of
+        // the address, not options of ours.
+        let (base, query) = if matches!(scheme, "http" | "https") {
+            (url, "")
+        } else {
+            url.split_once('?').unwrap_or((url, ""))
+        };
         let options: Vec<_> = query
             .split('&')
             .filter_map(|kv| kv.split_once('='))
@@ -227,10 +233,12 @@ impl<'a> SinkUrl<'a> {
         self.invalid(e.to_string())
     }
 
+    /// Every error about a URL goes through here: it is printed at start and may quote
+    /// a client library's message, so both lose their credentials.
     fn invalid(&self, reason: String) -> SinkUrlError {
         SinkUrlError::Invalid {
-            url: self.url.to_owned(),
-            reason,
+            url: redact(self.url),
+            reason: redact(&reason),
         }
     }
 
@@ -413,4 +421,18 @@ pub fn json_lines(batch: &[Message]) -> Vec<u8> {
         out.push(b'\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SinkUrl;
+
+    #[test]
+    fn a_webhook_query_is_part_of_its_address() {
+        let u = SinkUrl::parse("https://h/hook?token=t&route=a").unwrap();
+        assert_eq!(u.base(), "https://h/hook?token=t&route=a");
+        assert_eq!(u.get("token"), None);
+        let u = SinkUrl::parse("nats://h:4222?prefix=p.").unwrap();
+        assert_eq!((u.base(), u.get("prefix")), ("nats://h:4222", Some("p.")));
+    }
 }

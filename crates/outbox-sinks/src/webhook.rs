@@ -25,6 +25,8 @@ const CONCURRENCY: usize = 16;
 pub struct WebhookSink {
     http: reqwest::Client,
     url: String,
+    /// The URL as errors show it, without credentials.
+    shown: String,
     secret: Option<Vec<u8>>,
 }
 
@@ -67,8 +69,8 @@ impl WebhookSink {
         timeout: Duration,
     ) -> Result<Self, crate::SinkUrlError> {
         let bad = |reason: String| crate::SinkUrlError::Invalid {
-            url: url.to_owned(),
-            reason,
+            url: outbox_core::redact(url),
+            reason: outbox_core::redact(&reason),
         };
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -80,11 +82,15 @@ impl WebhookSink {
             .map_err(|e| bad(e.to_string()))?;
         if secret.is_none() {
             // Receivers cannot tell these requests from forged ones.
-            tracing::warn!("webhook requests are unsigned; give the sink a whsec_ secret");
+            tracing::warn!(
+                url = %outbox_core::redact(url),
+                "webhook requests are unsigned; give the sink a whsec_ secret"
+            );
         }
         Ok(Self {
             http,
             url: url.to_owned(),
+            shown: outbox_core::redact(url),
             secret,
         })
     }
@@ -104,11 +110,11 @@ impl WebhookSink {
         for (name, value) in cloudevents::headers(m, cloudevents::DEFAULT_SOURCE) {
             req = req.header(name, value);
         }
-        let resp = req
-            .body(m.payload.clone())
-            .send()
-            .await
-            .map_err(|e| SinkError::transient(format!("POST {}: {e}", self.url)))?;
+        let resp = req.body(m.payload.clone()).send().await.map_err(|e| {
+            // reqwest's message quotes the URL with its query (which may hold a token).
+            let e = outbox_core::redact(&e.to_string());
+            SinkError::transient(format!("POST {}: {e}", self.shown))
+        })?;
         classify(resp.status(), resp.headers())
     }
 }

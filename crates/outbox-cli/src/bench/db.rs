@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, Executor};
 
 use crate::cli::ClaimArg;
 use crate::config::StoreSettings;
-use crate::store::redact;
+use outbox_core::redact;
 
 /// What a writer transaction holds besides the business row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
