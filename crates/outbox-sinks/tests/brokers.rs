@@ -500,4 +500,46 @@ mod kafka {
             assert_eq!(got, want, "key {key} out of order or incomplete");
         }
     }
+
+    /// A broker that stops answering without closing (its replies held back for longer than
+    /// the sink's timeout) is the closest the mock cluster comes to a silent partition: the
+    /// sink must fail the batch within its timeout, ack nothing, and deliver it after the heal.
+    #[tokio::test]
+    async fn kafka_acks_nothing_unconfirmed_through_a_silent_broker() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("silent", 1, 1).unwrap();
+        let bootstrap = cluster.bootstrap_servers();
+        let sink = outbox_sinks::from_url(&format!("kafka://{bootstrap}?timeout_ms=1000"))
+            .await
+            .unwrap();
+        // The first delivery also fetches metadata, which may take longer than the timeout.
+        let warm = batch("silent", 3);
+        let mut tries = 0;
+        while !sink.publish(&warm).await.iter().all(Result::is_ok) {
+            tries += 1;
+            assert!(tries < 20, "the mock cluster never took a message");
+        }
+
+        cluster
+            .broker_round_trip_time(1, Duration::from_secs(5))
+            .unwrap();
+        let held = batch("silent", 6);
+        let started = std::time::Instant::now();
+        let out = sink.publish(&held).await;
+        let took = started.elapsed();
+        assert!(
+            out.iter()
+                .all(|o| o.as_ref().is_err_and(|e| !e.is_permanent())),
+            "acked while the broker was silent: {out:?}"
+        );
+        assert!(took < Duration::from_secs(4), "the sink hung for {took:?}");
+
+        cluster.broker_round_trip_time(1, Duration::ZERO).unwrap();
+        let mut tries = 0;
+        while !sink.publish(&held).await.iter().all(Result::is_ok) {
+            tries += 1;
+            assert!(tries < 40, "still failing after the heal");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
 }
