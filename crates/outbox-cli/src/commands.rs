@@ -176,6 +176,12 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
         delivered = report.delivered,
         retried = report.retried,
         dead = report.dead,
+    // The checks of --check, before anything is claimed: a route without sinks would
+    // otherwise ack every message it matches.
+    let problems = sink_problems(sink_url.as_deref(), &file.routes);
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
         "done"
     );
     Ok(())

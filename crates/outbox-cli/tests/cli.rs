@@ -586,6 +586,39 @@ fn routes_send_each_type_to_its_sinks_and_dead_letter_the_unrouted() {
 }
 
 #[test]
+fn a_route_without_sinks_is_refused_at_start_and_acks_nothing() {
+    let db = Db::sqlite();
+    let config = db.path("outbox.toml");
+    std::fs::write(&config, "[[routes]]\nmatch = \"order.*\"\nsinks = []\n").unwrap();
+    db.ok(&[
+        "enqueue",
+        "--topic",
+        "orders",
+        "--type",
+        "order.created",
+        "--payload",
+        "{}",
+    ]);
+    let out = db.run(&[
+        "relay",
+        "--config",
+        config.to_str().unwrap(),
+        "--exit-when-idle",
+    ]);
+    let pending = db.status()["pending"].clone();
+    assert!(
+        !out.status.success(),
+        "the relay started; pending afterwards: {pending}"
+    );
+    let err = stderr_line(&out);
+    assert!(
+        err.contains("route 1") && err.contains("at least one sink"),
+        "{err}"
+    );
+    assert_eq!(pending, 1, "the message was acked");
+}
+
+#[test]
 fn check_reports_every_problem_at_once() {
     let db = Db::sqlite();
     let config = db.path("outbox.toml");

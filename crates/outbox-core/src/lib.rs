@@ -69,7 +69,7 @@ pub use ownership::{Assignment, Ownership, assign};
 pub use partition::{PARTITIONS, partition_for};
 pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats, default_relay_id};
 pub use retry::RetryPolicy;
-pub use sink::{Delivery, HandlerSink, Sink, SinkError};
+pub use sink::{Delivery, HandlerSink, Sink, SinkError, one_outcome_each};
 pub use store::{
     Failure, HeldBatch, PollingWaiter, Retention, StatusCounts, Store, StoreError, StoreResult,
     Waiter, check_identifier,

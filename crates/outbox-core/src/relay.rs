@@ -22,7 +22,7 @@ use crate::claim::{ClaimRequest, waves};
 use crate::message::Message;
 use crate::ownership::{Assignment, Ownership};
 use crate::retry::RetryPolicy;
-use crate::sink::{Delivery, Sink, SinkError};
+use crate::sink::{Delivery, Sink, SinkError, one_outcome_each};
 use crate::store::{Failure, HeldBatch, Retention, Store, StoreError, Waiter};
 
 /// How a relay behaves. `Default` gives production settings.
@@ -684,11 +684,7 @@ async fn publish_waves(shared: &Shared, batch: &[Message]) -> Outcomes {
             }
             break;
         };
-        let mut outcomes = outcomes.into_iter();
-        for i in todo {
-            let o = outcomes
-                .next()
-                .unwrap_or_else(|| Err(SinkError::transient("sink returned no outcome")));
+        for (i, o) in todo.into_iter().zip(outcomes) {
             if o.is_err()
                 && let Some(k) = batch[i].key.as_deref()
             {
@@ -730,7 +726,7 @@ async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
         .catch_unwind()
         .await
     {
-        Ok(outcomes) => outcomes,
+        Ok(outcomes) => one_outcome_each(shared.sink.name(), batch.len(), outcomes),
         Err(_) => {
             let err = SinkError::transient(format!("sink {} panicked", shared.sink.name()));
             vec![Err(err); batch.len()]

@@ -59,6 +59,7 @@ macro_rules! conformance_tests {
             transient_failures_back_off_then_go_dead,
             permanent_failure_is_dead_at_once,
             panicking_sink_fails_its_batch,
+            a_sink_that_miscounts_its_outcomes_acks_nothing,
             failing_key_does_not_block_other_keys,
             retried_head_behind_a_long_run_of_its_key_is_not_starved,
             dead_letters_can_be_retried_and_purged,
@@ -477,6 +478,48 @@ pub mod tests {
     }
 
     pub async fn failing_key_does_not_block_other_keys(f: &dyn Fixture) -> R {
+    /// A sink must return one outcome per message; one that returns another count cannot be
+    /// trusted on any of them, so nothing of its batch is acked on a guess.
+    pub async fn a_sink_that_miscounts_its_outcomes_acks_nothing(f: &dyn Fixture) -> R {
+        for more in [true, false] {
+            let msgs: Vec<_> = (0..3).map(|n| msg("t", n)).collect();
+            enqueue(f, &msgs).await?;
+            let sink = MiscountingSink { more };
+            let report = Relay::with_config(f.store(), Arc::new(sink), drain_config())
+                .run(futures::future::pending())
+                .await;
+            ensure!(
+                report.delivered == 0 && report.dead == 3,
+                "more {more}: {report:?}"
+            );
+            let dead = f.store().dead_list(10).await?;
+            let error = dead[0].last_error.as_deref().unwrap_or_default();
+            ensure!(error.contains("outcomes for"), "{error}");
+            f.store().dead_purge(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Returns one outcome more than messages, or one fewer.
+    struct MiscountingSink {
+        more: bool,
+    }
+
+    #[async_trait]
+    impl outbox_core::Sink for MiscountingSink {
+        async fn publish(&self, batch: &[Message]) -> Vec<outbox_core::Delivery> {
+            let n = if self.more {
+                batch.len() + 1
+            } else {
+                batch.len().saturating_sub(1)
+            };
+            vec![Ok(()); n]
+        }
+        fn name(&self) -> &str {
+            "miscounting"
+        }
+    }
+
         let poison = msg("t", 0).key("bad");
         let behind = msg("t", 1).key("bad");
         let others: Vec<_> = (2..22)
