@@ -103,6 +103,9 @@ pub struct EnqueueArgs {
     /// JSON lines {"topic","type","key","payload","headers"} to enqueue together; - for stdin
     #[arg(long)]
     pub file: Option<PathBuf>,
+    /// Largest message accepted, in bytes of payload and headers [default: 1048576]
+    #[arg(long, env = "OUTBOX_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<usize>,
 }
 
 #[derive(Debug, Args, Default)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use outbox_core::{NewMessage, Relay, Sink, Store, StoreError};
+use outbox_core::{DEFAULT_MAX_MESSAGE_BYTES, NewMessage, Relay, Sink, Store, StoreError};
 use outbox_sinks::{Breaker, Route, Router};
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -31,7 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = store_settings(&cli.global, &file)?;
     match cli.command {
         Command::Migrate => migrate(&settings).await,
-        Command::Enqueue(args) => enqueue(&settings, args).await,
+        Command::Enqueue(args) => enqueue(&settings, &file, args).await,
         Command::Relay(args) => relay(&settings, &file, args).await,
         Command::Status(f) => status(&settings, f.json).await,
         Command::Dead(cmd) => dead(&settings, cmd).await,
@@ -92,8 +92,13 @@ impl Line {
     }
 }
 
-/// Parses every line before anything is written, so a bad line rejects the whole file.
-fn read_lines(reader: impl BufRead, source: &str) -> anyhow::Result<Vec<NewMessage>> {
+/// Parses and checks every line before anything is written, so a bad line rejects the whole
+/// file.
+fn read_lines(
+    reader: impl BufRead,
+    source: &str,
+    max_bytes: usize,
+) -> anyhow::Result<Vec<NewMessage>> {
     let mut msgs = Vec::new();
     for (i, line) in reader.lines().enumerate() {
         let line = line.with_context(|| format!("reading {source}"))?;
@@ -102,11 +107,11 @@ fn read_lines(reader: impl BufRead, source: &str) -> anyhow::Result<Vec<NewMessa
         }
         let parsed: Line = serde_json::from_str(&line)
             .map_err(|e| anyhow::anyhow!("{source} line {}: {e}; nothing was enqueued", i + 1))?;
-        msgs.push(
-            parsed
-                .into_message()
-                .with_context(|| format!("{source} line {}; nothing was enqueued", i + 1))?,
-        );
+        let m = parsed
+            .into_message()
+            .and_then(|m| Ok(m.check(max_bytes).map(|()| m)?))
+            .with_context(|| format!("{source} line {}; nothing was enqueued", i + 1))?;
+        msgs.push(m);
     }
     if msgs.is_empty() {
         bail!("{source} holds no messages");
@@ -114,7 +119,7 @@ fn read_lines(reader: impl BufRead, source: &str) -> anyhow::Result<Vec<NewMessa
     Ok(msgs)
 }
 
-fn message_from_flags(args: EnqueueArgs) -> anyhow::Result<NewMessage> {
+fn message_from_flags(args: EnqueueArgs, max_bytes: usize) -> anyhow::Result<NewMessage> {
     let payload: serde_json::Value = serde_json::from_str(args.payload.as_deref().unwrap_or(""))
         .context("--payload is not valid JSON")?;
     let mut m = NewMessage::json(
@@ -134,21 +139,30 @@ fn message_from_flags(args: EnqueueArgs) -> anyhow::Result<NewMessage> {
         };
         m = m.header(name.trim(), value);
     }
+    m.check(max_bytes)?;
     Ok(m)
 }
 
-async fn enqueue(settings: &StoreSettings, args: EnqueueArgs) -> anyhow::Result<()> {
+async fn enqueue(
+    settings: &StoreSettings,
+    file: &FileConfig,
+    args: EnqueueArgs,
+) -> anyhow::Result<()> {
+    let max = args
+        .max_message_size
+        .or(file.max_message_size)
+        .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
     let msgs = match &args.file {
-        Some(path) if path.as_os_str() == "-" => read_lines(std::io::stdin().lock(), "stdin")?,
+        Some(path) if path.as_os_str() == "-" => read_lines(std::io::stdin().lock(), "stdin", max)?,
         Some(path) => {
             let f = std::fs::File::open(path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
-            read_lines(std::io::BufReader::new(f), &path.display().to_string())?
+            read_lines(std::io::BufReader::new(f), &path.display().to_string(), max)?
         }
-        None => vec![message_from_flags(args)?],
+        None => vec![message_from_flags(args, max)?],
     };
     let store = open_migrated(settings).await?;
-    store.enqueue_all(&msgs).await?;
+    store.enqueue_all(&msgs, max).await?;
     let mut out = std::io::stdout().lock();
     for m in &msgs {
         writeln!(out, "{}", m.id())?;
@@ -162,6 +176,12 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
         return check_relay(settings, file, &args).await;
     }
     let (sink_url, config) = relay_settings(&args, file)?;
+    // The checks of --check, before anything is claimed: a route without sinks would
+    // otherwise ack every message it matches.
+    let problems = sink_problems(sink_url.as_deref(), &file.routes);
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
     let sink = build_sink(sink_url.as_deref(), &file.routes).await?;
     let claim = args.claim.or(file.claim);
     let store = AnyStore::open_relay(settings, claim, config.in_flight_batches).await?;
@@ -176,12 +196,6 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
         delivered = report.delivered,
         retried = report.retried,
         dead = report.dead,
-    // The checks of --check, before anything is claimed: a route without sinks would
-    // otherwise ack every message it matches.
-    let problems = sink_problems(sink_url.as_deref(), &file.routes);
-    if !problems.is_empty() {
-        bail!("{}", problems.join("; "));
-    }
         "done"
     );
     Ok(())
@@ -422,7 +436,7 @@ mod tests {
     fn a_bad_line_rejects_the_file_and_names_the_line() {
         let input =
             "{\"topic\":\"t\",\"type\":\"e\",\"payload\":{}}\n\n{\"topic\":\"t\",\"payload\":1}\n";
-        let err = read_lines(input.as_bytes(), "events.jsonl")
+        let err = read_lines(input.as_bytes(), "events.jsonl", DEFAULT_MAX_MESSAGE_BYTES)
             .unwrap_err()
             .to_string();
         assert!(err.contains("events.jsonl line 3"), "{err}");
@@ -432,7 +446,7 @@ mod tests {
     #[test]
     fn lines_become_messages_with_keys_and_headers() {
         let input = "{\"topic\":\"t\",\"type\":\"e\",\"key\":\"k\",\"payload\":{\"a\":1},\"headers\":{\"h\":\"v\"}}\n";
-        let msgs = read_lines(input.as_bytes(), "stdin").unwrap();
+        let msgs = read_lines(input.as_bytes(), "stdin", DEFAULT_MAX_MESSAGE_BYTES).unwrap();
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].key_ref(), Some("k"));
         assert_eq!(msgs[0].header_map().get("h").map(String::as_str), Some("v"));

@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub shutdown_timeout: Option<String>,
     pub relay_id: Option<String>,
     pub claim: Option<ClaimArg>,
+    /// Largest message `enqueue` accepts, in bytes.
+    pub max_message_size: Option<usize>,
     /// `[[routes]]`: which sinks get which messages.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,

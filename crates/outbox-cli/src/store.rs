@@ -107,17 +107,20 @@ impl AnyStore {
         }
     }
 
-    /// Enqueues all messages in one transaction: all of them or none.
-    pub async fn enqueue_all(&self, msgs: &[NewMessage]) -> anyhow::Result<()> {
+    /// Enqueues all messages in one transaction: all of them or none. The store refuses a
+    /// message over `max_bytes` or with a reserved header.
+    pub async fn enqueue_all(&self, msgs: &[NewMessage], max_bytes: usize) -> anyhow::Result<()> {
         match self {
             Self::Postgres(s) => {
+                let outbox = s.outbox().clone().with_max_message_size(max_bytes);
                 let mut tx = s.pool().begin().await?;
-                s.outbox().enqueue_batch(&mut tx, msgs).await?;
+                outbox.enqueue_batch(&mut tx, msgs).await?;
                 tx.commit().await?;
             }
             Self::Sqlite(s) => {
+                let outbox = s.outbox().clone().with_max_message_size(max_bytes);
                 let mut tx = s.pool().begin().await?;
-                s.outbox().enqueue_batch(&mut tx, msgs).await?;
+                outbox.enqueue_batch(&mut tx, msgs).await?;
                 tx.commit().await?;
             }
         }

@@ -619,6 +619,44 @@ fn a_route_without_sinks_is_refused_at_start_and_acks_nothing() {
 }
 
 #[test]
+fn enqueue_refuses_oversized_messages_and_reserved_headers_by_name() {
+    let db = Db::sqlite();
+    let big = format!("\"{}\"", "x".repeat(2 << 20));
+    let file = db.path("big.jsonl");
+    std::fs::write(
+        &file,
+        format!("{{\"topic\":\"t\",\"type\":\"e\",\"payload\":{big}}}\n"),
+    )
+    .unwrap();
+    let out = db.run(&["enqueue", "--file", file.to_str().unwrap()]);
+    assert!(!out.status.success(), "a 2 MiB message was enqueued");
+    let err = stderr_line(&out);
+    assert!(err.contains("1048576"), "the limit is not named: {err}");
+    // The limit is configurable.
+    db.ok(&[
+        "enqueue",
+        "--file",
+        file.to_str().unwrap(),
+        "--max-message-size",
+        "4194304",
+    ]);
+    let out = db.run(&[
+        "enqueue",
+        "--topic",
+        "t",
+        "--type",
+        "e",
+        "--payload",
+        "{}",
+        "--header",
+        "Nats-Msg-Id=1",
+    ]);
+    assert!(!out.status.success(), "a reserved header was enqueued");
+    assert!(stderr_line(&out).contains("Nats-Msg-Id"));
+    assert_eq!(db.status()["pending"], 1);
+}
+
+#[test]
 fn check_reports_every_problem_at_once() {
     let db = Db::sqlite();
     let config = db.path("outbox.toml");

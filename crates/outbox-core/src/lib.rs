@@ -55,6 +55,7 @@
 //! The same example is compiled in `outbox-postgres`'s docs; with SQLite, swap the store.
 
 mod claim;
+pub mod headers;
 mod message;
 mod ownership;
 mod partition;
@@ -64,7 +65,10 @@ mod sink;
 mod store;
 
 pub use claim::{Candidate, ClaimRequest, pick, waves};
-pub use message::{JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Status, parse_headers};
+pub use message::{
+    DEFAULT_MAX_MESSAGE_BYTES, JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Status,
+    parse_headers,
+};
 pub use ownership::{Assignment, Ownership, assign};
 pub use partition::{PARTITIONS, partition_for};
 pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats, default_relay_id};

@@ -7,8 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Candidate, ClaimRequest, Failure, Message, NewMessage, PollingWaiter, Retention, Status,
-    StatusCounts, Store, StoreError, StoreResult, Waiter, parse_headers, pick,
+    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, Failure, Message, MessageError, NewMessage,
+    PollingWaiter, Retention, Status, StatusCounts, Store, StoreError, StoreResult, Waiter,
+    parse_headers, pick,
 };
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
@@ -42,10 +43,26 @@ impl SqliteConfig {
     }
 }
 
-/// An enqueue that the database refused; the caller's transaction should be rolled back.
+/// Why an enqueue failed; the caller's transaction should be rolled back.
 #[derive(Debug, thiserror::Error)]
-#[error("could not enqueue outbox message: {0}")]
-pub struct EnqueueError(#[from] sqlx::Error);
+pub enum EnqueueError {
+    /// The message breaks a rule of the outbox (a reserved header, over the size limit, see
+    /// [`NewMessage::check`]); nothing of the call was written.
+    #[error("outbox message {id} refused: {error}")]
+    Invalid { id: Uuid, error: MessageError },
+    /// The database refused the statement.
+    #[error("could not enqueue outbox message: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Checks every message before anything is written: a batch goes in whole or not at all.
+fn check_all(msgs: &[NewMessage], max_bytes: usize) -> Result<(), EnqueueError> {
+    for m in msgs {
+        m.check(max_bytes)
+            .map_err(|error| EnqueueError::Invalid { id: m.id(), error })?;
+    }
+    Ok(())
+}
 
 type Query = sqlx::query::Query<'static, Sqlite, SqliteArguments>;
 
@@ -189,9 +206,17 @@ const MAX_RUNS: usize = 256;
 #[derive(Debug, Clone)]
 pub struct SqliteOutbox {
     sql: Arc<Sql>,
+    max_message_bytes: usize,
 }
 
 impl SqliteOutbox {
+    /// Sets the largest message this handle enqueues (see the store's
+    /// `with_max_message_size`).
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
     /// Adds one message to the outbox as part of `tx`.
     pub async fn enqueue(
         &self,
@@ -208,6 +233,7 @@ impl SqliteOutbox {
         tx: &mut Transaction<'_, Sqlite>,
         msgs: &[NewMessage],
     ) -> Result<(), EnqueueError> {
+        check_all(msgs, self.max_message_bytes)?;
         let now = Utc::now();
         for chunk in msgs.chunks(ROWS_PER_INSERT) {
             let mut sql = self.sql.insert_head.clone();
@@ -263,7 +289,10 @@ impl SqliteStore {
             pool,
             inbox: crate::SqliteInbox::new(&config.table_prefix),
             config: Arc::new(config),
-            outbox: SqliteOutbox { sql },
+            outbox: SqliteOutbox {
+                sql,
+                max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            },
             notify: Arc::new(Notify::new()),
         })
     }
@@ -294,6 +323,14 @@ impl SqliteStore {
 
     pub fn config(&self) -> &SqliteConfig {
         &self.config
+    }
+
+    /// Sets the largest message enqueue accepts, payload and headers counted (default
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`], 1 MiB). A bigger message is refused with an error naming
+    /// the limit; relays and brokers then never meet a message too big for them.
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.outbox = self.outbox.with_max_message_size(bytes);
+        self
     }
 
     /// The writer's handle, cheap to clone.

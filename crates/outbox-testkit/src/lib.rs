@@ -71,6 +71,7 @@ macro_rules! conformance_tests {
             shutdown_timeout_releases_unfinished_messages,
             idle_relay_is_woken_by_a_commit,
             headers_and_payload_round_trip,
+            enqueue_refuses_reserved_headers_and_oversized_messages,
             migrate_is_idempotent,
             inbox_processes_each_message_once_per_consumer,
             inbox_record_rolls_back_with_the_effects,
@@ -477,7 +478,6 @@ pub mod tests {
         Ok(())
     }
 
-    pub async fn failing_key_does_not_block_other_keys(f: &dyn Fixture) -> R {
     /// A sink must return one outcome per message; one that returns another count cannot be
     /// trusted on any of them, so nothing of its batch is acked on a guess.
     pub async fn a_sink_that_miscounts_its_outcomes_acks_nothing(f: &dyn Fixture) -> R {
@@ -520,6 +520,7 @@ pub mod tests {
         }
     }
 
+    pub async fn failing_key_does_not_block_other_keys(f: &dyn Fixture) -> R {
         let poison = msg("t", 0).key("bad");
         let behind = msg("t", 1).key("bad");
         let others: Vec<_> = (2..22)
@@ -872,6 +873,51 @@ pub mod tests {
         ensure!(
             got[1].payload == bytes.payload() && got[1].content_type == "application/octet-stream"
         );
+        Ok(())
+    }
+
+    /// Headers a transport sets itself or cannot carry, and messages over the size limit, are
+    /// refused by name at enqueue, alone and in a batch, and nothing of the batch is written.
+    pub async fn enqueue_refuses_reserved_headers_and_oversized_messages(f: &dyn Fixture) -> R {
+        let refused = |m: NewMessage, expect: &'static str| async move {
+            for batch in [vec![m.clone()], vec![msg("t", 1), m]] {
+                let mut tx = f.begin().await?;
+                let result = tx.enqueue(&batch).await;
+                tx.rollback().await?;
+                let Err(e) = result else {
+                    anyhow::bail!("enqueued a message that should be refused ({expect})");
+                };
+                let e = format!("{e:#}");
+                ensure!(e.contains(expect), "{e:?} does not name {expect:?}");
+            }
+            anyhow::Ok(())
+        };
+        for name in [
+            "Nats-Msg-Id",
+            "nats-rollup",
+            "Content-Type",
+            "webhook-id",
+            "ce-id",
+            "Host",
+        ] {
+            refused(msg("t", 0).header(name, "x"), name).await?;
+        }
+        for name in ["bad name", "a:b", ""] {
+            refused(msg("t", 0).header(name, "x"), "header").await?;
+        }
+        refused(msg("t", 0).header("x-note", "a\r\nBcc: x"), "x-note").await?;
+        let big = NewMessage::bytes("t", "blob", "application/octet-stream", vec![0u8; 2 << 20])?;
+        refused(big, "1048576").await?;
+        let status = f.store().status().await?;
+        ensure!(status.pending == 0, "{status:?}");
+        // Ordinary headers still go through.
+        enqueue(
+            f,
+            &[msg("t", 2)
+                .header("traceparent", "00-x-y-01")
+                .header("x-tenant", "a")],
+        )
+        .await?;
         Ok(())
     }
 
