@@ -389,10 +389,8 @@ impl SmtpSink {
             .subject(subject.replace(['\r', '\n'], " "))
             .message_id(Some(format!("<{}@outbox>", m.id)))
             .header(ContentType::TEXT_PLAIN);
-        for (name, value) in cloudevents::headers(m, cloudevents::DEFAULT_SOURCE) {
-            if name.starts_with("ce-")
-                && let Ok(name) = HeaderName::new_from_ascii(name)
-            {
+        for (name, value) in cloudevents::attributes(m, cloudevents::DEFAULT_SOURCE) {
+            if let Ok(name) = HeaderName::new_from_ascii(name) {
                 builder = builder.raw_header(HeaderValue::new(name, value));
             }
         }
