@@ -170,7 +170,7 @@ mod tests {
                 message_type: "e".into(),
                 key: key.map(str::to_owned),
                 partition: 0,
-                payload: Vec::new(),
+                payload: Default::default(),
                 content_type: crate::JSON.into(),
                 headers: Default::default(),
                 created_at: Utc::now(),

@@ -80,3 +80,4 @@ pub use store::{
 };
 
 pub use async_trait::async_trait;
+pub use bytes::Bytes;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -261,8 +262,9 @@ pub struct Message {
     pub message_type: String,
     pub key: Option<String>,
     pub partition: i32,
+    /// Shared, not copied, when the message is cloned (a router hands it to several sinks).
     #[serde(with = "payload_serde")]
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
     pub content_type: String,
     pub headers: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
@@ -310,11 +312,13 @@ mod payload_serde {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
         let v = serde_json::Value::deserialize(d)?;
         Ok(match v {
-            serde_json::Value::String(s) => s.into_bytes(),
-            other => serde_json::to_vec(&other).map_err(serde::de::Error::custom)?,
+            serde_json::Value::String(s) => s.into_bytes().into(),
+            other => serde_json::to_vec(&other)
+                .map_err(serde::de::Error::custom)?
+                .into(),
         })
     }
 }

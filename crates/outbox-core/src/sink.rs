@@ -154,7 +154,7 @@ mod tests {
             message_type: "e".into(),
             key: None,
             partition: 0,
-            payload: b"{}".to_vec(),
+            payload: "{}".into(),
             content_type: crate::JSON.into(),
             headers: Default::default(),
             created_at: Utc::now(),

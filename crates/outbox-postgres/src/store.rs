@@ -310,7 +310,7 @@ fn message_from_row(row: &PgRow) -> Result<Message, sqlx::Error> {
         message_type: row.try_get("type")?,
         key: row.try_get("key")?,
         partition: row.try_get("partition")?,
-        payload: row.try_get("payload")?,
+        payload: row.try_get::<Vec<u8>, _>("payload")?.into(),
         content_type: row.try_get("content_type")?,
         headers: parse_headers(row.try_get("headers")?),
         created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,

@@ -67,7 +67,7 @@ mod tests {
             message_type: "order.created".into(),
             key: Some("o-1".into()),
             partition: 0,
-            payload: b"{}".to_vec(),
+            payload: "{}".into(),
             content_type: outbox_core::JSON.into(),
             headers: [
                 ("traceparent".to_string(), "00-abc-def-01".to_string()),

@@ -103,7 +103,7 @@ impl Sink for NatsSink {
             };
             let sent = self
                 .js
-                .publish_with_headers(subject.clone(), headers, m.payload.clone().into())
+                .publish_with_headers(subject.clone(), headers, m.payload.clone())
                 .await
                 .map_err(|e| explain(e, &subject));
             pending.push((subject, sent));

@@ -518,7 +518,7 @@ mod tests {
             message_type: "order.created".into(),
             key: Some("o-1".into()),
             partition: 0,
-            payload: br#"{"id": 42, "name": "Ada"}"#.to_vec(),
+            payload: br#"{"id": 42, "name": "Ada"}"#.to_vec().into(),
             content_type: outbox_core::JSON.into(),
             headers: Default::default(),
             created_at: chrono::Utc::now(),

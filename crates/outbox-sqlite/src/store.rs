@@ -485,7 +485,7 @@ fn message_from_row(row: &SqliteRow) -> Result<Message, sqlx::Error> {
         message_type: row.try_get("type")?,
         key: row.try_get("key")?,
         partition: row.try_get("partition")?,
-        payload: row.try_get("payload")?,
+        payload: row.try_get::<Vec<u8>, _>("payload")?.into(),
         content_type: row.try_get("content_type")?,
         headers: parse_headers(row.try_get("headers")?),
         created_at: time(row.try_get("created_at")?),
