@@ -116,6 +116,10 @@ pub struct RelayArgs {
     /// Messages claimed per round trip [default: 100]
     #[arg(long, env = "OUTBOX_BATCH_SIZE")]
     pub batch_size: Option<usize>,
+    /// A batch stops before its payloads pass this many bytes; it always takes one message
+    /// [default: 16777216]
+    #[arg(long, env = "OUTBOX_MAX_BATCH_BYTES")]
+    pub max_batch_bytes: Option<usize>,
     /// Batches delivered at once; the next is claimed while earlier ones are published [default: 2]
     #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES")]
     pub in_flight_batches: Option<usize>,

@@ -32,6 +32,10 @@ pub struct RelayConfig {
     pub relay_id: String,
     /// Messages claimed per round trip.
     pub batch_size: usize,
+    /// A claim stops adding messages before their payloads pass this many bytes (it always
+    /// takes one), so that a batch of big messages cannot exhaust the relay's memory. The
+    /// trade-off: big messages go out in smaller batches, costing more round trips.
+    pub max_batch_bytes: usize,
     /// Batches being delivered at once: the next batch is claimed while the previous one is
     /// published and acked, which hides the sink's and the database's round trips.
     pub in_flight_batches: usize,
@@ -72,6 +76,7 @@ impl Default for RelayConfig {
         Self {
             relay_id: default_relay_id(),
             batch_size: 100,
+            max_batch_bytes: 16 << 20,
             in_flight_batches: 2,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
@@ -576,6 +581,7 @@ async fn claim(
         ahead: more,
         partitions: assignment.claimable.as_deref(),
         busy_keys: Some(&busy),
+        max_bytes: cfg.max_batch_bytes,
     };
     if shared.store.holds_claims() {
         let held = shared.store.claim_held(&req).await?;

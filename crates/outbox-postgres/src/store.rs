@@ -282,6 +282,7 @@ impl PgStore {
             .bind(self.lock_ns("deliveries"))
             .bind(lock_key)
             .bind(!req.ahead)
+            .bind(i64::try_from(req.max_bytes).ok())
             .fetch_all(&mut *conn)
             .await
             .map_err(db)?;

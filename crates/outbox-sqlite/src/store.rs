@@ -179,17 +179,17 @@ impl Sql {
 /// The heads in a window of the ready index (see `outbox_core::claim`): unkeyed rows, and each
 /// key's oldest row in the window when no older message of the key is undelivered.
 const HEADS: &str = "WITH w AS (\
-      SELECT seq, key, available_at FROM {p}messages \
+      SELECT seq, key, available_at, length(payload) AS size FROM {p}messages \
       WHERE status IN ('pending', 'in_flight') AND available_at <= ?1 \
       ORDER BY available_at, seq LIMIT ?2), \
     firsts AS (SELECT min(seq) AS seq FROM w WHERE key IS NOT NULL GROUP BY key) \
-    SELECT w.seq, w.key FROM w WHERE w.key IS NULL OR (w.seq IN (SELECT seq FROM firsts) \
+    SELECT w.seq, w.key, w.size FROM w WHERE w.key IS NULL OR (w.seq IN (SELECT seq FROM firsts) \
       AND NOT EXISTS (SELECT 1 FROM {p}messages e \
         WHERE e.key = w.key AND e.seq < w.seq AND e.status IN ('pending', 'in_flight'))) \
     ORDER BY w.available_at, w.seq LIMIT ?3";
 
 /// The heads anywhere in the backlog, for when the window held none.
-const HEADS_WIDENED: &str = "SELECT c.seq, c.key FROM {p}messages c \
+const HEADS_WIDENED: &str = "SELECT c.seq, c.key, length(c.payload) AS size FROM {p}messages c \
     WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= ?1 \
       AND (c.key IS NULL OR NOT EXISTS (SELECT 1 FROM {p}messages e \
         WHERE e.key = c.key AND e.seq < c.seq AND e.status IN ('pending', 'in_flight'))) \
@@ -201,6 +201,27 @@ const RUN: &str = "SELECT * FROM (SELECT {columns}, available_at <= ?1 AS due FR
 
 /// Runs are fetched for at most this many keyed heads: past that, a batch is full of heads.
 const MAX_RUNS: usize = 256;
+
+/// A claim's head: seq, key and payload size.
+type Head = (i64, Option<String>, i64);
+
+/// Keeps the heads, in seq order, whose payloads fit in `max_bytes` (always the first, as
+/// `outbox_core::pick` does); returns the bytes they hold.
+fn keep_within_budget(heads: &mut Vec<Head>, max_bytes: usize) -> usize {
+    heads.sort_by_key(|h| h.0);
+    let mut used = 0usize;
+    let mut keep = 0;
+    for (i, h) in heads.iter().enumerate() {
+        let next = used.saturating_add(usize::try_from(h.2).unwrap_or(0));
+        if i > 0 && next > max_bytes {
+            break;
+        }
+        used = next;
+        keep = i + 1;
+    }
+    heads.truncate(keep);
+    used
+}
 
 /// The writer's handle: enqueues messages inside the caller's transaction.
 #[derive(Debug, Clone)]
@@ -377,7 +398,7 @@ impl SqliteStore {
     ) -> StoreResult<Vec<Candidate>> {
         let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
         let scan = i64::try_from(req.scan_window()).unwrap_or(i64::MAX);
-        let mut heads: Vec<(i64, Option<String>)> = Vec::new();
+        let mut heads: Vec<Head> = Vec::new();
         for sql in [&self.sql().heads, &self.sql().heads_widened] {
             let rows = q(sql)
                 .bind(now)
@@ -388,7 +409,7 @@ impl SqliteStore {
                 .map_err(db)?;
             heads = rows
                 .iter()
-                .map(|r| Ok((r.try_get("seq")?, r.try_get("key")?)))
+                .map(|r| Ok((r.try_get("seq")?, r.try_get("key")?, r.try_get("size")?)))
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(db)?;
             if !heads.is_empty() || req.ahead {
@@ -398,6 +419,8 @@ impl SqliteStore {
         if heads.is_empty() {
             return Ok(Vec::new());
         }
+        // Only the heads that fit in the byte budget are read whole; `pick` cuts the runs.
+        let used = keep_within_budget(&mut heads, req.max_bytes);
         let seqs = serde_json::to_string(&heads.iter().map(|h| h.0).collect::<Vec<_>>())
             .unwrap_or_else(|_| "[]".into());
         let rows = q(&self.sql().rows)
@@ -409,13 +432,13 @@ impl SqliteStore {
         let mut out = candidates(&rows)?;
         let keyed: Vec<(i64, String)> = heads
             .into_iter()
-            .filter_map(|(seq, key)| key.map(|k| (seq, k)))
+            .filter_map(|(seq, key, _)| key.map(|k| (seq, k)))
             .collect();
         // As on PostgreSQL: each key brings its fair share of the room left, then, when some
         // had less, the others what is still missing.
         let room = req.limit.saturating_sub(out.len());
         let per_key = room / keyed.len().max(1);
-        if !keyed.is_empty() && keyed.len() <= MAX_RUNS && per_key > 0 {
+        if !keyed.is_empty() && keyed.len() <= MAX_RUNS && per_key > 0 && used < req.max_bytes {
             let first = self.runs(tx, &keyed, per_key, 0, now).await?;
             let missing = room.saturating_sub(first.len());
             out.extend(first);

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox_core::{
-    HandlerSink, Message, NewMessage, Relay, RelayConfig, RelayState, Retention, RetryPolicy,
-    SinkError, Status, Store,
+    ClaimRequest, HandlerSink, Message, NewMessage, Relay, RelayConfig, RelayState, Retention,
+    RetryPolicy, SinkError, Status, Store,
 };
 use uuid::Uuid;
 
@@ -72,6 +72,7 @@ macro_rules! conformance_tests {
             idle_relay_is_woken_by_a_commit,
             headers_and_payload_round_trip,
             enqueue_refuses_reserved_headers_and_oversized_messages,
+            a_claim_stops_at_its_byte_budget,
             migrate_is_idempotent,
             inbox_processes_each_message_once_per_consumer,
             inbox_record_rolls_back_with_the_effects,
@@ -918,6 +919,64 @@ pub mod tests {
                 .header("x-tenant", "a")],
         )
         .await?;
+        Ok(())
+    }
+
+    /// A claim takes messages until their payloads would pass the byte budget (always at
+    /// least one), so a batch of big messages stays bounded; a key's run is cut, in order.
+    pub async fn a_claim_stops_at_its_byte_budget(f: &dyn Fixture) -> R {
+        let big = |key: Option<&str>| -> anyhow::Result<NewMessage> {
+            let m = NewMessage::bytes("t", "blob", "application/octet-stream", vec![7u8; 10_000])?;
+            Ok(match key {
+                Some(k) => m.key(k),
+                None => m,
+            })
+        };
+        let claim = |budget: usize| ClaimRequest {
+            max_bytes: budget,
+            ..ClaimRequest::new("r", 10, LEASE)
+        };
+        let store = f.store();
+        let unkeyed = (0..4)
+            .map(|_| big(None))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        enqueue(f, &unkeyed).await?;
+        let got = store.claim_leased(&claim(25_000)).await?;
+        let ids: Vec<_> = got.iter().map(|m| m.id).collect();
+        ensure!(
+            ids == [unkeyed[0].id(), unkeyed[1].id()],
+            "{} claimed",
+            got.len()
+        );
+        let one = store.claim_leased(&claim(5_000)).await?;
+        ensure!(
+            one.len() == 1,
+            "a message bigger than the budget must still go alone"
+        );
+        let rest = store.claim_leased(&claim(usize::MAX)).await?;
+        ensure!(rest.len() == 1);
+        let done: Vec<_> = [got, one, rest].concat().iter().map(|m| m.id).collect();
+        store.ack(&done, Retention::Delete).await?;
+
+        let run = (0..5)
+            .map(|_| big(Some("k")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        enqueue(f, &run).await?;
+        let got = store.claim_leased(&claim(35_000)).await?;
+        let ids: Vec<_> = got.iter().map(|m| m.id).collect();
+        let first: Vec<_> = run[..3].iter().map(NewMessage::id).collect();
+        ensure!(
+            ids == first,
+            "the run was not cut in order: {} claimed",
+            got.len()
+        );
+        store.ack(&ids, Retention::Delete).await?;
+        if store.holds_claims() {
+            let held = store.claim_held(&claim(15_000)).await?;
+            let held = held.ok_or_else(|| anyhow::anyhow!("nothing held"))?;
+            ensure!(held.messages().len() == 1 && held.messages()[0].id == run[3].id());
+            held.release().await?;
+        }
         Ok(())
     }
 
