@@ -103,6 +103,9 @@ pub struct EnqueueArgs {
     /// JSON lines {"topic","type","key","payload","headers"} to enqueue together; - for stdin
     #[arg(long)]
     pub file: Option<PathBuf>,
+    /// Largest message accepted, in bytes of payload and headers [default: 1048576]
+    #[arg(long, env = "OUTBOX_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<usize>,
 }
 
 #[derive(Debug, Args, Default)]
@@ -113,6 +116,10 @@ pub struct RelayArgs {
     /// Messages claimed per round trip [default: 100]
     #[arg(long, env = "OUTBOX_BATCH_SIZE")]
     pub batch_size: Option<usize>,
+    /// A batch stops before its payloads pass this many bytes; it always takes one message
+    /// [default: 16777216]
+    #[arg(long, env = "OUTBOX_MAX_BATCH_BYTES")]
+    pub max_batch_bytes: Option<usize>,
     /// Batches delivered at once; the next is claimed while earlier ones are published [default: 2]
     #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES")]
     pub in_flight_batches: Option<usize>,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use outbox_core::{NewMessage, Relay, Sink, Store, StoreError, redact};
+use outbox_core::{DEFAULT_MAX_MESSAGE_BYTES, NewMessage, Relay, Sink, Store, StoreError, redact};
 use outbox_sinks::{Breaker, Route, Router};
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -31,7 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = store_settings(&cli.global, &file)?;
     match cli.command {
         Command::Migrate => migrate(&settings).await,
-        Command::Enqueue(args) => enqueue(&settings, args).await,
+        Command::Enqueue(args) => enqueue(&settings, &file, args).await,
         Command::Relay(args) => relay(&settings, &file, args).await,
         Command::Status(f) => status(&settings, f.json).await,
         Command::Dead(cmd) => dead(&settings, cmd).await,
@@ -114,8 +114,9 @@ impl Line {
     }
 }
 
-/// The longest `enqueue --file` line read: a message at the size limit, JSON-escaped, fits.
-const MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
+/// How much longer than the message size limit a line may be: JSON escaping and the line's
+/// other fields. A line past that is refused without being read whole.
+const LINE_OVERHEAD: usize = 4;
 
 /// Messages written per statement while a file streams into its transaction.
 const CHUNK: usize = 500;
@@ -127,17 +128,19 @@ struct LineReader<R> {
     reader: R,
     source: String,
     line: usize,
+    max_message: usize,
     max_line: usize,
     buf: Vec<u8>,
 }
 
 impl<R: BufRead> LineReader<R> {
-    fn new(reader: R, source: &str, max_line: usize) -> Self {
+    fn new(reader: R, source: &str, max_message: usize) -> Self {
         Self {
             reader,
             source: source.to_owned(),
             line: 0,
-            max_line,
+            max_message,
+            max_line: max_message.saturating_mul(LINE_OVERHEAD).max(64 * 1024),
             buf: Vec::new(),
         }
     }
@@ -155,11 +158,11 @@ impl<R: BufRead> LineReader<R> {
             }
             let parsed: Line =
                 serde_json::from_str(text).map_err(|e| self.error(&e.to_string()))?;
-            msgs.push(
-                parsed
-                    .into_message()
-                    .map_err(|e| self.error(&format!("{e:#}")))?,
-            );
+            let m = parsed
+                .into_message()
+                .and_then(|m| Ok(m.check(self.max_message).map(|()| m)?))
+                .map_err(|e| self.error(&format!("{e:#}")))?;
+            msgs.push(m);
         }
         Ok(msgs)
     }
@@ -199,7 +202,7 @@ impl<R: BufRead> LineReader<R> {
     }
 }
 
-fn message_from_flags(args: EnqueueArgs) -> anyhow::Result<NewMessage> {
+fn message_from_flags(args: EnqueueArgs, max_bytes: usize) -> anyhow::Result<NewMessage> {
     let payload: serde_json::Value = serde_json::from_str(args.payload.as_deref().unwrap_or(""))
         .context("--payload is not valid JSON")?;
     let mut m = NewMessage::json(
@@ -219,26 +222,37 @@ fn message_from_flags(args: EnqueueArgs) -> anyhow::Result<NewMessage> {
         };
         m = m.header(name.trim(), value);
     }
+    m.check(max_bytes)?;
     Ok(m)
 }
 
-async fn enqueue(settings: &StoreSettings, args: EnqueueArgs) -> anyhow::Result<()> {
+async fn enqueue(
+    settings: &StoreSettings,
+    file: &FileConfig,
+    args: EnqueueArgs,
+) -> anyhow::Result<()> {
+    let max = args
+        .max_message_size
+        .or(file.max_message_size)
+        .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
     let ids = match &args.file {
         Some(path) if path.as_os_str() == "-" => {
-            let reader = LineReader::new(std::io::stdin().lock(), "stdin", MAX_LINE_BYTES);
+            let reader = LineReader::new(std::io::stdin().lock(), "stdin", max);
             enqueue_lines(settings, reader).await?
         }
         Some(path) => {
             let f = std::fs::File::open(path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
             let source = path.display().to_string();
-            let reader = LineReader::new(std::io::BufReader::new(f), &source, MAX_LINE_BYTES);
+            let reader = LineReader::new(std::io::BufReader::new(f), &source, max);
             enqueue_lines(settings, reader).await?
         }
         None => {
-            let msg = message_from_flags(args)?;
+            let msg = message_from_flags(args, max)?;
             let store = open_migrated(settings).await?;
-            store.enqueue_stream(vec![msg], || Ok(Vec::new())).await?
+            store
+                .enqueue_stream(vec![msg], || Ok(Vec::new()), max)
+                .await?
         }
     };
     let mut out = std::io::stdout().lock();
@@ -259,8 +273,9 @@ async fn enqueue_lines(
         bail!("{} holds no messages", reader.source);
     }
     let store = open_migrated(settings).await?;
+    let max = reader.max_message;
     store
-        .enqueue_stream(first, || reader.next_chunk(CHUNK))
+        .enqueue_stream(first, || reader.next_chunk(CHUNK), max)
         .await
 }
 
@@ -269,6 +284,12 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
         return check_relay(settings, file, &args).await;
     }
     let (sink_url, config) = relay_settings(&args, file)?;
+    // The checks of --check, before anything is claimed: a route without sinks would
+    // otherwise ack every message it matches.
+    let problems = sink_problems(sink_url.as_deref(), &file.routes);
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
     let sink = build_sink(sink_url.as_deref(), &file.routes).await?;
     let claim = args.claim.or(file.claim);
     let store = AnyStore::open_relay(settings, claim, config.in_flight_batches).await?;
@@ -545,7 +566,7 @@ mod tests {
     fn a_bad_line_rejects_the_file_and_names_the_line() {
         let input =
             "{\"topic\":\"t\",\"type\":\"e\",\"payload\":{}}\n\n{\"topic\":\"t\",\"payload\":1}\n";
-        let err = LineReader::new(input.as_bytes(), "events.jsonl", MAX_LINE_BYTES)
+        let err = LineReader::new(input.as_bytes(), "events.jsonl", DEFAULT_MAX_MESSAGE_BYTES)
             .next_chunk(CHUNK)
             .unwrap_err()
             .to_string();
@@ -556,7 +577,7 @@ mod tests {
     #[test]
     fn lines_become_messages_with_keys_and_headers() {
         let input = "{\"topic\":\"t\",\"type\":\"e\",\"key\":\"k\",\"payload\":{\"a\":1},\"headers\":{\"h\":\"v\"}}\n";
-        let msgs = LineReader::new(input.as_bytes(), "stdin", MAX_LINE_BYTES)
+        let msgs = LineReader::new(input.as_bytes(), "stdin", DEFAULT_MAX_MESSAGE_BYTES)
             .next_chunk(CHUNK)
             .unwrap();
         assert_eq!(msgs.len(), 1);
@@ -568,7 +589,7 @@ mod tests {
     #[test]
     fn input_is_read_a_chunk_at_a_time() {
         let input = "{\"topic\":\"t\",\"type\":\"e\",\"payload\":1}\r\n".repeat(5);
-        let mut reader = LineReader::new(input.as_bytes(), "stdin", MAX_LINE_BYTES);
+        let mut reader = LineReader::new(input.as_bytes(), "stdin", DEFAULT_MAX_MESSAGE_BYTES);
         let sizes: Vec<usize> = (0..4)
             .map(|_| reader.next_chunk(2).unwrap().len())
             .collect();
@@ -583,7 +604,8 @@ mod tests {
             "x".repeat(100)
         );
         let input = format!("{ok}\n{long}\n{ok}\n");
-        let mut reader = LineReader::new(input.as_bytes(), "f.jsonl", ok.len());
+        let mut reader = LineReader::new(input.as_bytes(), "f.jsonl", DEFAULT_MAX_MESSAGE_BYTES);
+        reader.max_line = ok.len();
         let err = reader.next_chunk(10).unwrap_err().to_string();
         assert!(err.contains("f.jsonl line 2"), "{err}");
         assert!(

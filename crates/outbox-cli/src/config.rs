@@ -20,6 +20,7 @@ pub struct FileConfig {
     pub log: Option<String>,
     pub sink: Option<String>,
     pub batch_size: Option<usize>,
+    pub max_batch_bytes: Option<usize>,
     pub in_flight_batches: Option<usize>,
     pub lease: Option<String>,
     pub poll_interval: Option<String>,
@@ -30,6 +31,8 @@ pub struct FileConfig {
     pub shutdown_timeout: Option<String>,
     pub relay_id: Option<String>,
     pub claim: Option<ClaimArg>,
+    /// Largest message `enqueue` accepts, in bytes.
+    pub max_message_size: Option<usize>,
     /// `[[routes]]`: which sinks get which messages.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -152,6 +155,13 @@ pub fn relay_settings(
     if !(1..=10_000).contains(&batch_size) {
         bail!("batch size must be between 1 and 10000, got {batch_size}");
     }
+    let max_batch_bytes = args
+        .max_batch_bytes
+        .or(file.max_batch_bytes)
+        .unwrap_or(defaults.max_batch_bytes);
+    if max_batch_bytes == 0 {
+        bail!("max batch bytes must be at least 1");
+    }
     let in_flight_batches = args
         .in_flight_batches
         .or(file.in_flight_batches)
@@ -178,6 +188,7 @@ pub fn relay_settings(
             .or(file.relay_id.clone())
             .unwrap_or_else(|| RelayConfig::default().relay_id),
         batch_size,
+        max_batch_bytes,
         in_flight_batches,
         lease,
         poll_interval: duration(
@@ -236,6 +247,7 @@ mod tests {
         let (sink, cfg) = relay_settings(&args, &file).unwrap();
         assert_eq!(sink.as_deref(), Some("null:"));
         assert_eq!(cfg.batch_size, 9);
+        assert_eq!(cfg.max_batch_bytes, 16 << 20);
         assert_eq!(cfg.lease, Duration::from_secs(45));
         assert_eq!(cfg.retention, Retention::Keep(Duration::from_secs(3600)));
         assert_eq!(cfg.poll_interval, Duration::from_secs(1));

@@ -110,18 +110,21 @@ impl AnyStore {
 
     /// Enqueues `first` and then every chunk `next` returns until an empty one, all in one
     /// transaction: all of them or none (an error from `next` rolls back what was written).
+    /// The store refuses a message over `max_bytes` or with a reserved header.
     pub async fn enqueue_stream(
         &self,
         first: Vec<NewMessage>,
         mut next: impl FnMut() -> anyhow::Result<Vec<NewMessage>>,
+        max_bytes: usize,
     ) -> anyhow::Result<Vec<Uuid>> {
         let mut ids = Vec::new();
         let mut chunk = first;
         macro_rules! stream {
             ($s:expr) => {{
+                let outbox = $s.outbox().clone().with_max_message_size(max_bytes);
                 let mut tx = $s.pool().begin().await?;
                 while !chunk.is_empty() {
-                    $s.outbox().enqueue_batch(&mut tx, &chunk).await?;
+                    outbox.enqueue_batch(&mut tx, &chunk).await?;
                     ids.extend(chunk.iter().map(NewMessage::id));
                     chunk = next()?;
                 }

@@ -662,6 +662,77 @@ fn routes_send_each_type_to_its_sinks_and_dead_letter_the_unrouted() {
 }
 
 #[test]
+fn a_route_without_sinks_is_refused_at_start_and_acks_nothing() {
+    let db = Db::sqlite();
+    let config = db.path("outbox.toml");
+    std::fs::write(&config, "[[routes]]\nmatch = \"order.*\"\nsinks = []\n").unwrap();
+    db.ok(&[
+        "enqueue",
+        "--topic",
+        "orders",
+        "--type",
+        "order.created",
+        "--payload",
+        "{}",
+    ]);
+    let out = db.run(&[
+        "relay",
+        "--config",
+        config.to_str().unwrap(),
+        "--exit-when-idle",
+    ]);
+    let pending = db.status()["pending"].clone();
+    assert!(
+        !out.status.success(),
+        "the relay started; pending afterwards: {pending}"
+    );
+    let err = stderr_line(&out);
+    assert!(
+        err.contains("route 1") && err.contains("at least one sink"),
+        "{err}"
+    );
+    assert_eq!(pending, 1, "the message was acked");
+}
+
+#[test]
+fn enqueue_refuses_oversized_messages_and_reserved_headers_by_name() {
+    let db = Db::sqlite();
+    let big = format!("\"{}\"", "x".repeat(2 << 20));
+    let file = db.path("big.jsonl");
+    std::fs::write(
+        &file,
+        format!("{{\"topic\":\"t\",\"type\":\"e\",\"payload\":{big}}}\n"),
+    )
+    .unwrap();
+    let out = db.run(&["enqueue", "--file", file.to_str().unwrap()]);
+    assert!(!out.status.success(), "a 2 MiB message was enqueued");
+    let err = stderr_line(&out);
+    assert!(err.contains("1048576"), "the limit is not named: {err}");
+    // The limit is configurable.
+    db.ok(&[
+        "enqueue",
+        "--file",
+        file.to_str().unwrap(),
+        "--max-message-size",
+        "4194304",
+    ]);
+    let out = db.run(&[
+        "enqueue",
+        "--topic",
+        "t",
+        "--type",
+        "e",
+        "--payload",
+        "{}",
+        "--header",
+        "Nats-Msg-Id=1",
+    ]);
+    assert!(!out.status.success(), "a reserved header was enqueued");
+    assert!(stderr_line(&out).contains("Nats-Msg-Id"));
+    assert_eq!(db.status()["pending"], 1);
+}
+
+#[test]
 fn check_reports_every_problem_at_once() {
     let db = Db::sqlite();
     let config = db.path("outbox.toml");

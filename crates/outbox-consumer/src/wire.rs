@@ -92,7 +92,7 @@ impl Received {
             topic: self.topic,
             message_type,
             key,
-            payload: self.payload,
+            payload: self.payload.into(),
             content_type,
             headers,
             created_at,

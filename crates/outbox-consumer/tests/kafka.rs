@@ -18,6 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 async fn produce(producer: &FutureProducer, topic: &str, m: &Message) {
     let headers = outbox_sinks::cloudevents::headers(m, "outbox")
+        .unwrap()
         .into_iter()
         .fold(OwnedHeaders::new(), |h, (key, value)| {
             h.insert(Header {
@@ -27,7 +28,7 @@ async fn produce(producer: &FutureProducer, topic: &str, m: &Message) {
         });
     let record = FutureRecord::to(topic)
         .key(m.key.as_deref().unwrap_or_default())
-        .payload(&m.payload)
+        .payload(&m.payload[..])
         .headers(headers);
     producer
         .send(record, Duration::from_secs(10))

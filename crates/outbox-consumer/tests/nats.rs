@@ -21,7 +21,7 @@ async fn republish(js: &jetstream::Context, subject: &str, m: &Message) {
     h.insert("ce-id", m.id.to_string().as_str());
     h.insert("ce-type", m.message_type.as_str());
     h.insert("ce-subject", m.key.as_deref().unwrap_or_default());
-    js.publish_with_headers(subject.to_owned(), h, m.payload.clone().into())
+    js.publish_with_headers(subject.to_owned(), h, m.payload.clone())
         .await
         .unwrap()
         .await

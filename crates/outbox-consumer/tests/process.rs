@@ -24,7 +24,7 @@ where
 
     let mut bad = msgs[0].clone();
     bad.id = uuid::Uuid::now_v7();
-    bad.payload = b"[]".to_vec();
+    bad.payload = "[]".into();
     assert_eq!(
         processor.process(&bad).await,
         Outcome::Reject("payload without n".into())

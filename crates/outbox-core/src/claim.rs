@@ -37,6 +37,9 @@ pub struct ClaimRequest<'a> {
     pub partitions: Option<&'a [bool]>,
     /// Keys with a message in delivery at this relay: none of their messages is claimed.
     pub busy_keys: Option<&'a HashSet<String>>,
+    /// The claim stops before the message whose payload would take the batch's total past
+    /// this many bytes, but always takes one (`usize::MAX`: no bound).
+    pub max_bytes: usize,
 }
 
 impl<'a> ClaimRequest<'a> {
@@ -49,6 +52,7 @@ impl<'a> ClaimRequest<'a> {
             ahead: false,
             partitions: None,
             busy_keys: None,
+            max_bytes: usize::MAX,
         }
     }
 
@@ -108,9 +112,25 @@ pub fn pick(mut candidates: Vec<Candidate>, req: &ClaimRequest<'_>) -> Vec<Messa
         return vec![kept.swap_remove(alone).message];
     }
     let mut batch = in_waves(kept.into_iter().map(|c| c.message).collect());
-    // Cut in wave order: every key keeps its head, and runs share the rest.
+    // Cut in wave order: every key keeps its head, and runs share the rest. Any prefix of
+    // the waves keeps each key's messages in order, so the byte budget cuts the same way.
     batch.truncate(req.limit);
+    batch.truncate(within_budget(&batch, req.max_bytes));
     batch
+}
+
+/// How many of the batch's first messages fit in `max_bytes` of payload; at least one, so
+/// that no message is too big to be claimed.
+fn within_budget(batch: &[Message], max_bytes: usize) -> usize {
+    let mut total = 0usize;
+    batch
+        .iter()
+        .position(|m| {
+            total = total.saturating_add(m.payload.len());
+            total > max_bytes
+        })
+        .unwrap_or(batch.len())
+        .max(1)
 }
 
 /// Orders messages (sorted by `seq`) in waves.
@@ -170,7 +190,7 @@ mod tests {
                 message_type: "e".into(),
                 key: key.map(str::to_owned),
                 partition: 0,
-                payload: Vec::new(),
+                payload: Default::default(),
                 content_type: crate::JSON.into(),
                 headers: Default::default(),
                 created_at: Utc::now(),
@@ -238,6 +258,31 @@ mod tests {
             seqs(&pick(c, &ClaimRequest::new("r", 10, Duration::ZERO))),
             [2]
         );
+    }
+
+    #[test]
+    fn the_byte_budget_cuts_in_waves_and_keeps_at_least_one() {
+        let sized = |seq, key, len| {
+            let mut c = cand(seq, key);
+            c.message.payload = vec![0u8; len].into();
+            c
+        };
+        let c = || {
+            vec![
+                sized(1, Some("a"), 10),
+                sized(2, Some("a"), 10),
+                sized(3, Some("b"), 10),
+                sized(4, Some("a"), 10),
+            ]
+        };
+        let budget = |max_bytes| ClaimRequest {
+            max_bytes,
+            ..ClaimRequest::new("r", 10, Duration::ZERO)
+        };
+        assert_eq!(seqs(&pick(c(), &budget(30))), [1, 3, 2]);
+        assert_eq!(seqs(&pick(c(), &budget(29))), [1, 3]);
+        assert_eq!(seqs(&pick(c(), &budget(1))), [1]);
+        assert_eq!(seqs(&pick(c(), &budget(usize::MAX))), [1, 3, 2, 4]);
     }
 
     #[test]

@@ -55,6 +55,7 @@
 //! The same example is compiled in `outbox-postgres`'s docs; with SQLite, swap the store.
 
 mod claim;
+pub mod headers;
 mod message;
 mod ownership;
 mod partition;
@@ -65,16 +66,20 @@ mod sink;
 mod store;
 
 pub use claim::{Candidate, ClaimRequest, pick, waves};
-pub use message::{JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Status, parse_headers};
+pub use message::{
+    DEFAULT_MAX_MESSAGE_BYTES, JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Status,
+    parse_headers,
+};
 pub use ownership::{Assignment, Ownership, assign};
 pub use partition::{PARTITIONS, partition_for};
 pub use redact::redact;
 pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats};
 pub use retry::RetryPolicy;
-pub use sink::{Delivery, HandlerSink, Sink, SinkError};
+pub use sink::{Delivery, HandlerSink, Sink, SinkError, one_outcome_each};
 pub use store::{
     Failure, HeldBatch, MAX_ERROR_LEN, PollingWaiter, Retention, StatusCounts, Store, StoreError,
     StoreResult, Waiter, check_identifier, storable_error,
 };
 
 pub use async_trait::async_trait;
+pub use bytes::Bytes;

@@ -4,10 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::headers::{self, HeaderError};
 use crate::partition::partition_for;
 
 /// Content type of JSON payloads.
@@ -15,6 +17,10 @@ pub const JSON: &str = "application/json";
 
 /// Limits that keep a bad caller from writing rows the relay or a broker cannot carry.
 pub const MAX_TOPIC_LEN: usize = 255;
+
+/// The default largest message a store accepts at enqueue (1 MiB, as most brokers): payload
+/// plus header names and values. Stores take another with `with_max_message_size`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// A message that is not stored yet. Build it, then hand it to a store's `enqueue` inside the
 /// caller's transaction.
@@ -40,6 +46,10 @@ pub enum MessageError {
     TooLong { field: &'static str, max: usize },
     #[error("payload is not valid JSON: {0}")]
     Json(String),
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error("message is {size} bytes, over the limit of {max} bytes (payload and headers)")]
+    TooLarge { size: usize, max: usize },
 }
 
 impl NewMessage {
@@ -164,6 +174,29 @@ impl NewMessage {
         }
     }
 
+    /// The bytes the size limit counts: payload, header names and values.
+    pub fn size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+        self.payload.len() + headers
+    }
+
+    /// Checks what a store must refuse at enqueue: headers that are reserved or that some
+    /// transport cannot carry (see [`crate::headers`]), and a size over `max_bytes`. Every
+    /// store's enqueue calls it, so that nothing is stored that a sink would drop or choke on.
+    pub fn check(&self, max_bytes: usize) -> Result<(), MessageError> {
+        for (name, value) in &self.headers {
+            headers::check(name, value)?;
+        }
+        let size = self.size();
+        if size > max_bytes {
+            return Err(MessageError::TooLarge {
+                size,
+                max: max_bytes,
+            });
+        }
+        Ok(())
+    }
+
     /// Headers as a JSON object, the storage form.
     pub fn headers_json(&self) -> String {
         serde_json::to_string(&self.headers).unwrap_or_else(|_| "{}".into())
@@ -229,8 +262,9 @@ pub struct Message {
     pub message_type: String,
     pub key: Option<String>,
     pub partition: i32,
+    /// Shared, not copied, when the message is cloned (a router hands it to several sinks).
     #[serde(with = "payload_serde")]
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
     pub content_type: String,
     pub headers: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
@@ -278,11 +312,13 @@ mod payload_serde {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
         let v = serde_json::Value::deserialize(d)?;
         Ok(match v {
-            serde_json::Value::String(s) => s.into_bytes(),
-            other => serde_json::to_vec(&other).map_err(serde::de::Error::custom)?,
+            serde_json::Value::String(s) => s.into_bytes().into(),
+            other => serde_json::to_vec(&other)
+                .map_err(serde::de::Error::custom)?
+                .into(),
         })
     }
 }
@@ -300,6 +336,31 @@ mod tests {
         assert_eq!(
             NewMessage::json("t", " ", &1).unwrap_err(),
             MessageError::Empty { field: "type" }
+        );
+    }
+
+    #[test]
+    fn check_refuses_reserved_headers_and_oversized_messages_by_name() {
+        let m = NewMessage::json("t", "e", &1)
+            .unwrap()
+            .header("Nats-Msg-Id", "x");
+        let e = m.check(DEFAULT_MAX_MESSAGE_BYTES).unwrap_err();
+        assert!(e.to_string().contains("Nats-Msg-Id"), "{e}");
+        let m = NewMessage::bytes("t", "e", "x", vec![0u8; 100]).unwrap();
+        assert_eq!(m.check(100), Ok(()));
+        let m = m.header("x-a", "b");
+        assert_eq!(
+            m.check(100),
+            Err(MessageError::TooLarge {
+                size: 104,
+                max: 100
+            })
+        );
+        assert!(
+            m.check(100)
+                .unwrap_err()
+                .to_string()
+                .contains("limit of 100 bytes")
         );
     }
 

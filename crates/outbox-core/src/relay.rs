@@ -22,7 +22,7 @@ use crate::claim::{ClaimRequest, waves};
 use crate::message::Message;
 use crate::ownership::{Assignment, Ownership};
 use crate::retry::RetryPolicy;
-use crate::sink::{Delivery, Sink, SinkError};
+use crate::sink::{Delivery, Sink, SinkError, one_outcome_each};
 use crate::store::{Failure, HeldBatch, Retention, Store, StoreError, Waiter};
 
 /// How a relay behaves. `Default` gives production settings.
@@ -34,6 +34,10 @@ pub struct RelayConfig {
     pub relay_id: String,
     /// Messages claimed per round trip.
     pub batch_size: usize,
+    /// A claim stops adding messages before their payloads pass this many bytes (it always
+    /// takes one), so that a batch of big messages cannot exhaust the relay's memory. The
+    /// trade-off: big messages go out in smaller batches, costing more round trips.
+    pub max_batch_bytes: usize,
     /// Batches being delivered at once: the next batch is claimed while the previous one is
     /// published and acked, which hides the sink's and the database's round trips.
     pub in_flight_batches: usize,
@@ -74,6 +78,7 @@ impl Default for RelayConfig {
         Self {
             relay_id: "relay".into(),
             batch_size: 100,
+            max_batch_bytes: 16 << 20,
             in_flight_batches: 2,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
@@ -603,6 +608,7 @@ async fn claim(
         ahead: more,
         partitions: assignment.claimable.as_deref(),
         busy_keys: Some(&busy),
+        max_bytes: cfg.max_batch_bytes,
     };
     if shared.store.holds_claims() {
         let held = shared.store.claim_held(&req).await?;
@@ -742,11 +748,7 @@ async fn publish_waves(shared: &Shared, claimed: &Claimed) -> Outcomes {
             }
             break;
         };
-        let mut outcomes = outcomes.into_iter();
-        for i in todo {
-            let o = outcomes
-                .next()
-                .unwrap_or_else(|| Err(SinkError::transient("sink returned no outcome")));
+        for (i, o) in todo.into_iter().zip(outcomes) {
             if o.is_err()
                 && let Some(k) = batch[i].key.as_deref()
             {
@@ -788,7 +790,7 @@ async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
         .catch_unwind()
         .await
     {
-        Ok(outcomes) => outcomes,
+        Ok(outcomes) => one_outcome_each(shared.sink.name(), batch.len(), outcomes),
         Err(_) => {
             let err = SinkError::transient(format!("sink {} panicked", shared.sink.name()));
             vec![Err(err); batch.len()]

@@ -44,6 +44,21 @@ impl SinkError {
 /// The outcome for one message of a batch.
 pub type Delivery = Result<(), SinkError>;
 
+/// Holds a sink to its contract of one outcome per message, for whoever collects outcomes
+/// (the relay, a router). Outcomes are matched to messages by position, so when a sink
+/// returns another count none of them can be trusted: every message of the batch fails
+/// (transient) and is delivered again, rather than acked on a guess.
+pub fn one_outcome_each(sink: &str, messages: usize, outcomes: Vec<Delivery>) -> Vec<Delivery> {
+    if outcomes.len() == messages {
+        return outcomes;
+    }
+    let err = SinkError::transient(format!(
+        "sink {sink} returned {} outcomes for {messages} messages",
+        outcomes.len()
+    ));
+    vec![Err(err); messages]
+}
+
 /// A destination for messages.
 ///
 /// `publish` receives a batch and returns exactly one outcome per message, in the batch's
@@ -139,7 +154,7 @@ mod tests {
             message_type: "e".into(),
             key: None,
             partition: 0,
-            payload: b"{}".to_vec(),
+            payload: "{}".into(),
             content_type: crate::JSON.into(),
             headers: Default::default(),
             created_at: Utc::now(),

@@ -50,6 +50,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "claims by key runs, partition ownership, attempts of unfinished deliveries",
         sql: include_str!("../migrations/0007_claim_runs.sql"),
     },
+    Migration {
+        version: 8,
+        description: "claims bounded by the bytes of their payloads",
+        sql: include_str!("../migrations/0008_claim_byte_budget.sql"),
+    },
 ];
 
 /// The schema version this build writes.

@@ -160,10 +160,11 @@ const INSERT_BATCH: &str = "INSERT INTO {schema}.{p}messages \
       WITH ORDINALITY AS b(id, topic, type, key, partition, payload, content_type, headers, at, delay_ms, ord) \
     ORDER BY ord";
 
-/// The claim (migration 7): key heads and their runs in a window of the ready index, locked
-/// by the caller's transaction; `due` tells the caller where a run must stop.
+/// The claim (migrations 7 and 8): key heads and their runs in a window of the ready index,
+/// locked by the caller's transaction and bounded by count and bytes; `due` tells the caller
+/// where a run must stop.
 const CLAIM_RUNS: &str = "SELECT {columns}, m.interrupted, (m.available_at <= now()) AS due \
-    FROM {schema}.{p}claim_runs($1, $2, $3, $4, $5, $6, $7) m";
+    FROM {schema}.{p}claim_runs($1, $2, $3, $4, $5, $6, $7, $8) m";
 
 /// A leased claim writes its lease on the rows it picked, in the transaction of the claim.
 const LEASE: &str = "UPDATE {schema}.{p}messages SET status = 'in_flight', locked_by = $2, \

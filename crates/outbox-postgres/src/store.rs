@@ -6,8 +6,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Candidate, ClaimRequest, Failure, HeldBatch, Message, NewMessage, Ownership, Retention, Status,
-    StatusCounts, Store, StoreError, StoreResult, Waiter, parse_headers, pick,
+    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, Failure, HeldBatch, Message, MessageError,
+    NewMessage, Ownership, Retention, Status, StatusCounts, Store, StoreError, StoreResult, Waiter,
+    parse_headers, pick,
 };
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
@@ -17,10 +18,26 @@ use uuid::Uuid;
 use crate::migrate::{LATEST_VERSION, migrate_to};
 use crate::sql::{PgConfig, Sql};
 
-/// An enqueue that the database refused; the caller's transaction should be rolled back.
+/// Why an enqueue failed; the caller's transaction should be rolled back.
 #[derive(Debug, thiserror::Error)]
-#[error("could not enqueue outbox message: {0}")]
-pub struct EnqueueError(#[from] sqlx::Error);
+pub enum EnqueueError {
+    /// The message breaks a rule of the outbox (a reserved header, over the size limit, see
+    /// [`NewMessage::check`]); nothing of the call was written.
+    #[error("outbox message {id} refused: {error}")]
+    Invalid { id: Uuid, error: MessageError },
+    /// The database refused the statement.
+    #[error("could not enqueue outbox message: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Checks every message before anything is written: a batch goes in whole or not at all.
+fn check_all(msgs: &[NewMessage], max_bytes: usize) -> Result<(), EnqueueError> {
+    for m in msgs {
+        m.check(max_bytes)
+            .map_err(|error| EnqueueError::Invalid { id: m.id(), error })?;
+    }
+    Ok(())
+}
 
 fn q(sql: &Arc<str>) -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments> {
     sqlx::query(AssertSqlSafe(sql.clone()))
@@ -59,15 +76,24 @@ pub(crate) async fn bounded<T>(
 #[derive(Debug, Clone)]
 pub struct PgOutbox {
     sql: Arc<Sql>,
+    max_message_bytes: usize,
 }
 
 impl PgOutbox {
+    /// Sets the largest message this handle enqueues (see the store's
+    /// `with_max_message_size`).
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
     /// Adds one message to the outbox as part of `tx`.
     pub async fn enqueue(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         msg: &NewMessage,
     ) -> Result<(), EnqueueError> {
+        check_all(std::slice::from_ref(msg), self.max_message_bytes)?;
         q(&self.sql.insert)
             .bind(msg.id())
             .bind(msg.topic())
@@ -93,6 +119,7 @@ impl PgOutbox {
         if msgs.is_empty() {
             return Ok(());
         }
+        check_all(msgs, self.max_message_bytes)?;
         let col = |f: &dyn Fn(&NewMessage) -> String| msgs.iter().map(f).collect::<Vec<_>>();
         q(&self.sql.insert_batch)
             .bind(msgs.iter().map(NewMessage::id).collect::<Vec<_>>())
@@ -182,7 +209,10 @@ impl PgStore {
             records,
             inbox: crate::PgInbox::new(&config),
             config: Arc::new(config),
-            outbox: PgOutbox { sql },
+            outbox: PgOutbox {
+                sql,
+                max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            },
             claim_mode: ClaimMode::default(),
             query_timeout: Self::DEFAULT_QUERY_TIMEOUT,
         })
@@ -242,6 +272,14 @@ impl PgStore {
         &self.config
     }
 
+    /// Sets the largest message enqueue accepts, payload and headers counted (default
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`], 1 MiB). A bigger message is refused with an error naming
+    /// the limit; relays and brokers then never meet a message too big for them.
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.outbox = self.outbox.with_max_message_size(bytes);
+        self
+    }
+
     /// The writer's handle, cheap to clone.
     pub fn outbox(&self) -> &PgOutbox {
         &self.outbox
@@ -289,6 +327,7 @@ impl PgStore {
             .bind(self.lock_ns("deliveries"))
             .bind(lock_key)
             .bind(!req.ahead)
+            .bind(i64::try_from(req.max_bytes).ok())
             .fetch_all(&mut *conn)
             .await
             .map_err(db)?;
@@ -328,7 +367,7 @@ fn message_from_row(row: &PgRow) -> Result<Message, sqlx::Error> {
         message_type: row.try_get("type")?,
         key: row.try_get("key")?,
         partition: row.try_get("partition")?,
-        payload: row.try_get("payload")?,
+        payload: row.try_get::<Vec<u8>, _>("payload")?.into(),
         content_type: row.try_get("content_type")?,
         headers: parse_headers(row.try_get("headers")?),
         created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,

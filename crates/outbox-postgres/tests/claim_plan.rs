@@ -101,3 +101,49 @@ async fn a_claim_ahead_behind_keys_in_flight_reads_a_window_not_the_backlog() ->
     drop(held);
     common::drop_schema(&store).await
 }
+
+/// The byte budget is applied by the database, not after the rows reached the relay: a claim
+/// of big messages returns only what fits (heads first, then runs in wave order), or one.
+#[tokio::test]
+async fn the_database_returns_only_what_fits_in_the_byte_budget() -> anyhow::Result<()> {
+    let store = common::fresh_store().await?;
+    store.migrate().await?;
+    let big = |key: Option<&str>| -> anyhow::Result<NewMessage> {
+        let m = NewMessage::bytes("t", "blob", "application/octet-stream", vec![1u8; 10_000])?;
+        Ok(key.map_or(m.clone(), |k| m.key(k)))
+    };
+    let msgs = [
+        big(Some("a"))?,
+        big(Some("a"))?,
+        big(Some("b"))?,
+        big(None)?,
+    ];
+    let mut tx = store.pool().begin().await?;
+    store.outbox().enqueue_batch(&mut tx, &msgs).await?;
+    tx.commit().await?;
+    let schema = &store.config().schema;
+    let claimed = |budget: i64| {
+        let sql = format!(
+            "SELECT seq FROM {schema}.outbox_claim_runs(10, 10, NULL, NULL, 1, NULL, true, $1)"
+        );
+        let pool = store.pool().clone();
+        async move {
+            let mut seqs: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(budget)
+                .fetch_all(&pool)
+                .await?;
+            seqs.sort();
+            anyhow::Ok(seqs)
+        }
+    };
+    // Heads 1, 3 and 4 (30,000 bytes) fit in 35,000; a's second message does not.
+    assert_eq!(claimed(35_000).await?, [1, 3, 4]);
+    assert_eq!(claimed(45_000).await?, [1, 2, 3, 4]);
+    assert_eq!(claimed(15_000).await?, [1]);
+    assert_eq!(
+        claimed(1).await?,
+        [1],
+        "a message bigger than the budget goes alone"
+    );
+    common::drop_schema(&store).await
+}

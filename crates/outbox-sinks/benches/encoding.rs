@@ -26,7 +26,7 @@ fn claimed(n: u64) -> Message {
         message_type: new.message_type().into(),
         key: new.key_ref().map(str::to_owned),
         partition: new.partition(),
-        payload: new.payload().to_vec(),
+        payload: new.payload().to_vec().into(),
         content_type: new.content_type().into(),
         headers: new.header_map().clone(),
         created_at: Utc::now(),

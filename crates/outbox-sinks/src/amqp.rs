@@ -88,18 +88,18 @@ impl AmqpSink {
         *self.link.lock().await = None;
     }
 
-    fn properties(m: &Message) -> BasicProperties {
+    fn properties(m: &Message) -> Result<BasicProperties, SinkError> {
         let mut headers = FieldTable::default();
-        for (name, value) in cloudevents::headers(m, cloudevents::DEFAULT_SOURCE) {
+        for (name, value) in cloudevents::headers(m, cloudevents::DEFAULT_SOURCE)? {
             headers.insert(name.into(), AMQPValue::LongString(value.into()));
         }
-        BasicProperties::default()
+        Ok(BasicProperties::default()
             .with_message_id(m.id.to_string().into())
             .with_type(m.message_type.as_str().into())
             .with_content_type(m.content_type.as_str().into())
             .with_timestamp(m.created_at.timestamp().max(0) as u64)
             .with_delivery_mode(2)
-            .with_headers(headers)
+            .with_headers(headers))
     }
 }
 
@@ -125,22 +125,33 @@ impl AmqpSink {
         };
         let mut confirms = Vec::with_capacity(batch.len());
         for m in batch {
+            let properties = match Self::properties(m) {
+                Ok(p) => p,
+                Err(e) => {
+                    confirms.push(Err(e));
+                    continue;
+                }
+            };
             let sent = ch
                 .basic_publish(
                     self.exchange.as_str().into(),
                     m.topic.as_str().into(),
                     mandatory,
                     &m.payload,
-                    Self::properties(m),
+                    properties,
                 )
                 .await;
-            confirms.push(sent);
+            confirms.push(Ok(sent));
         }
         let mut out = Vec::with_capacity(batch.len());
         for (m, sent) in batch.iter().zip(confirms) {
             let confirmation = match sent {
-                Ok(confirm) => confirm.await,
-                Err(e) => Err(e),
+                Err(unsendable) => {
+                    out.push(Err(unsendable));
+                    continue;
+                }
+                Ok(Ok(confirm)) => confirm.await,
+                Ok(Err(e)) => Err(e),
             };
             out.push(outcome(confirmation, &m.topic));
         }

@@ -3,15 +3,17 @@
 //! The payload travels as the event data; the attributes go in headers: `ce-id` (the message id,
 //! the deduplication key), `ce-type`, `ce-source`, `ce-time`, `ce-subject` (the key, when there
 //! is one) and `ce-specversion`. The message's own headers (trace context such as `traceparent`
-//! included) are passed on unchanged.
+//! included) are passed on after them, except those a transport sets itself (see
+//! [`outbox_core::headers`]): enqueue refuses them, and a row stored before it did (or written
+//! by hand) must not replace a sink's own headers, so they are dropped here.
 
-use outbox_core::Message;
+use outbox_core::{Message, SinkError, headers};
 
 /// The `ce-source` of events published by this relay unless configured otherwise.
 pub const DEFAULT_SOURCE: &str = "outbox";
 
-/// Header name and value pairs for `m`, in a stable order.
-pub fn headers(m: &Message, source: &str) -> Vec<(String, String)> {
+/// The CloudEvents attributes of `m`, in a stable order.
+pub fn attributes(m: &Message, source: &str) -> Vec<(String, String)> {
     let mut h = vec![
         ("ce-specversion".to_owned(), "1.0".to_owned()),
         ("ce-id".to_owned(), m.id.to_string()),
@@ -22,12 +24,32 @@ pub fn headers(m: &Message, source: &str) -> Vec<(String, String)> {
     if let Some(key) = &m.key {
         h.push(("ce-subject".to_owned(), key.clone()));
     }
-    for (name, value) in &m.headers {
-        if !name.to_ascii_lowercase().starts_with("ce-") {
-            h.push((name.clone(), value.clone()));
-        }
-    }
     h
+}
+
+/// The message's own headers that travel with it: reserved names are dropped, and a header
+/// some transport cannot carry fails this message alone, permanently and by name (retrying
+/// cannot change a stored header).
+pub fn message_headers(m: &Message) -> Result<Vec<(&str, &str)>, SinkError> {
+    let mut out = Vec::with_capacity(m.headers.len());
+    for (name, value) in &m.headers {
+        headers::check_carriable(name, value)
+            .map_err(|e| SinkError::permanent(format!("cannot send message {}: {e}", m.id)))?;
+        if headers::is_reserved(name) {
+            tracing::debug!(id = %m.id, header = %name, "dropping a reserved message header");
+            continue;
+        }
+        out.push((name.as_str(), value.as_str()));
+    }
+    Ok(out)
+}
+
+/// The attributes followed by the message's own headers (see [`message_headers`]).
+pub fn headers(m: &Message, source: &str) -> Result<Vec<(String, String)>, SinkError> {
+    let own = message_headers(m)?;
+    let mut h = attributes(m, source);
+    h.extend(own.into_iter().map(|(n, v)| (n.to_owned(), v.to_owned())));
+    Ok(h)
 }
 
 #[cfg(test)]
@@ -45,7 +67,7 @@ mod tests {
             message_type: "order.created".into(),
             key: Some("o-1".into()),
             partition: 0,
-            payload: b"{}".to_vec(),
+            payload: "{}".into(),
             content_type: outbox_core::JSON.into(),
             headers: [
                 ("traceparent".to_string(), "00-abc-def-01".to_string()),
@@ -58,7 +80,10 @@ mod tests {
             last_error: None,
             status: Status::InFlight,
         };
-        let h: std::collections::HashMap<_, _> = headers(&m, "shop").into_iter().collect();
+        let all = headers(&m, "shop").unwrap();
+        // Six attributes and traceparent: the spoofed ce-id is dropped, not sent twice.
+        assert_eq!(all.len(), 7, "{all:?}");
+        let h: std::collections::HashMap<_, _> = all.into_iter().collect();
         assert_eq!(h["ce-id"], m.id.to_string());
         assert_eq!(h["ce-type"], "order.created");
         assert_eq!(h["ce-source"], "shop");

@@ -197,7 +197,7 @@ mod tests {
             message_type: "order.created".into(),
             key: Some(format!("k{n}")),
             partition: 3,
-            payload: payload.to_vec(),
+            payload: payload.to_vec().into(),
             content_type: content_type.into(),
             headers: [("traceparent".to_string(), "00-abc-def-01".to_string())].into(),
             created_at: Utc::now(),

@@ -37,8 +37,8 @@ impl KafkaSink {
         })
     }
 
-    fn headers(m: &Message) -> OwnedHeaders {
-        cloudevents::headers(m, cloudevents::DEFAULT_SOURCE)
+    fn headers(m: &Message) -> Result<OwnedHeaders, SinkError> {
+        let headers = cloudevents::headers(m, cloudevents::DEFAULT_SOURCE)?
             .into_iter()
             .chain([("content-type".to_owned(), m.content_type.clone())])
             .fold(OwnedHeaders::new(), |h, (key, value)| {
@@ -46,7 +46,8 @@ impl KafkaSink {
                     key: &key,
                     value: Some(&value),
                 })
-            })
+            });
+        Ok(headers)
     }
 }
 
@@ -55,19 +56,30 @@ impl Sink for KafkaSink {
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
         let mut reports = Vec::with_capacity(batch.len());
         for m in batch {
+            let headers = match Self::headers(m) {
+                Ok(h) => h,
+                Err(e) => {
+                    reports.push(Err(e));
+                    continue;
+                }
+            };
             let topic = format!("{}{}", self.prefix, m.topic);
             let mut record = FutureRecord::to(&topic)
                 .payload(&m.payload[..])
-                .headers(Self::headers(m));
+                .headers(headers);
             if let Some(key) = &m.key {
                 record = record.key(key.as_str());
             }
-            reports.push(self.producer.send_result(record).map_err(|(e, _)| e));
+            reports.push(
+                self.producer
+                    .send_result(record)
+                    .map_err(|(e, _)| SinkError::transient(format!("Kafka enqueue: {e}"))),
+            );
         }
         let mut out = Vec::with_capacity(batch.len());
         for report in reports {
             out.push(match report {
-                Err(e) => Err(SinkError::transient(format!("Kafka enqueue: {e}"))),
+                Err(e) => Err(e),
                 Ok(future) => match future.await {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err((e, _))) => Err(SinkError::transient(format!("Kafka delivery: {e}"))),

@@ -80,12 +80,12 @@ impl MqttSink {
         }
     }
 
-    fn properties(m: &Message) -> PublishProperties {
-        PublishProperties {
+    fn properties(m: &Message) -> Result<PublishProperties, SinkError> {
+        Ok(PublishProperties {
             content_type: Some(m.content_type.clone()),
-            user_properties: cloudevents::headers(m, cloudevents::DEFAULT_SOURCE),
+            user_properties: cloudevents::headers(m, cloudevents::DEFAULT_SOURCE)?,
             ..PublishProperties::default()
-        }
+        })
     }
 }
 
@@ -93,6 +93,7 @@ impl MqttSink {
     /// Queues one publish with its waiter, atomically with respect to the event loop's
     /// failure handling (see the module docs).
     fn submit(&self, m: &Message) -> Result<oneshot::Receiver<Result<(), String>>, SinkError> {
+        let properties = Self::properties(m)?;
         let (tx, rx) = oneshot::channel();
         let topic = format!("{}{}", self.prefix, m.topic);
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -102,7 +103,7 @@ impl MqttSink {
                 QoS::AtLeastOnce,
                 false,
                 m.payload.clone(),
-                Self::properties(m),
+                properties,
             )
             .map_err(|e| SinkError::transient(format!("MQTT publish: {e} (queue full)")))?;
         pending.queued.push_back(tx);

@@ -6,6 +6,7 @@
 //! While the client is disconnected a batch fails at once instead of waiting out one ack
 //! timeout per message: the relay's backoff, not the sink, paces the retries.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -48,14 +49,27 @@ impl NatsSink {
         })
     }
 
-    fn headers(m: &Message) -> HeaderMap {
+    /// The message's headers and then the sink's, which replace any namesake (a stored
+    /// `Nats-Msg-Id` would make JetStream drop the message as a duplicate of another).
+    fn headers(m: &Message) -> Result<HeaderMap, SinkError> {
         let mut h = HeaderMap::new();
+        for (name, value) in cloudevents::message_headers(m)? {
+            // The client panics on names it cannot send; `message_headers` let through only
+            // names every transport can carry, and this keeps a panic impossible regardless.
+            let name = async_nats::HeaderName::from_str(name).map_err(|e| {
+                SinkError::permanent(format!(
+                    "cannot send message {}: header {name:?}: {e}",
+                    m.id
+                ))
+            })?;
+            h.append(name, value);
+        }
         h.insert("Nats-Msg-Id", m.id.to_string().as_str());
         h.insert("content-type", m.content_type.as_str());
-        for (name, value) in cloudevents::headers(m, cloudevents::DEFAULT_SOURCE) {
+        for (name, value) in cloudevents::attributes(m, cloudevents::DEFAULT_SOURCE) {
             h.insert(name.as_str(), value.as_str());
         }
-        h
+        Ok(h)
     }
 }
 
@@ -82,17 +96,22 @@ impl Sink for NatsSink {
         let mut pending = Vec::with_capacity(batch.len());
         for m in batch {
             let subject = format!("{}{}", self.subject_prefix, m.topic);
+            let headers = match Self::headers(m) {
+                Ok(h) => h,
+                Err(e) => {
+                    pending.push((subject, Err(e)));
+                    continue;
+                }
+            };
             let sent = self
                 .js
-                .publish_with_headers(subject.clone(), Self::headers(m), m.payload.clone().into())
-                .await;
+                .publish_with_headers(subject.clone(), headers, m.payload.clone())
+                .await
+                .map_err(|e| explain(e, &subject));
             pending.push((subject, sent));
         }
         let acks = pending.into_iter().map(|(subject, sent)| async move {
-            match sent {
-                Ok(ack) => ack.await.map(drop).map_err(|e| explain(e, &subject)),
-                Err(e) => Err(explain(e, &subject)),
-            }
+            sent?.await.map(drop).map_err(|e| explain(e, &subject))
         });
         futures::future::join_all(acks).await
     }

@@ -66,10 +66,8 @@ impl RedisSink {
             .arg(&m.payload[..])
             .arg("headers")
             .arg(serde_json::to_string(&m.headers).unwrap_or_default());
-        for (name, value) in cloudevents::headers(m, cloudevents::DEFAULT_SOURCE) {
-            if name.starts_with("ce-") {
-                cmd.arg(name).arg(value);
-            }
+        for (name, value) in cloudevents::attributes(m, cloudevents::DEFAULT_SOURCE) {
+            cmd.arg(name).arg(value);
         }
         cmd
     }

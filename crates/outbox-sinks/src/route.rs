@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::join_all;
-use outbox_core::{Delivery, Message, Sink, SinkError};
+use outbox_core::{Delivery, Message, Sink, SinkError, one_outcome_each};
 use wildmatch::WildMatch;
 
 /// One route: a pattern (`*` and `?` wildcards, as in `payment.*`) over the message type or
@@ -57,16 +57,17 @@ impl Router {
             .or(self.default.as_deref())
     }
 
-    /// Every distinct sink with the indexes of the batch's messages it must take.
-    fn plan(&self, batch: &[Message]) -> (Vec<Share>, Vec<Delivery>) {
+    /// Every distinct sink with the indexes of the batch's messages it must take. A message
+    /// starts without an outcome; only its sinks' reports can make it delivered.
+    fn plan(&self, batch: &[Message]) -> (Vec<Share>, Vec<Option<Delivery>>) {
         let mut plan: Vec<Share> = Vec::new();
-        let mut out = vec![Ok(()); batch.len()];
+        let mut out = vec![None; batch.len()];
         for (i, m) in batch.iter().enumerate() {
             let Some(sinks) = self.sinks_for(m) else {
-                out[i] = Err(SinkError::permanent(format!(
+                out[i] = Some(Err(SinkError::permanent(format!(
                     "no route matches type {:?} or topic {:?}",
                     m.message_type, m.topic
-                )));
+                ))));
                 continue;
             };
             for sink in sinks {
@@ -90,18 +91,22 @@ impl Sink for Router {
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
         let (plan, mut out) = self.plan(batch);
         let sends = plan.iter().map(|(sink, idx)| async move {
+            // Cheap: a message's payload is shared between its copies, not copied.
             let part: Vec<Message> = idx.iter().map(|&i| batch[i].clone()).collect();
-            sink.publish(&part).await
+            one_outcome_each(sink.name(), part.len(), sink.publish(&part).await)
         });
         for ((_, idx), results) in plan.iter().zip(join_all(sends).await) {
             for (&i, r) in idx.iter().zip(results) {
                 // The first error of a message's sinks is the one it keeps.
-                if out[i].is_ok() {
-                    out[i] = r;
+                if !matches!(out[i], Some(Err(_))) {
+                    out[i] = Some(r);
                 }
             }
         }
-        out
+        // A message that no sink reported on (a route without sinks) was delivered nowhere.
+        out.into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(SinkError::permanent("its route has no sinks"))))
+            .collect()
     }
 
     fn name(&self) -> &str {
@@ -188,7 +193,7 @@ mod tests {
             message_type: kind.into(),
             key: None,
             partition: 0,
-            payload: b"{}".to_vec(),
+            payload: "{}".into(),
             content_type: outbox_core::JSON.into(),
             headers: Default::default(),
             created_at: Utc::now(),
@@ -273,6 +278,38 @@ mod tests {
             e.is_permanent() && e.to_string().contains("no route matches"),
             "{e}"
         );
+    }
+
+    /// A sink that breaks its contract by returning `n` outcomes whatever the batch.
+    struct Returns(usize);
+
+    #[async_trait]
+    impl Sink for Returns {
+        async fn publish(&self, _batch: &[Message]) -> Vec<Delivery> {
+            vec![Ok(()); self.0]
+        }
+        fn name(&self) -> &str {
+            "miscounting"
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outcome_a_sink_never_returned_is_a_failure_never_an_ack() {
+        for n in [0, 1, 3] {
+            let router = Router::new(vec![Route::new("*", vec![Arc::new(Returns(n))])], None);
+            let out = router.publish(&[msg("t", "a"), msg("t", "b")]).await;
+            assert!(
+                out.iter().all(Result::is_err),
+                "{n} outcomes for 2 messages acked some: {out:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_route_without_sinks_acks_nothing() {
+        let router = Router::new(vec![Route::new("*", Vec::new())], None);
+        let out = router.publish(&[msg("t", "a")]).await;
+        assert!(out[0].is_err(), "{out:?}");
     }
 
     #[tokio::test]

@@ -414,10 +414,8 @@ impl SmtpSink {
             .subject(subject.replace(['\r', '\n'], " "))
             .message_id(Some(format!("<{}@outbox>", m.id)))
             .header(ContentType::TEXT_PLAIN);
-        for (name, value) in cloudevents::headers(m, cloudevents::DEFAULT_SOURCE) {
-            if name.starts_with("ce-")
-                && let Ok(name) = HeaderName::new_from_ascii(name)
-            {
+        for (name, value) in cloudevents::attributes(m, cloudevents::DEFAULT_SOURCE) {
+            if let Ok(name) = HeaderName::new_from_ascii(name) {
                 builder = builder.raw_header(HeaderValue::new(name, value));
             }
         }
@@ -572,7 +570,7 @@ mod tests {
             message_type: "order.created".into(),
             key: Some("o-1".into()),
             partition: 0,
-            payload: br#"{"id": 42, "name": "Ada"}"#.to_vec(),
+            payload: br#"{"id": 42, "name": "Ada"}"#.to_vec().into(),
             content_type: outbox_core::JSON.into(),
             headers: Default::default(),
             created_at: chrono::Utc::now(),

@@ -5,6 +5,12 @@
 //! under the `whsec_…` secret), plus the CloudEvents attributes. The body is the payload with
 //! its content type. 2xx acks; 408, 429, 5xx, timeouts and connection errors are transient and
 //! honour `Retry-After`; any other status is permanent (the receiver refuses this message).
+//!
+//! Redirects are never followed: a redirected POST becomes a body-less GET whose `200` would
+//! ack a message nobody received. A 3xx is a transient failure naming its `Location`, so the
+//! operator sees where the endpoint moved and fixes the URL before the messages go dead.
+//! The message's own headers go out first and the sink's after them, replacing any namesake:
+//! a message header can never stand in for `content-type`, `webhook-*` or `ce-*`.
 
 use std::time::Duration;
 
@@ -14,6 +20,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use futures::stream::{self, StreamExt};
 use hmac::{Hmac, Mac};
 use outbox_core::{Delivery, Message, Sink, SinkError};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 
 use crate::cloudevents;
@@ -74,6 +81,7 @@ impl WebhookSink {
         };
         let http = reqwest::Client::builder()
             .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| bad(e.to_string()))?;
         let secret = secret
@@ -95,33 +103,80 @@ impl WebhookSink {
         })
     }
 
+    /// The request headers: the message's own, then the sink's, which replace any namesake.
+    fn headers(&self, m: &Message, id: &str, timestamp: i64) -> Result<HeaderMap, SinkError> {
+        let mut map = HeaderMap::new();
+        for (name, value) in cloudevents::message_headers(m)? {
+            map.append(header_name(m, name)?, header_value(m, name, value)?);
+        }
+        let mut own = vec![
+            ("content-type".to_owned(), m.content_type.clone()),
+            ("webhook-id".to_owned(), id.to_owned()),
+            ("webhook-timestamp".to_owned(), timestamp.to_string()),
+        ];
+        if let Some(key) = &self.secret {
+            let signature = sign(key, id, timestamp, &m.payload);
+            own.push(("webhook-signature".to_owned(), signature));
+        }
+        own.extend(cloudevents::attributes(m, cloudevents::DEFAULT_SOURCE));
+        for (name, value) in &own {
+            map.insert(header_name(m, name)?, header_value(m, name, value)?);
+        }
+        Ok(map)
+    }
+
     async fn post(&self, m: &Message) -> Delivery {
         let id = m.id.to_string();
         let timestamp = chrono::Utc::now().timestamp();
-        let mut req = self
+        let headers = self.headers(m, &id, timestamp)?;
+        let resp = self
             .http
             .post(&self.url)
-            .header("content-type", &m.content_type)
-            .header("webhook-id", &id)
-            .header("webhook-timestamp", timestamp.to_string());
-        if let Some(key) = &self.secret {
-            req = req.header("webhook-signature", sign(key, &id, timestamp, &m.payload));
-        }
-        for (name, value) in cloudevents::headers(m, cloudevents::DEFAULT_SOURCE) {
-            req = req.header(name, value);
-        }
-        let resp = req.body(m.payload.clone()).send().await.map_err(|e| {
-            // reqwest's message quotes the URL with its query (which may hold a token).
-            let e = outbox_core::redact(&e.to_string());
-            SinkError::transient(format!("POST {}: {e}", self.shown))
-        })?;
+            .headers(headers)
+            .body(m.payload.clone())
+            .send()
+            .await
+            .map_err(|e| {
+                // reqwest's message quotes the URL with its query (which may hold a token).
+                let e = outbox_core::redact(&e.to_string());
+                SinkError::transient(format!("POST {}: {e}", self.shown))
+            })?;
         classify(resp.status(), resp.headers())
     }
 }
 
-fn classify(status: reqwest::StatusCode, headers: &reqwest::header::HeaderMap) -> Delivery {
+/// A header HTTP cannot carry fails its message alone, permanently: the row will not change.
+fn header_name(m: &Message, name: &str) -> Result<HeaderName, SinkError> {
+    HeaderName::from_bytes(name.as_bytes()).map_err(|e| {
+        SinkError::permanent(format!(
+            "cannot send message {}: header {name:?}: {e}",
+            m.id
+        ))
+    })
+}
+
+fn header_value(m: &Message, name: &str, value: &str) -> Result<HeaderValue, SinkError> {
+    HeaderValue::from_str(value).map_err(|e| {
+        SinkError::permanent(format!(
+            "cannot send message {}: value of header {name:?}: {e}",
+            m.id
+        ))
+    })
+}
+
+fn classify(status: reqwest::StatusCode, headers: &HeaderMap) -> Delivery {
     if status.is_success() {
         return Ok(());
+    }
+    if status.is_redirection() {
+        let location = headers
+            .get(reqwest::header::LOCATION)
+            .map(|v| outbox_core::redact(&String::from_utf8_lossy(v.as_bytes())))
+            .unwrap_or_else(|| "nowhere (no Location header)".into());
+        return Err(SinkError::transient(format!(
+            "webhook answered {status} redirecting to {location}; redirects are not followed, \
+             point the sink at the new URL"
+        )));
     }
     let message = format!("webhook answered {status}");
     let transient = status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429;
@@ -170,7 +225,7 @@ mod tests {
 
     #[test]
     fn statuses_are_transient_or_permanent() {
-        let none = reqwest::header::HeaderMap::new();
+        let none = HeaderMap::new();
         assert!(classify(reqwest::StatusCode::NO_CONTENT, &none).is_ok());
         assert!(
             classify(reqwest::StatusCode::GONE, &none)
@@ -182,7 +237,7 @@ mod tests {
                 .unwrap_err()
                 .is_permanent()
         );
-        let mut h = reqwest::header::HeaderMap::new();
+        let mut h = HeaderMap::new();
         h.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
         let err = classify(reqwest::StatusCode::TOO_MANY_REQUESTS, &h).unwrap_err();
         assert_eq!(

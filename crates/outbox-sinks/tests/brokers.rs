@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::Utc;
+use futures::FutureExt;
 use outbox_core::{Message, Sink, Status};
 use uuid::Uuid;
 
@@ -17,7 +18,7 @@ fn batch(topic: &str, n: usize) -> Vec<Message> {
             message_type: "order.created".into(),
             key: Some(format!("k{}", i % 3)),
             partition: 0,
-            payload: format!("{{\"n\":{i}}}").into_bytes(),
+            payload: format!("{{\"n\":{i}}}").into(),
             content_type: outbox_core::JSON.into(),
             headers: BTreeMap::from([(
                 "traceparent".into(),
@@ -142,6 +143,83 @@ async fn nats_jetstream_stores_each_message_once_in_order() {
     js.delete_stream(&name).await.unwrap();
 }
 
+/// A JetStream stream capturing `{prefix}.>`, and a sink publishing under that prefix.
+#[cfg(feature = "nats")]
+async fn nats_stream(
+    prefix: &str,
+) -> (
+    async_nats::jetstream::Context,
+    async_nats::jetstream::stream::Stream,
+    std::sync::Arc<dyn Sink>,
+) {
+    use async_nats::jetstream;
+    let client = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+    let js = jetstream::new(client);
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: prefix.to_owned(),
+            subjects: vec![format!("{prefix}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let sink = outbox_sinks::from_url(&format!("nats://127.0.0.1:4222?prefix={prefix}."))
+        .await
+        .unwrap();
+    (js, stream, sink)
+}
+
+/// Rows written before headers were checked at enqueue (or by hand): a message header named
+/// like the sink's own deduplication header must not make JetStream drop the message.
+#[cfg(feature = "nats")]
+#[tokio::test]
+async fn a_message_header_never_replaces_the_nats_msg_id() {
+    let prefix = unique("t");
+    let (js, mut stream, sink) = nats_stream(&prefix).await;
+    let mut msgs = batch("orders", 2);
+    for m in &mut msgs {
+        m.headers.insert("Nats-Msg-Id".into(), "same".into());
+    }
+    let out = sink.publish(&msgs).await;
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        2,
+        "JetStream dropped a message as a duplicate of another, and it was acked"
+    );
+    for (i, m) in msgs.iter().enumerate() {
+        let stored = stream.get_raw_message(i as u64 + 1).await.unwrap();
+        let ids: Vec<_> = stored
+            .headers
+            .get_all("Nats-Msg-Id")
+            .map(|v| v.as_str().to_owned())
+            .collect();
+        assert_eq!(ids, [m.id.to_string()]);
+    }
+    js.delete_stream(&prefix).await.unwrap();
+}
+
+/// A header NATS cannot carry fails its own message, permanently and by name; the rest of the
+/// batch is delivered.
+#[cfg(feature = "nats")]
+#[tokio::test]
+async fn a_header_nats_cannot_carry_fails_only_its_message() {
+    let prefix = unique("t");
+    let (js, mut stream, sink) = nats_stream(&prefix).await;
+    let mut msgs = batch("orders", 3);
+    msgs[1].headers.insert("bad name".into(), "x".into());
+    let out = std::panic::AssertUnwindSafe(sink.publish(&msgs))
+        .catch_unwind()
+        .await
+        .expect("the sink panicked on a header name with a space");
+    assert!(out[0].is_ok() && out[2].is_ok(), "{out:?}");
+    let err = out[1].as_ref().unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert!(err.to_string().contains("bad name"), "{err}");
+    assert_eq!(stream.info().await.unwrap().state.messages, 2);
+    js.delete_stream(&prefix).await.unwrap();
+}
+
 #[cfg(feature = "nats")]
 #[tokio::test]
 async fn a_subject_no_stream_captures_is_an_error_not_a_loss() {
@@ -194,6 +272,52 @@ mod webhook {
 
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+    /// A receiver whose `/moved` answers 302 towards `/target`, which would answer 200 to
+    /// anything (the body-less GET a redirected POST becomes included).
+    async fn redirecting_receiver() -> (String, Arc<Mutex<Vec<String>>>) {
+        use axum::routing::any;
+        let hits: Arc<Mutex<Vec<String>>> = Arc::default();
+        let h = hits.clone();
+        let app = axum::Router::new()
+            .route(
+                "/moved",
+                post(|| async { (StatusCode::FOUND, [("location", "/target")]) }),
+            )
+            .route(
+                "/target",
+                any(move |method: axum::http::Method| {
+                    let h = h.clone();
+                    async move {
+                        h.lock().unwrap().push(method.to_string());
+                        StatusCode::OK
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (base, hits)
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_a_failure_naming_its_location_never_an_ack() {
+        let (base, hits) = redirecting_receiver().await;
+        let sink = outbox_sinks::WebhookSink::new(
+            &format!("{base}/moved"),
+            None,
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+        let out = sink.publish(&batch("orders", 1)).await;
+        let err = out[0].as_ref().expect_err("a 302 was acked");
+        assert!(err.to_string().contains("/target"), "{err}");
+        assert!(
+            hits.lock().unwrap().is_empty(),
+            "the redirect was followed: {:?}",
+            hits.lock().unwrap()
+        );
+    }
+
     #[tokio::test]
     async fn signed_posts_verify_on_the_receiving_side() {
         let (base, seen) = receiver().await;
@@ -226,6 +350,45 @@ mod webhook {
             assert_eq!(h("content-type"), "application/json");
             assert!(headers.contains_key("traceparent"));
         }
+    }
+
+    /// Rows written before headers were checked at enqueue (or by hand) must not replace the
+    /// headers the sink sets: the receiver sees one value of each, the sink's.
+    #[tokio::test]
+    async fn message_headers_never_replace_the_webhook_headers() {
+        let (base, seen) = receiver().await;
+        let sink = outbox_sinks::WebhookSink::new(
+            &format!("{base}/ok"),
+            Some(SECRET),
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+        let mut msgs = batch("orders", 1);
+        for name in [
+            "Content-Type",
+            "webhook-id",
+            "Webhook-Signature",
+            "ce-id",
+            "Host",
+        ] {
+            msgs[0].headers.insert(name.into(), "spoofed".into());
+        }
+        let out = sink.publish(&msgs).await;
+        assert!(out[0].is_ok(), "{out:?}");
+        let seen = seen.lock().unwrap();
+        let (headers, _) = &seen[0];
+        let all = |n: &str| -> Vec<String> {
+            headers
+                .get_all(n)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(all("content-type"), ["application/json"]);
+        assert_eq!(all("webhook-id"), [msgs[0].id.to_string()]);
+        assert_eq!(all("ce-id"), [msgs[0].id.to_string()]);
+        assert_eq!(all("webhook-signature").len(), 1);
+        assert!(!all("host")[0].contains("spoofed"), "{:?}", all("host"));
     }
 
     #[tokio::test]

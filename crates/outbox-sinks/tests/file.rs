@@ -17,7 +17,9 @@ fn message(n: i64) -> Message {
         message_type: "order.created".into(),
         key: Some(format!("k{n}")),
         partition: 3,
-        payload: format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(200)).into_bytes(),
+        payload: format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(200))
+            .into_bytes()
+            .into(),
         content_type: outbox_core::JSON.into(),
         headers: Default::default(),
         created_at: Utc::now(),

@@ -164,7 +164,7 @@ fn wave(topic: &str) -> Vec<Message> {
                 message_type: "order.created".into(),
                 key: Some(format!("wave{i}")),
                 partition: 0,
-                payload: serde_json::to_vec(&payload).unwrap(),
+                payload: serde_json::to_vec(&payload).unwrap().into(),
                 content_type: outbox_core::JSON.into(),
                 headers: Default::default(),
                 created_at: chrono::Utc::now(),

@@ -17,7 +17,7 @@ fn message() -> Message {
         message_type: "order.created".into(),
         key: Some("k".into()),
         partition: 0,
-        payload: b"{\"to\":\"ana@example.com\"}".to_vec(),
+        payload: b"{\"to\":\"ana@example.com\"}".to_vec().into(),
         content_type: outbox_core::JSON.into(),
         headers: BTreeMap::new(),
         created_at: Utc::now(),

@@ -22,7 +22,7 @@ fn message(message_type: &str, payload: serde_json::Value) -> Message {
         message_type: message_type.into(),
         key: Some("o-1".into()),
         partition: 0,
-        payload: serde_json::to_vec(&payload).unwrap(),
+        payload: serde_json::to_vec(&payload).unwrap().into(),
         content_type: outbox_core::JSON.into(),
         headers: BTreeMap::new(),
         created_at: Utc::now(),

@@ -7,8 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Candidate, ClaimRequest, Failure, Message, NewMessage, PollingWaiter, Retention, Status,
-    StatusCounts, Store, StoreError, StoreResult, Waiter, parse_headers, pick,
+    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, Failure, Message, MessageError, NewMessage,
+    PollingWaiter, Retention, Status, StatusCounts, Store, StoreError, StoreResult, Waiter,
+    parse_headers, pick,
 };
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
@@ -42,10 +43,26 @@ impl SqliteConfig {
     }
 }
 
-/// An enqueue that the database refused; the caller's transaction should be rolled back.
+/// Why an enqueue failed; the caller's transaction should be rolled back.
 #[derive(Debug, thiserror::Error)]
-#[error("could not enqueue outbox message: {0}")]
-pub struct EnqueueError(#[from] sqlx::Error);
+pub enum EnqueueError {
+    /// The message breaks a rule of the outbox (a reserved header, over the size limit, see
+    /// [`NewMessage::check`]); nothing of the call was written.
+    #[error("outbox message {id} refused: {error}")]
+    Invalid { id: Uuid, error: MessageError },
+    /// The database refused the statement.
+    #[error("could not enqueue outbox message: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Checks every message before anything is written: a batch goes in whole or not at all.
+fn check_all(msgs: &[NewMessage], max_bytes: usize) -> Result<(), EnqueueError> {
+    for m in msgs {
+        m.check(max_bytes)
+            .map_err(|error| EnqueueError::Invalid { id: m.id(), error })?;
+    }
+    Ok(())
+}
 
 type Query = sqlx::query::Query<'static, Sqlite, SqliteArguments>;
 
@@ -174,17 +191,17 @@ impl Sql {
 /// The heads in a window of the ready index (see `outbox_core::claim`): unkeyed rows, and each
 /// key's oldest row in the window when no older message of the key is undelivered.
 const HEADS: &str = "WITH w AS (\
-      SELECT seq, key, available_at FROM {p}messages \
+      SELECT seq, key, available_at, length(payload) AS size FROM {p}messages \
       WHERE status IN ('pending', 'in_flight') AND available_at <= ?1 \
       ORDER BY available_at, seq LIMIT ?2), \
     firsts AS (SELECT min(seq) AS seq FROM w WHERE key IS NOT NULL GROUP BY key) \
-    SELECT w.seq, w.key FROM w WHERE w.key IS NULL OR (w.seq IN (SELECT seq FROM firsts) \
+    SELECT w.seq, w.key, w.size FROM w WHERE w.key IS NULL OR (w.seq IN (SELECT seq FROM firsts) \
       AND NOT EXISTS (SELECT 1 FROM {p}messages e \
         WHERE e.key = w.key AND e.seq < w.seq AND e.status IN ('pending', 'in_flight'))) \
     ORDER BY w.available_at, w.seq LIMIT ?3";
 
 /// The heads anywhere in the backlog, for when the window held none.
-const HEADS_WIDENED: &str = "SELECT c.seq, c.key FROM {p}messages c \
+const HEADS_WIDENED: &str = "SELECT c.seq, c.key, length(c.payload) AS size FROM {p}messages c \
     WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= ?1 \
       AND (c.key IS NULL OR NOT EXISTS (SELECT 1 FROM {p}messages e \
         WHERE e.key = c.key AND e.seq < c.seq AND e.status IN ('pending', 'in_flight'))) \
@@ -197,13 +214,42 @@ const RUN: &str = "SELECT * FROM (SELECT {columns}, available_at <= ?1 AS due FR
 /// Runs are fetched for at most this many keyed heads: past that, a batch is full of heads.
 const MAX_RUNS: usize = 256;
 
+/// A claim's head: seq, key and payload size.
+type Head = (i64, Option<String>, i64);
+
+/// Keeps the heads, in seq order, whose payloads fit in `max_bytes` (always the first, as
+/// `outbox_core::pick` does); returns the bytes they hold.
+fn keep_within_budget(heads: &mut Vec<Head>, max_bytes: usize) -> usize {
+    heads.sort_by_key(|h| h.0);
+    let mut used = 0usize;
+    let mut keep = 0;
+    for (i, h) in heads.iter().enumerate() {
+        let next = used.saturating_add(usize::try_from(h.2).unwrap_or(0));
+        if i > 0 && next > max_bytes {
+            break;
+        }
+        used = next;
+        keep = i + 1;
+    }
+    heads.truncate(keep);
+    used
+}
+
 /// The writer's handle: enqueues messages inside the caller's transaction.
 #[derive(Debug, Clone)]
 pub struct SqliteOutbox {
     sql: Arc<Sql>,
+    max_message_bytes: usize,
 }
 
 impl SqliteOutbox {
+    /// Sets the largest message this handle enqueues (see the store's
+    /// `with_max_message_size`).
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
     /// Adds one message to the outbox as part of `tx`.
     pub async fn enqueue(
         &self,
@@ -220,6 +266,7 @@ impl SqliteOutbox {
         tx: &mut Transaction<'_, Sqlite>,
         msgs: &[NewMessage],
     ) -> Result<(), EnqueueError> {
+        check_all(msgs, self.max_message_bytes)?;
         let now = Utc::now();
         for chunk in msgs.chunks(ROWS_PER_INSERT) {
             let mut sql = self.sql.insert_head.clone();
@@ -275,7 +322,10 @@ impl SqliteStore {
             pool,
             inbox: crate::SqliteInbox::new(&config.table_prefix),
             config: Arc::new(config),
-            outbox: SqliteOutbox { sql },
+            outbox: SqliteOutbox {
+                sql,
+                max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            },
             notify: Arc::new(Notify::new()),
         })
     }
@@ -306,6 +356,14 @@ impl SqliteStore {
 
     pub fn config(&self) -> &SqliteConfig {
         &self.config
+    }
+
+    /// Sets the largest message enqueue accepts, payload and headers counted (default
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`], 1 MiB). A bigger message is refused with an error naming
+    /// the limit; relays and brokers then never meet a message too big for them.
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.outbox = self.outbox.with_max_message_size(bytes);
+        self
     }
 
     /// The writer's handle, cheap to clone.
@@ -352,7 +410,7 @@ impl SqliteStore {
     ) -> StoreResult<Vec<Candidate>> {
         let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
         let scan = i64::try_from(req.scan_window()).unwrap_or(i64::MAX);
-        let mut heads: Vec<(i64, Option<String>)> = Vec::new();
+        let mut heads: Vec<Head> = Vec::new();
         for sql in [&self.sql().heads, &self.sql().heads_widened] {
             let rows = q(sql)
                 .bind(now)
@@ -363,7 +421,7 @@ impl SqliteStore {
                 .map_err(db)?;
             heads = rows
                 .iter()
-                .map(|r| Ok((r.try_get("seq")?, r.try_get("key")?)))
+                .map(|r| Ok((r.try_get("seq")?, r.try_get("key")?, r.try_get("size")?)))
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(db)?;
             if !heads.is_empty() || req.ahead {
@@ -373,6 +431,8 @@ impl SqliteStore {
         if heads.is_empty() {
             return Ok(Vec::new());
         }
+        // Only the heads that fit in the byte budget are read whole; `pick` cuts the runs.
+        let used = keep_within_budget(&mut heads, req.max_bytes);
         let seqs = serde_json::to_string(&heads.iter().map(|h| h.0).collect::<Vec<_>>())
             .unwrap_or_else(|_| "[]".into());
         let rows = q(&self.sql().rows)
@@ -384,13 +444,13 @@ impl SqliteStore {
         let mut out = candidates(&rows)?;
         let keyed: Vec<(i64, String)> = heads
             .into_iter()
-            .filter_map(|(seq, key)| key.map(|k| (seq, k)))
+            .filter_map(|(seq, key, _)| key.map(|k| (seq, k)))
             .collect();
         // As on PostgreSQL: each key brings its fair share of the room left, then, when some
         // had less, the others what is still missing.
         let room = req.limit.saturating_sub(out.len());
         let per_key = room / keyed.len().max(1);
-        if !keyed.is_empty() && keyed.len() <= MAX_RUNS && per_key > 0 {
+        if !keyed.is_empty() && keyed.len() <= MAX_RUNS && per_key > 0 && used < req.max_bytes {
             let first = self.runs(tx, &keyed, per_key, 0, now).await?;
             let missing = room.saturating_sub(first.len());
             out.extend(first);
@@ -460,7 +520,7 @@ fn message_from_row(row: &SqliteRow) -> Result<Message, sqlx::Error> {
         message_type: row.try_get("type")?,
         key: row.try_get("key")?,
         partition: row.try_get("partition")?,
-        payload: row.try_get("payload")?,
+        payload: row.try_get::<Vec<u8>, _>("payload")?.into(),
         content_type: row.try_get("content_type")?,
         headers: parse_headers(row.try_get("headers")?),
         created_at: time(row.try_get("created_at")?),

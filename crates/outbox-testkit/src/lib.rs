@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox_core::{
-    HandlerSink, Message, NewMessage, Relay, RelayConfig, RelayState, Retention, RetryPolicy,
-    SinkError, Status, Store,
+    ClaimRequest, HandlerSink, Message, NewMessage, Relay, RelayConfig, RelayState, Retention,
+    RetryPolicy, SinkError, Status, Store,
 };
 use uuid::Uuid;
 
@@ -61,6 +61,7 @@ macro_rules! conformance_tests {
             panicking_sink_fails_its_batch,
             any_error_text_is_recorded,
             replicas_sharing_a_configured_id_claim_under_distinct_ids,
+            a_sink_that_miscounts_its_outcomes_acks_nothing,
             failing_key_does_not_block_other_keys,
             retried_head_behind_a_long_run_of_its_key_is_not_starved,
             dead_letters_can_be_retried_and_purged,
@@ -72,6 +73,8 @@ macro_rules! conformance_tests {
             shutdown_timeout_releases_unfinished_messages,
             idle_relay_is_woken_by_a_commit,
             headers_and_payload_round_trip,
+            enqueue_refuses_reserved_headers_and_oversized_messages,
+            a_claim_stops_at_its_byte_budget,
             migrate_is_idempotent,
             inbox_processes_each_message_once_per_consumer,
             inbox_record_rolls_back_with_the_effects,
@@ -529,6 +532,48 @@ pub mod tests {
         Ok(())
     }
 
+    /// A sink must return one outcome per message; one that returns another count cannot be
+    /// trusted on any of them, so nothing of its batch is acked on a guess.
+    pub async fn a_sink_that_miscounts_its_outcomes_acks_nothing(f: &dyn Fixture) -> R {
+        for more in [true, false] {
+            let msgs: Vec<_> = (0..3).map(|n| msg("t", n)).collect();
+            enqueue(f, &msgs).await?;
+            let sink = MiscountingSink { more };
+            let report = Relay::with_config(f.store(), Arc::new(sink), drain_config())
+                .run(futures::future::pending())
+                .await;
+            ensure!(
+                report.delivered == 0 && report.dead == 3,
+                "more {more}: {report:?}"
+            );
+            let dead = f.store().dead_list(10).await?;
+            let error = dead[0].last_error.as_deref().unwrap_or_default();
+            ensure!(error.contains("outcomes for"), "{error}");
+            f.store().dead_purge(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Returns one outcome more than messages, or one fewer.
+    struct MiscountingSink {
+        more: bool,
+    }
+
+    #[async_trait]
+    impl outbox_core::Sink for MiscountingSink {
+        async fn publish(&self, batch: &[Message]) -> Vec<outbox_core::Delivery> {
+            let n = if self.more {
+                batch.len() + 1
+            } else {
+                batch.len().saturating_sub(1)
+            };
+            vec![Ok(()); n]
+        }
+        fn name(&self) -> &str {
+            "miscounting"
+        }
+    }
+
     pub async fn failing_key_does_not_block_other_keys(f: &dyn Fixture) -> R {
         let poison = msg("t", 0).key("bad");
         let behind = msg("t", 1).key("bad");
@@ -882,6 +927,109 @@ pub mod tests {
         ensure!(
             got[1].payload == bytes.payload() && got[1].content_type == "application/octet-stream"
         );
+        Ok(())
+    }
+
+    /// Headers a transport sets itself or cannot carry, and messages over the size limit, are
+    /// refused by name at enqueue, alone and in a batch, and nothing of the batch is written.
+    pub async fn enqueue_refuses_reserved_headers_and_oversized_messages(f: &dyn Fixture) -> R {
+        let refused = |m: NewMessage, expect: &'static str| async move {
+            for batch in [vec![m.clone()], vec![msg("t", 1), m]] {
+                let mut tx = f.begin().await?;
+                let result = tx.enqueue(&batch).await;
+                tx.rollback().await?;
+                let Err(e) = result else {
+                    anyhow::bail!("enqueued a message that should be refused ({expect})");
+                };
+                let e = format!("{e:#}");
+                ensure!(e.contains(expect), "{e:?} does not name {expect:?}");
+            }
+            anyhow::Ok(())
+        };
+        for name in [
+            "Nats-Msg-Id",
+            "nats-rollup",
+            "Content-Type",
+            "webhook-id",
+            "ce-id",
+            "Host",
+        ] {
+            refused(msg("t", 0).header(name, "x"), name).await?;
+        }
+        for name in ["bad name", "a:b", ""] {
+            refused(msg("t", 0).header(name, "x"), "header").await?;
+        }
+        refused(msg("t", 0).header("x-note", "a\r\nBcc: x"), "x-note").await?;
+        let big = NewMessage::bytes("t", "blob", "application/octet-stream", vec![0u8; 2 << 20])?;
+        refused(big, "1048576").await?;
+        let status = f.store().status().await?;
+        ensure!(status.pending == 0, "{status:?}");
+        // Ordinary headers still go through.
+        enqueue(
+            f,
+            &[msg("t", 2)
+                .header("traceparent", "00-x-y-01")
+                .header("x-tenant", "a")],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A claim takes messages until their payloads would pass the byte budget (always at
+    /// least one), so a batch of big messages stays bounded; a key's run is cut, in order.
+    pub async fn a_claim_stops_at_its_byte_budget(f: &dyn Fixture) -> R {
+        let big = |key: Option<&str>| -> anyhow::Result<NewMessage> {
+            let m = NewMessage::bytes("t", "blob", "application/octet-stream", vec![7u8; 10_000])?;
+            Ok(match key {
+                Some(k) => m.key(k),
+                None => m,
+            })
+        };
+        let claim = |budget: usize| ClaimRequest {
+            max_bytes: budget,
+            ..ClaimRequest::new("r", 10, LEASE)
+        };
+        let store = f.store();
+        let unkeyed = (0..4)
+            .map(|_| big(None))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        enqueue(f, &unkeyed).await?;
+        let got = store.claim_leased(&claim(25_000)).await?;
+        let ids: Vec<_> = got.iter().map(|m| m.id).collect();
+        ensure!(
+            ids == [unkeyed[0].id(), unkeyed[1].id()],
+            "{} claimed",
+            got.len()
+        );
+        let one = store.claim_leased(&claim(5_000)).await?;
+        ensure!(
+            one.len() == 1,
+            "a message bigger than the budget must still go alone"
+        );
+        let rest = store.claim_leased(&claim(usize::MAX)).await?;
+        ensure!(rest.len() == 1);
+        let done: Vec<_> = [got, one, rest].concat().iter().map(|m| m.id).collect();
+        store.ack(&done, Retention::Delete).await?;
+
+        let run = (0..5)
+            .map(|_| big(Some("k")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        enqueue(f, &run).await?;
+        let got = store.claim_leased(&claim(35_000)).await?;
+        let ids: Vec<_> = got.iter().map(|m| m.id).collect();
+        let first: Vec<_> = run[..3].iter().map(NewMessage::id).collect();
+        ensure!(
+            ids == first,
+            "the run was not cut in order: {} claimed",
+            got.len()
+        );
+        store.ack(&ids, Retention::Delete).await?;
+        if store.holds_claims() {
+            let held = store.claim_held(&claim(15_000)).await?;
+            let held = held.ok_or_else(|| anyhow::anyhow!("nothing held"))?;
+            ensure!(held.messages().len() == 1 && held.messages()[0].id == run[3].id());
+            held.release().await?;
+        }
         Ok(())
     }
 

@@ -744,7 +744,7 @@ mod tests {
             message_type: "order.created".into(),
             key: key.map(str::to_owned),
             partition: 0,
-            payload: b"{}".to_vec(),
+            payload: "{}".into(),
             content_type: "application/json".into(),
             headers: Default::default(),
             created_at: chrono::Utc::now(),

@@ -30,7 +30,7 @@ pub fn keyed(topic: &str, n: usize) -> Vec<Message> {
             message_type: "order.created".into(),
             key: Some(format!("k{}", i % 3)),
             partition: 0,
-            payload: format!("{{\"n\":{i}}}").into_bytes(),
+            payload: format!("{{\"n\":{i}}}").into(),
             content_type: outbox_core::JSON.into(),
             headers: BTreeMap::from([("traceparent".into(), "00-abc-def-01".into())]),
             created_at: Utc::now(),
