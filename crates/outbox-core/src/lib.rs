@@ -67,8 +67,8 @@ mod store;
 
 pub use claim::{Candidate, ClaimRequest, pick, waves};
 pub use message::{
-    DEFAULT_MAX_MESSAGE_BYTES, JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Status,
-    parse_headers,
+    DEFAULT_MAX_MESSAGE_BYTES, JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Refused,
+    Status, check_batch, parse_headers,
 };
 pub use ownership::{Assignment, Ownership, assign};
 pub use partition::{PARTITIONS, partition_for};

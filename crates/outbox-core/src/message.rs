@@ -203,6 +203,24 @@ impl NewMessage {
     }
 }
 
+/// A message a store refused to enqueue, and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("outbox message {id} refused: {error}")]
+pub struct Refused {
+    pub id: Uuid,
+    pub error: MessageError,
+}
+
+/// Checks every message of a batch before anything is written, so that a batch goes in whole
+/// or not at all; every store's enqueue calls it.
+pub fn check_batch(msgs: &[NewMessage], max_bytes: usize) -> Result<(), Refused> {
+    for m in msgs {
+        m.check(max_bytes)
+            .map_err(|error| Refused { id: m.id(), error })?;
+    }
+    Ok(())
+}
+
 fn check_name(field: &'static str, value: &str) -> Result<(), MessageError> {
     if value.trim().is_empty() {
         return Err(MessageError::Empty { field });

@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, Failure, HeldBatch, Message, MessageError,
-    NewMessage, Ownership, Retention, Status, StatusCounts, Store, StoreError, StoreResult, Waiter,
+    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, Failure, HeldBatch, Message, NewMessage,
+    Ownership, Retention, Status, StatusCounts, Store, StoreError, StoreResult, Waiter,
     parse_headers, pick,
 };
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
@@ -23,20 +23,11 @@ use crate::sql::{PgConfig, Sql};
 pub enum EnqueueError {
     /// The message breaks a rule of the outbox (a reserved header, over the size limit, see
     /// [`NewMessage::check`]); nothing of the call was written.
-    #[error("outbox message {id} refused: {error}")]
-    Invalid { id: Uuid, error: MessageError },
+    #[error(transparent)]
+    Invalid(#[from] outbox_core::Refused),
     /// The database refused the statement.
     #[error("could not enqueue outbox message: {0}")]
     Database(#[from] sqlx::Error),
-}
-
-/// Checks every message before anything is written: a batch goes in whole or not at all.
-fn check_all(msgs: &[NewMessage], max_bytes: usize) -> Result<(), EnqueueError> {
-    for m in msgs {
-        m.check(max_bytes)
-            .map_err(|error| EnqueueError::Invalid { id: m.id(), error })?;
-    }
-    Ok(())
 }
 
 fn q(sql: &Arc<str>) -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments> {
@@ -93,7 +84,7 @@ impl PgOutbox {
         tx: &mut Transaction<'_, Postgres>,
         msg: &NewMessage,
     ) -> Result<(), EnqueueError> {
-        check_all(std::slice::from_ref(msg), self.max_message_bytes)?;
+        outbox_core::check_batch(std::slice::from_ref(msg), self.max_message_bytes)?;
         q(&self.sql.insert)
             .bind(msg.id())
             .bind(msg.topic())
@@ -119,7 +110,7 @@ impl PgOutbox {
         if msgs.is_empty() {
             return Ok(());
         }
-        check_all(msgs, self.max_message_bytes)?;
+        outbox_core::check_batch(msgs, self.max_message_bytes)?;
         let col = |f: &dyn Fn(&NewMessage) -> String| msgs.iter().map(f).collect::<Vec<_>>();
         q(&self.sql.insert_batch)
             .bind(msgs.iter().map(NewMessage::id).collect::<Vec<_>>())

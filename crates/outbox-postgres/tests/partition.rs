@@ -4,6 +4,7 @@
 
 mod common;
 
+use outbox_testkit::eventually;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -33,21 +34,6 @@ const NOTICE: Duration = Duration::from_secs(8);
 const FREEZE: Duration = Duration::from_secs(10);
 /// How soon after the heal the relay must deliver everything.
 const RECOVERY: Duration = Duration::from_secs(30);
-
-async fn eventually<F, Fut>(what: &str, bound: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + bound;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {bound:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Enqueues `n` keyed messages from `from` on, ten per transaction, directly (not proxied).
 async fn enqueue(store: &PgStore, from: usize, n: usize) -> anyhow::Result<Vec<(Uuid, String)>> {

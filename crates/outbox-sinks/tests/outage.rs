@@ -10,6 +10,7 @@
 
 mod common;
 
+use outbox_testkit::eventually;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,18 +40,6 @@ type Arrivals = mpsc::UnboundedReceiver<Received>;
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}{}", Uuid::now_v7().simple())
-}
-
-async fn eventually<F, Fut>(what: &str, bound: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + bound;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 struct Outbox {

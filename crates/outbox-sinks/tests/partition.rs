@@ -11,6 +11,7 @@
 #[path = "common/smtp_server.rs"]
 mod smtp_server;
 
+use outbox_testkit::eventually;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,21 +61,6 @@ impl AtBroker {
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}{}", Uuid::now_v7().simple())
-}
-
-async fn eventually<F, Fut>(what: &str, bound: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + bound;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {bound:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 struct Outbox {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, Failure, Message, MessageError, NewMessage,
+    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, Failure, Message, NewMessage,
     PollingWaiter, Retention, Status, StatusCounts, Store, StoreError, StoreResult, Waiter,
     parse_headers, pick,
 };
@@ -48,20 +48,11 @@ impl SqliteConfig {
 pub enum EnqueueError {
     /// The message breaks a rule of the outbox (a reserved header, over the size limit, see
     /// [`NewMessage::check`]); nothing of the call was written.
-    #[error("outbox message {id} refused: {error}")]
-    Invalid { id: Uuid, error: MessageError },
+    #[error(transparent)]
+    Invalid(#[from] outbox_core::Refused),
     /// The database refused the statement.
     #[error("could not enqueue outbox message: {0}")]
     Database(#[from] sqlx::Error),
-}
-
-/// Checks every message before anything is written: a batch goes in whole or not at all.
-fn check_all(msgs: &[NewMessage], max_bytes: usize) -> Result<(), EnqueueError> {
-    for m in msgs {
-        m.check(max_bytes)
-            .map_err(|error| EnqueueError::Invalid { id: m.id(), error })?;
-    }
-    Ok(())
 }
 
 type Query = sqlx::query::Query<'static, Sqlite, SqliteArguments>;
@@ -266,7 +257,7 @@ impl SqliteOutbox {
         tx: &mut Transaction<'_, Sqlite>,
         msgs: &[NewMessage],
     ) -> Result<(), EnqueueError> {
-        check_all(msgs, self.max_message_bytes)?;
+        outbox_core::check_batch(msgs, self.max_message_bytes)?;
         let now = Utc::now();
         for chunk in msgs.chunks(ROWS_PER_INSERT) {
             let mut sql = self.sql.insert_head.clone();

@@ -111,6 +111,22 @@ pub async fn enqueue(f: &dyn Fixture, msgs: &[NewMessage]) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Waits for `check` to hold, testing it every 50 ms; panics after `bound`, naming `what`.
+pub async fn eventually<F, Fut>(what: &str, bound: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {bound:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Records what a handler sink received, in order.
 #[derive(Clone, Default)]
 pub struct Recorder {
