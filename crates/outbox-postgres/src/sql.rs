@@ -64,6 +64,7 @@ pub(crate) struct Sql {
     pub delivery_start: Arc<str>,
     pub delivery_end: Arc<str>,
     pub recover: Arc<str>,
+    pub fenced: Arc<str>,
     pub ack_delete: Arc<str>,
     pub ack_keep: Arc<str>,
     pub settle_delete: Arc<str>,
@@ -89,8 +90,12 @@ impl Sql {
             insert_batch: r(INSERT_BATCH),
             claim_runs: r(&CLAIM_RUNS.replace("{columns}", COLUMNS)),
             lease: r(LEASE),
-            delivery_start: r("INSERT INTO {schema}.{p}deliveries (lock_key, relay, ids) \
-                 VALUES ($1, $2, $3) ON CONFLICT (lock_key) DO NOTHING"),
+            delivery_start: r(
+                "INSERT INTO {schema}.{p}deliveries (lock_key, relay, ids, busy_until) \
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4::float8)) \
+                 ON CONFLICT (lock_key) DO NOTHING",
+            ),
+            fenced: r("SELECT key, id FROM {schema}.{p}fenced()"),
             delivery_end: r("DELETE FROM {schema}.{p}deliveries WHERE lock_key = $1"),
             recover: r("SELECT {schema}.{p}recover($1, $2)"),
             ack_delete: r(
