@@ -60,6 +60,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "keys of deliveries cut off by a database restart stay fenced until their deadline",
         sql: include_str!("../migrations/0009_restart_fence.sql"),
     },
+    Migration {
+        version: 10,
+        description: "claim followers by primary-key probes whatever the statistics",
+        sql: include_str!("../migrations/0010_followers_by_key_probe.sql"),
+    },
 ];
 
 /// The schema version this build writes.
