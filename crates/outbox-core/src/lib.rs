@@ -56,6 +56,7 @@
 
 mod claim;
 pub mod headers;
+pub mod instrument;
 mod message;
 mod ownership;
 mod partition;
@@ -73,12 +74,12 @@ pub use message::{
 pub use ownership::{Assignment, Ownership, assign};
 pub use partition::{PARTITIONS, partition_for};
 pub use redact::redact;
-pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats};
+pub use relay::{Relay, RelayConfig, RelayMonitor, RelayReport, RelayState, RelayStats};
 pub use retry::RetryPolicy;
-pub use sink::{Delivery, HandlerSink, Sink, SinkError, one_outcome_each};
+pub use sink::{Circuit, Delivery, HandlerSink, Sink, SinkError, one_outcome_each};
 pub use store::{
     Failure, HeldBatch, MAX_ERROR_LEN, PollingWaiter, Retention, StatusCounts, Store, StoreError,
-    StoreResult, Waiter, check_identifier, storable_error,
+    StoreResult, TopicBacklog, Waiter, check_identifier, storable_error,
 };
 
 pub use async_trait::async_trait;
