@@ -3,8 +3,9 @@
 //! - **Live** answers whether the process is wedged: every relay it runs made progress within
 //!   its [`stall_timeout`](outbox_core::RelayConfig::stall_timeout). A relay waiting for a
 //!   database that is down is live (restarting it would not help); a stopped relay is not.
-//! - **Ready** answers whether it is worth sending work here: the database answers a ping
-//!   within [`PING_TIMEOUT`] and no relay has stopped. Sinks whose circuit is open are listed
+//! - **Ready** answers whether the process does its work: the database answers a ping
+//!   within [`PING_TIMEOUT`] and every relay has started (its process may wait for the
+//!   database to be migrated first) and not stopped. Sinks whose circuit is open are listed
 //!   in the body, but do not fail readiness: the relay keeps their messages and retries them,
 //!   and taking the process out of service would not bring the sink back.
 
@@ -78,8 +79,12 @@ pub(crate) async fn ready(State(checks): State<Arc<Checks>>) -> Response {
         },
     };
     for r in &checks.relays {
-        if r.state() == RelayState::Stopped {
-            problems.push(format!("relay {} has stopped", r.id()));
+        match r.state() {
+            RelayState::Stopped => problems.push(format!("relay {} has stopped", r.id())),
+            RelayState::Starting => {
+                problems.push(format!("relay {} has not started yet", r.id()));
+            }
+            _ => {}
         }
     }
     let circuits: Vec<_> = checks.relays.iter().flat_map(|r| r.circuits()).collect();
