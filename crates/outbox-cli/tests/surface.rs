@@ -305,3 +305,86 @@ async fn readiness_fails_while_the_database_is_cut_off_and_liveness_does_not() {
         ])
         .output();
 }
+
+/// `outbox demo` (ARGS) with its own SQLite file and mail folder; the first URL it prints.
+fn demo(dir: &std::path::Path, args: &[&str]) -> Relay {
+    let url = format!("sqlite://{}", dir.join("demo.db").display());
+    let mut child = outbox(&url, None)
+        .arg("demo")
+        .args(["--listen", "127.0.0.1:0", "--poll-interval", "100ms"])
+        .args(["--gateway-latency", "0-5", "--decline-rate", "0"])
+        .arg("--mail-dir")
+        .arg(dir.join("mail"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut base = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if base.is_none() {
+            base = line
+                .split_whitespace()
+                .find(|w| w.starts_with("http://"))
+                .map(str::to_owned);
+        }
+        if line.starts_with("Ctrl-C stops.") {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    Relay {
+        child,
+        base: base.expect("a URL in the banner"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_serves_its_workers_health_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = demo(dir.path(), &[]);
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/payments", app.base))
+        .json(&serde_json::json!({
+            "token_card": "tok_visa", "amount": "12.50", "currency": "EUR",
+            "card_holder_email": "ana@example.com", "card_holder_name": "Ana"
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    // payment.created, then payment.paid: both through the in-process worker's relay.
+    eventually(
+        "the worker's deliveries in the API's metrics",
+        Duration::from_secs(30),
+        || async {
+            let m = metrics(&app.base).await;
+            value(
+                &m,
+                "outbox_messages_delivered_total{topic=\"payments\",sink=\"handler\"}",
+            ) == Some(2.0)
+        },
+    )
+    .await;
+    let (status, _, body) = get(&format!("{}/health/ready", app.base)).await;
+    assert_eq!(status, 200, "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["relays"].as_array().map(Vec::len), Some(1), "{body}");
+    drop(app);
+
+    // A worker on its own serves health and metrics at the URL it prints first.
+    let (gateway_dir, worker_dir) = (tempfile::tempdir().unwrap(), dir);
+    let gateway = demo(gateway_dir.path(), &["--role", "gateway"]);
+    let worker = demo(
+        worker_dir.path(),
+        &["--role", "worker", "--gateway-url", &gateway.base],
+    );
+    let (status, _, body) = get(&format!("{}/health/live", worker.base)).await;
+    assert_eq!(status, 200, "{body}");
+    let m = metrics(&worker.base).await;
+    assert!(m.contains("outbox_relay_state{state="), "{m}");
+    let (status, _, _) = get(&format!("{}/api/payments", worker.base)).await;
+    assert_eq!(status, 404, "a worker serves no API");
+}
