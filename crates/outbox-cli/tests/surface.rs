@@ -252,7 +252,7 @@ async fn readiness_fails_while_the_database_is_cut_off_and_liveness_does_not() {
         .to_owned();
     let proxy = Proxy::start(&upstream).await.unwrap();
     let through = pg.replacen(&upstream, &proxy.addr(), 1);
-    let schema = format!("surface_{}", uuid::Uuid::now_v7().simple());
+    let schema = format!("cli_{}", uuid::Uuid::now_v7().simple());
     let relay = relay(&through, Some(&schema), &["--sink", "null:"]);
     let base = relay.base.clone();
     let ready = |base: String| async move { get(&format!("{base}/health/ready")).await };

@@ -153,6 +153,8 @@ pub(crate) struct BacklogGauges {
 
 impl BacklogGauges {
     pub fn new(store: Arc<dyn Store>) -> Self {
+        // Exported from the start, so that `rate()` and `increase()` see the first error.
+        metrics::counter!(REFRESH_ERRORS).absolute(0);
         Self {
             store,
             topics: BTreeSet::new(),
