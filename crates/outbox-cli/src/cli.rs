@@ -309,8 +309,8 @@ pub struct BenchArgs {
     /// (the relays scenario always runs 1, 2 and 4)
     #[arg(long, default_value_t = 1)]
     pub relays: usize,
-    /// Scenarios to run (comma-separated): write, drain, latency, brokers (the default), keys
-    /// and relays
+    /// Scenarios to run (comma-separated): write, drain, latency, brokers (the default), keys,
+    /// relays and surface (the drain without, then with --listen's health and metrics)
     #[arg(
         long,
         value_delimiter = ',',
