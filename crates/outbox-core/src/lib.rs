@@ -31,6 +31,14 @@
 //!   and is woken within milliseconds by the store when it can; a relay whose database is down
 //!   backs off, reconnects by itself and logs once per change of state.
 //!
+//! ## Observability
+//!
+//! The relay records its outcomes, timings and state through the [`metrics`] facade (names in
+//! [`instrument`]); the application picks the exporter, and without one the calls cost next to
+//! nothing. [`Relay::monitor`] gives health checks the relay's [`RelayState`], the time since its
+//! loop last made progress, and its sink's [`Circuit`]s; [`Store::backlog`] counts messages per
+//! topic and status. `outbox-server` serves all of it over HTTP.
+//!
 //! ## Usage
 //!
 //! ```ignore
