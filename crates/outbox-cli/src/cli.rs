@@ -158,6 +158,10 @@ pub struct RelayArgs {
     /// Exit once nothing is left to deliver (drain mode)
     #[arg(long)]
     pub exit_when_idle: bool,
+    /// Serve /health/live, /health/ready and /metrics on this address (port 0 picks a free
+    /// port; the base URL is printed first)
+    #[arg(long, env = "OUTBOX_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
     /// Validate the configuration and exit
     #[arg(long)]
     pub check: bool,
@@ -199,9 +203,11 @@ pub struct DemoArgs {
     /// the worker consumes through the inbox
     #[arg(long, env = "OUTBOX_DEMO_BROKER", hide_env_values = true)]
     pub broker: Option<String>,
-    /// Address of the payment API (port 0 picks a free port)
-    #[arg(long, default_value = "127.0.0.1:8080", env = "OUTBOX_LISTEN")]
-    pub listen: std::net::SocketAddr,
+    /// Address of the payment API, with health and metrics (port 0 picks a free port;
+    /// default 127.0.0.1:8080). With --role worker or relay, where they serve health and
+    /// metrics (nothing when not given)
+    #[arg(long, env = "OUTBOX_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
     /// Address of the simulated payment gateway
     #[arg(long, default_value = "127.0.0.1:0", env = "OUTBOX_GATEWAY_LISTEN")]
     pub gateway_listen: std::net::SocketAddr,
@@ -303,8 +309,8 @@ pub struct BenchArgs {
     /// (the relays scenario always runs 1, 2 and 4)
     #[arg(long, default_value_t = 1)]
     pub relays: usize,
-    /// Scenarios to run (comma-separated): write, drain, latency, brokers (the default), keys
-    /// and relays
+    /// Scenarios to run (comma-separated): write, drain, latency, brokers (the default), keys,
+    /// relays and surface (the drain without, then with --listen's health and metrics)
     #[arg(
         long,
         value_delimiter = ',',

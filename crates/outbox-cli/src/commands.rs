@@ -294,12 +294,19 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
     let claim = args.claim.or(file.claim);
     let store = AnyStore::open_relay(settings, claim, config.in_flight_batches).await?;
     let store = store.store();
+    let relay = Relay::with_config(store.clone(), sink, config);
+    // Served from before the migration, so that probes see a database that is not up yet.
+    let surface = match args.listen {
+        Some(addr) => Some(serve_surface(addr, store.clone(), &relay).await?),
+        None => None,
+    };
     if !args.no_migrate && !wait_for_migration(store.as_ref()).await? {
         return Ok(());
     }
-    let report = Relay::with_config(store, sink, config)
-        .run(shutdown_signal())
-        .await;
+    let report = relay.run(shutdown_signal()).await;
+    if let Some(surface) = surface {
+        surface.stop().await;
+    }
     info!(
         delivered = report.delivered,
         retried = report.retried,
@@ -307,6 +314,51 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
         "done"
     );
     Ok(())
+}
+
+/// The relay's HTTP surface, served until [`Serving::stop`].
+struct Serving {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Serving {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "the HTTP server failed"),
+            Err(e) => warn!(error = %e, "the HTTP server panicked"),
+        }
+    }
+}
+
+/// Binds `addr`, prints the base URL (first, for scripts), and serves health and metrics.
+async fn serve_surface(
+    addr: std::net::SocketAddr,
+    store: Arc<dyn Store>,
+    relay: &Relay,
+) -> anyhow::Result<Serving> {
+    let surface = outbox_server::Surface::new()
+        .store(store)
+        .relay(relay.monitor());
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let mut local = listener.local_addr()?;
+    if local.ip().is_unspecified() {
+        local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    println!("listening on http://{local}  (/health/live, /health/ready, /metrics)");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let limits = outbox_server::ServerLimits {
+        shutdown_timeout: relay.config().shutdown_timeout,
+        ..outbox_server::ServerLimits::default()
+    };
+    let task = tokio::spawn(surface.serve(listener, limits, async {
+        let _ = stopped.await;
+    }));
+    Ok(Serving { stop, task })
 }
 
 /// Reports every problem of the relay's configuration at once; connects to nothing.

@@ -6,6 +6,8 @@ use outbox_core::redact;
 use outbox_payments::{DemoOptions, GatewayConfig, Role, ServerLimits, Urls};
 
 const DEFAULT_DATABASE: &str = "sqlite://outbox-data/demo.db";
+const DEFAULT_LISTEN: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
 
 pub async fn run(
     database_url: Option<String>,
@@ -40,7 +42,8 @@ pub async fn run(
         database_url: database_url.clone(),
         schema,
         role: args.role,
-        listen: args.listen,
+        listen: args.listen.unwrap_or(DEFAULT_LISTEN),
+        operations_listen: args.listen,
         gateway_listen: args.gateway_listen,
         gateway_url: args.gateway_url,
         gateway: GatewayConfig {
@@ -79,9 +82,13 @@ pub async fn run(
 
 /// The first URL printed is the base URL of what this process serves.
 fn print_banner(role: Role, urls: &Urls, database: &str, mail: &str) {
+    if let Some(ops) = &urls.operations {
+        println!("operations:   {ops}  (/health/live, /health/ready, /metrics)");
+    }
     if let Some(api) = &urls.api {
         println!("payment API:  {api}");
         println!("API docs:     {api}/api/docs");
+        println!("metrics:      {api}/metrics");
     }
     if let Some(gw) = &urls.gateway {
         println!("gateway:      {gw}");

@@ -31,6 +31,14 @@
 //!   and is woken within milliseconds by the store when it can; a relay whose database is down
 //!   backs off, reconnects by itself and logs once per change of state.
 //!
+//! ## Observability
+//!
+//! The relay records its outcomes, timings and state through the [`metrics`] facade (names in
+//! [`instrument`]); the application picks the exporter, and without one the calls cost next to
+//! nothing. [`Relay::monitor`] gives health checks the relay's [`RelayState`], the time since its
+//! loop last made progress, and its sink's [`Circuit`]s; [`Store::backlog`] counts messages per
+//! topic and status. `outbox-server` serves all of it over HTTP.
+//!
 //! ## Usage
 //!
 //! ```ignore
@@ -56,6 +64,7 @@
 
 mod claim;
 pub mod headers;
+pub mod instrument;
 mod message;
 mod ownership;
 mod partition;
@@ -73,12 +82,12 @@ pub use message::{
 pub use ownership::{Assignment, Ownership, assign};
 pub use partition::{PARTITIONS, partition_for};
 pub use redact::redact;
-pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats};
+pub use relay::{Relay, RelayConfig, RelayMonitor, RelayReport, RelayState, RelayStats};
 pub use retry::RetryPolicy;
-pub use sink::{Delivery, HandlerSink, Sink, SinkError, one_outcome_each};
+pub use sink::{Circuit, Delivery, HandlerSink, Sink, SinkError, one_outcome_each};
 pub use store::{
     Failure, HeldBatch, MAX_ERROR_LEN, PollingWaiter, Retention, StatusCounts, Store, StoreError,
-    StoreResult, Waiter, check_identifier, storable_error,
+    StoreResult, TopicBacklog, Waiter, check_identifier, storable_error,
 };
 
 pub use async_trait::async_trait;

@@ -10,6 +10,7 @@ use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant as StdInstant;
 
 use futures::FutureExt;
 use tokio::sync::watch;
@@ -19,10 +20,11 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::claim::{ClaimRequest, waves};
+use crate::instrument::{self, PerTopic, Tally};
 use crate::message::Message;
 use crate::ownership::{Assignment, Ownership};
 use crate::retry::RetryPolicy;
-use crate::sink::{Delivery, Sink, SinkError, one_outcome_each};
+use crate::sink::{Circuit, Delivery, Sink, SinkError, one_outcome_each};
 use crate::store::{Failure, HeldBatch, Retention, Store, StoreError, Waiter};
 
 /// How a relay behaves. `Default` gives production settings.
@@ -70,6 +72,14 @@ impl RelayConfig {
     /// attempt: four fifths of the lease, leaving the rest to record the outcome.
     pub fn delivery_deadline(&self) -> Duration {
         self.lease.saturating_sub(self.lease / 5)
+    }
+
+    /// How long the relay's loop may go without progress before it counts as wedged
+    /// ([`RelayMonitor::is_live`]): the longest a healthy loop waits between two steps is a
+    /// batch in the sink (under the lease), an idle poll, or the longest backoff while the
+    /// database is down.
+    pub fn stall_timeout(&self) -> Duration {
+        self.lease + self.poll_interval + Health::MAX_BACKOFF
     }
 }
 
@@ -136,8 +146,10 @@ impl RelayStats {
     }
 }
 
-/// What a relay is doing, observable through [`Relay::state`] (health checks, tests).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a relay is doing, observable through [`Relay::state`] (health checks, tests) and the
+/// `outbox_relay_state` gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RelayState {
     Starting,
     /// Claiming and delivering.
@@ -147,6 +159,71 @@ pub enum RelayState {
     /// The database does not answer; backing off.
     DatabaseDown,
     Stopped,
+}
+
+impl RelayState {
+    /// The state as metrics and health checks name it: `working`, `database_down`, ….
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayState::Starting => "starting",
+            RelayState::Working => "working",
+            RelayState::Idle => "idle",
+            RelayState::DatabaseDown => "database_down",
+            RelayState::Stopped => "stopped",
+        }
+    }
+}
+
+/// A view of a running relay for health checks: its state, whether its loop still makes
+/// progress, and its sink's circuits. Cheap to clone; taken with [`Relay::monitor`] before
+/// the relay is run.
+#[derive(Clone)]
+pub struct RelayMonitor {
+    shared: Arc<Shared>,
+}
+
+impl RelayMonitor {
+    /// The relay's id (see [`Relay::id`]).
+    pub fn id(&self) -> &str {
+        &self.shared.config.relay_id
+    }
+
+    pub fn state(&self) -> RelayState {
+        *self.shared.state.borrow()
+    }
+
+    /// Time since the relay's loop last made progress (claimed, slept its poll, settled a
+    /// batch, or retried a database that is down).
+    pub fn since_progress(&self) -> Duration {
+        let at = Duration::from_millis(self.shared.heartbeat.load(Ordering::Relaxed));
+        self.shared.born.elapsed().saturating_sub(at)
+    }
+
+    /// Whether the relay runs and its loop made progress within
+    /// [`RelayConfig::stall_timeout`]. A relay whose database is down is live: it is waiting,
+    /// not wedged; so is one not started yet (its process may be waiting for the database
+    /// to migrate it).
+    pub fn is_live(&self) -> bool {
+        match self.state() {
+            RelayState::Stopped => false,
+            RelayState::Starting => true,
+            _ => self.since_progress() <= self.shared.config.stall_timeout(),
+        }
+    }
+
+    /// The circuit breakers of the relay's sink.
+    pub fn circuits(&self) -> Vec<Circuit> {
+        self.shared.sink.circuits()
+    }
+
+    /// The name of the relay's sink, as the metrics label it.
+    pub fn sink(&self) -> &str {
+        self.shared.sink.name()
+    }
+
+    pub fn report(&self) -> RelayReport {
+        self.shared.stats.report()
+    }
 }
 
 /// Delivers an outbox to a sink. See the crate docs for the guarantees.
@@ -161,6 +238,9 @@ struct Shared {
     config: RelayConfig,
     stats: Arc<RelayStats>,
     state: watch::Sender<RelayState>,
+    /// Milliseconds after `born` at which the loop last made progress (for liveness).
+    heartbeat: AtomicU64,
+    born: StdInstant,
     health: Mutex<Health>,
     /// Set once shutdown was requested.
     stop: watch::Sender<bool>,
@@ -228,6 +308,8 @@ impl Relay {
                 config,
                 stats: Arc::default(),
                 state: watch::Sender::new(RelayState::Starting),
+                heartbeat: AtomicU64::new(0),
+                born: StdInstant::now(),
                 health: Mutex::default(),
                 stop: watch::Sender::new(false),
                 in_flight: Mutex::default(),
@@ -253,6 +335,13 @@ impl Relay {
         self.shared.state.subscribe()
     }
 
+    /// A handle for health checks that outlives [`Relay::run`]'s taking of the relay.
+    pub fn monitor(&self) -> RelayMonitor {
+        RelayMonitor {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Runs until `shutdown` completes (or, in drain mode, until the outbox is empty). Batches
     /// in hand when `shutdown` fires are finished and acked within the shutdown timeout, else
     /// released; nothing is lost either way.
@@ -260,6 +349,7 @@ impl Relay {
         let shared = self.shared;
         let mut shutdown = pin!(shutdown);
         info!(relay = %shared.config.relay_id, sink = shared.sink.name(), "relay started");
+        instrument::state(RelayState::Starting);
         let mut main = MainLoop {
             shared: shared.clone(),
             shutdown: shutdown.as_mut(),
@@ -276,7 +366,7 @@ impl Relay {
         let _recovering = AbortOnDrop(tokio::spawn(recover_periodically(shared.clone())));
         main.run().await;
         main.finish().await;
-        shared.state.send_replace(RelayState::Stopped);
+        shared.set_state(RelayState::Stopped);
         let report = shared.stats.report();
         info!(relay = %shared.config.relay_id, delivered = report.delivered, dead = report.dead, "relay stopped");
         report
@@ -288,8 +378,22 @@ impl Shared {
         *self.stop.borrow()
     }
 
+    /// Records a step of the loop: the new state (metrics only on a change) and the progress.
+    fn set_state(&self, now: RelayState) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.heartbeat.store(ms, Ordering::Relaxed);
+        let changed = self.state.send_if_modified(|s| {
+            let changed = *s != now;
+            *s = now;
+            changed
+        });
+        if changed {
+            instrument::state(now);
+        }
+    }
+
     fn down(&self, e: &StoreError) -> Duration {
-        self.state.send_replace(RelayState::DatabaseDown);
+        self.set_state(RelayState::DatabaseDown);
         self.health
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -297,7 +401,7 @@ impl Shared {
     }
 
     fn up(&self) {
-        self.state.send_replace(RelayState::Working);
+        self.set_state(RelayState::Working);
         self.health.lock().unwrap_or_else(|p| p.into_inner()).up();
     }
 
@@ -409,7 +513,9 @@ impl MainLoop<'_> {
             }
             self.purge_if_due(&mut next_purge).await;
             self.rebalance_if_due().await;
+            let started = Instant::now();
             let claimed = claim(&self.shared, more, &self.assignment).await;
+            instrument::claim_took(started.elapsed());
             if more {
                 self.pipeline.record(matches!(claimed, Ok(Some(_))));
             } else {
@@ -549,7 +655,7 @@ impl MainLoop<'_> {
                 return self.sleep_or_stop(pause).await;
             }
         }
-        self.shared.state.send_replace(RelayState::Idle);
+        self.shared.set_state(RelayState::Idle);
         let poll = self.config().poll_interval;
         let woke = tokio::select! {
             _ = self.shutdown.as_mut() => { self.shared.stop.send_replace(true); return true; }
@@ -686,17 +792,20 @@ async fn deliver(shared: Arc<Shared>, batch: Claimed) {
                 count = batch.len(),
                 "shutdown timeout: releasing unfinished messages"
             );
-            release(&shared, batch.iter().map(|m| m.id).collect()).await;
+            let topics = PerTopic::of(&batch);
+            release(&shared, batch.iter().map(|m| m.id).collect(), topics).await;
         }
         (Claimed::Held(held), Some(outcomes)) => settle_held(&shared, held, outcomes).await,
         (Claimed::Held(held), None) => {
             let n = held.messages().len() as u64;
             warn!(count = n, "shutdown timeout: releasing unfinished messages");
+            let topics = PerTopic::of(held.messages());
             // If the rollback fails the session is gone, and its locks with it.
             if let Err(e) = held.release().await {
                 debug!(error = %e, "rollback failed");
             }
             shared.stats.released.fetch_add(n, Ordering::Relaxed);
+            topics.count(instrument::RELEASED, shared.sink.name(), &[]);
         }
     }
     shared.in_flight().release_partitions(&slots);
@@ -786,10 +895,12 @@ fn give_up_on_unfinished<'a>(
 /// relay's task down, so its messages back off and reach `max_attempts` like any failure
 /// rather than being redelivered in a tight loop.
 async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
-    match AssertUnwindSafe(shared.sink.publish(batch))
+    let started = Instant::now();
+    let outcomes = AssertUnwindSafe(shared.sink.publish(batch))
         .catch_unwind()
-        .await
-    {
+        .await;
+    instrument::publish_took(shared.sink.name(), started.elapsed());
+    match outcomes {
         Ok(outcomes) => one_outcome_each(shared.sink.name(), batch.len(), outcomes),
         Err(_) => {
             let err = SinkError::transient(format!("sink {} panicked", shared.sink.name()));
@@ -801,12 +912,22 @@ async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
 /// Records the outcome of a held batch in its own transaction and commits it; messages left
 /// behind by a failed key are simply unlocked.
 async fn settle_held(shared: &Shared, held: Box<dyn HeldBatch>, outcomes: Outcomes) {
-    let (acks, failures, _left) = classify(shared, held.messages(), outcomes);
-    match held.settle(&acks, &failures, shared.config.retention).await {
+    let (acks, failures, left, tally) = classify(shared, held.messages(), outcomes);
+    let started = Instant::now();
+    let settled = held.settle(&acks, &failures, shared.config.retention).await;
+    instrument::settle_took(started.elapsed());
+    match settled {
         Ok(()) => {
             shared.up();
             let n = acks.len() as u64;
             shared.stats.delivered.fetch_add(n, Ordering::Relaxed);
+            let sink = shared.sink.name();
+            tally.delivered(sink);
+            tally.failed(sink);
+            // Left behind by a failed key: unlocked without an attempt counted.
+            if !left.is_empty() {
+                tally.released(sink);
+            }
         }
         Err(e) => {
             shared.down(&e);
@@ -819,8 +940,10 @@ async fn settle_held(shared: &Shared, held: Box<dyn HeldBatch>, outcomes: Outcom
 /// Acks delivered messages, records failures, and gives back (without the attempt the claim
 /// counted) those left behind by a failed key.
 async fn settle(shared: &Shared, batch: &[Message], outcomes: Outcomes) {
-    let (acks, failures, left) = classify(shared, batch, outcomes);
+    let (acks, failures, left, tally) = classify(shared, batch, outcomes);
     let (store, cfg) = (&shared.store, &shared.config);
+    let sink = shared.sink.name();
+    let started = Instant::now();
     if !acks.is_empty()
         && persist(shared, "ack", || {
             store.ack(&acks, cfg.retention).map(|r| r.map(drop))
@@ -829,36 +952,51 @@ async fn settle(shared: &Shared, batch: &[Message], outcomes: Outcomes) {
     {
         let n = acks.len() as u64;
         shared.stats.delivered.fetch_add(n, Ordering::Relaxed);
+        tally.delivered(sink);
     }
-    if !failures.is_empty() {
-        persist(shared, "fail", || store.fail(&cfg.relay_id, &failures)).await;
+    if !failures.is_empty()
+        && persist(shared, "fail", || store.fail(&cfg.relay_id, &failures)).await
+    {
+        tally.failed(sink);
     }
+    instrument::settle_took(started.elapsed());
     if !left.is_empty() {
-        release(shared, left).await;
+        release(shared, left, tally.released).await;
     }
 }
 
+/// Splits a batch's outcomes into acks, failures (each with its retry decision) and messages
+/// left behind by a failed key, with the tally of the metrics.
 fn classify(
     shared: &Shared,
     batch: &[Message],
     outcomes: Outcomes,
-) -> (Vec<Uuid>, Vec<Failure>, Vec<Uuid>) {
+) -> (Vec<Uuid>, Vec<Failure>, Vec<Uuid>, Tally) {
     let stats = &shared.stats;
     let mut acks = Vec::with_capacity(batch.len());
     let mut failures = Vec::new();
     let mut left = Vec::new();
+    let mut tally = Tally::default();
     for (msg, outcome) in batch.iter().zip(outcomes) {
         let err = match outcome {
             Some(Ok(())) => {
                 acks.push(msg.id);
+                tally.delivered.add(&msg.topic);
+                tally.committed.push((msg.topic.clone(), msg.created_at));
                 continue;
             }
             None => {
                 left.push(msg.id);
+                tally.released.add(&msg.topic);
                 continue;
             }
             Some(Err(err)) => err,
         };
+        if err.is_permanent() {
+            tally.permanent.add(&msg.topic);
+        } else {
+            tally.transient.add(&msg.topic);
+        }
         let retry_in = shared.config.retry.decide(msg.attempts, &err);
         // Sink errors often quote the URL they failed on; the stored error is readable by
         // anyone who can list dead messages, so it never keeps a credential.
@@ -868,6 +1006,7 @@ fn classify(
             debug!(id = %msg.id, attempt = msg.attempts, %error, "delivery failed; will retry");
         } else {
             stats.dead.fetch_add(1, Ordering::Relaxed);
+            tally.dead.add(&msg.topic);
             warn!(id = %msg.id, topic = %msg.topic, attempt = msg.attempts, %error, "message is dead");
         }
         failures.push(Failure {
@@ -876,7 +1015,7 @@ fn classify(
             retry_in,
         });
     }
-    (acks, failures, left)
+    (acks, failures, left, tally)
 }
 
 /// Counts the attempts of deliveries that never finished; logs what it found.
@@ -945,11 +1084,12 @@ where
 }
 
 /// Gives leased messages back without counting the attempt.
-async fn release(shared: &Shared, ids: Vec<Uuid>) {
+async fn release(shared: &Shared, ids: Vec<Uuid>, topics: PerTopic) {
     let (store, relay_id) = (&shared.store, &shared.config.relay_id);
     if persist(shared, "release", || store.release(relay_id, &ids)).await {
         let n = ids.len() as u64;
         shared.stats.released.fetch_add(n, Ordering::Relaxed);
+        topics.count(instrument::RELEASED, shared.sink.name(), &[]);
     }
 }
 

@@ -59,6 +59,17 @@ pub fn one_outcome_each(sink: &str, messages: usize, outcomes: Vec<Delivery>) ->
     vec![Err(err); messages]
 }
 
+/// The circuit breaker of one sink, as health checks and metrics report it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Circuit {
+    /// The sink's [`Sink::name`].
+    pub sink: String,
+    /// True while the sink is not called and its messages fail at once.
+    pub open: bool,
+    /// Batches in a row that failed entirely.
+    pub failures: u32,
+}
+
 /// A destination for messages.
 ///
 /// `publish` receives a batch and returns exactly one outcome per message, in the batch's
@@ -72,6 +83,12 @@ pub trait Sink: Send + Sync {
 
     /// A short name for logs and metrics (`file`, `nats`, …).
     fn name(&self) -> &str;
+
+    /// The circuit breakers inside this sink (none for a plain sink; one per sink in a
+    /// router of breakers).
+    fn circuits(&self) -> Vec<Circuit> {
+        Vec::new()
+    }
 }
 
 #[async_trait]
@@ -82,6 +99,9 @@ impl<S: Sink + ?Sized> Sink for Arc<S> {
     fn name(&self) -> &str {
         (**self).name()
     }
+    fn circuits(&self) -> Vec<Circuit> {
+        (**self).circuits()
+    }
 }
 
 #[async_trait]
@@ -91,6 +111,9 @@ impl<S: Sink + ?Sized> Sink for Box<S> {
     }
     fn name(&self) -> &str {
         (**self).name()
+    }
+    fn circuits(&self) -> Vec<Circuit> {
+        (**self).circuits()
     }
 }
 

@@ -116,6 +116,18 @@ pub struct StatusCounts {
     pub oldest_pending_age_seconds: Option<f64>,
 }
 
+/// The backlog of one topic, for metrics: [`Store::backlog`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopicBacklog {
+    pub topic: String,
+    pub pending: i64,
+    pub in_flight: i64,
+    pub delivered: i64,
+    pub dead: i64,
+    /// Age of the topic's oldest pending message (delayed ones included), in seconds.
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
 /// A database holding an outbox table.
 ///
 /// Claiming follows four rules that give the relay its guarantees:
@@ -193,6 +205,20 @@ pub trait Store: Send + Sync {
     async fn purge_delivered(&self, older_than: Duration, limit: usize) -> StoreResult<u64>;
 
     async fn status(&self) -> StoreResult<StatusCounts>;
+
+    /// The counts of [`Store::status`] per topic, in one query, ordered by topic. Topics with
+    /// no message left do not appear. Meant for a metrics timer, not for every scrape: it
+    /// reads the whole table.
+    async fn backlog(&self) -> StoreResult<Vec<TopicBacklog>> {
+        Err(StoreError::Config(
+            "this store cannot report its backlog per topic".into(),
+        ))
+    }
+
+    /// One cheap round trip to the database, for readiness checks.
+    async fn ping(&self) -> StoreResult<()> {
+        self.status().await.map(drop)
+    }
 
     /// Dead messages, oldest first.
     async fn dead_list(&self, limit: usize) -> StoreResult<Vec<Message>>;

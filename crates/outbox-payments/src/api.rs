@@ -1,6 +1,6 @@
-//! The payment API: `POST /api/payments`, `GET /api/payments/{id}`, health, metrics and the
-//! OpenAPI document. Every error is `application/problem+json` (RFC 9457); nothing a client
-//! sends gets a 5xx.
+//! The payment API: `POST /api/payments`, `GET /api/payments/{id}` and the OpenAPI document,
+//! served on an [`outbox_server::Surface`] with health and metrics. Every error is
+//! `application/problem+json` (RFC 9457); nothing a client sends gets a 5xx.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -9,7 +9,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use metrics_exporter_prometheus::PrometheusHandle;
+use outbox_core::RelayMonitor;
+use outbox_server::{Problem, Surface};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -22,44 +23,8 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 #[derive(Clone)]
 pub struct ApiState {
     pub db: Db,
-    pub metrics: PrometheusHandle,
     /// False only to measure the API without its outbox write (a benchmark baseline).
     pub write_events: bool,
-}
-
-/// An RFC 9457 problem.
-pub struct Problem {
-    status: StatusCode,
-    title: &'static str,
-    detail: String,
-    errors: Vec<FieldError>,
-}
-
-impl Problem {
-    pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            title,
-            detail: detail.into(),
-            errors: Vec::new(),
-        }
-    }
-}
-
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        let mut body = json!({
-            "type": "about:blank",
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        if !self.errors.is_empty() {
-            body["errors"] = json!(self.errors);
-        }
-        let headers = [(header::CONTENT_TYPE, "application/problem+json")];
-        (self.status, headers, body.to_string()).into_response()
-    }
 }
 
 fn internal(e: anyhow::Error) -> Problem {
@@ -71,46 +36,30 @@ fn internal(e: anyhow::Error) -> Problem {
     )
 }
 
-/// The API's routes, including `/health/*`, `/metrics` and the OpenAPI document.
-pub fn router(state: ApiState) -> Router {
+/// The API's own routes and the OpenAPI document, to merge into a [`Surface`].
+pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/api/payments", post(create_payment))
         .route("/api/payments/{id}", get(get_payment))
-        .route(
-            "/health/live",
-            get(|| async { Json(json!({"status": "ok"})) }),
-        )
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics))
         .merge(crate::openapi::docs())
-        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "Not found", "no such route") })
-        .method_not_allowed_fallback(|| async {
-            Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "Method not allowed",
-                "this route does not take that method",
-            )
-        })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
-async fn ready(State(state): State<ApiState>) -> Response {
-    if state.db.ping().await {
-        Json(json!({"status": "ok"})).into_response()
-    } else {
-        Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Not ready",
-            "the database does not answer",
-        )
-        .into_response()
-    }
+/// The API's surface: its routes, with health and metrics on its database and on the relays
+/// of this process (`relays`).
+pub fn surface(state: ApiState, relays: &[RelayMonitor]) -> Surface {
+    let surface = Surface::new().store(state.db.store());
+    relays
+        .iter()
+        .fold(surface, |s, r| s.relay(r.clone()))
+        .with(routes(state))
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
-    let headers = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
-    (headers, state.metrics.render()).into_response()
+/// Everything the API serves, for tests and embedders that serve it themselves (the backlog
+/// gauges are then not refreshed: see [`Surface::serve`]).
+pub fn router(state: ApiState) -> Router {
+    surface(state, &[]).router()
 }
 
 fn accepted(id: Uuid) -> Response {
@@ -154,13 +103,13 @@ async fn create_payment(
             format!("the body is not a JSON object: {e}"),
         )
     })?;
-    let payment = validate(&raw).map_err(|errors| Problem {
-        errors,
-        ..Problem::new(
+    let payment = validate(&raw).map_err(|errors: Vec<FieldError>| {
+        Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Invalid payment",
             "some fields are invalid; see errors",
         )
+        .with("errors", json!(errors))
     })?;
     let key = idempotency_key(&headers)?;
     let fingerprint = serde_json::to_string(&payment).unwrap_or_default();

@@ -26,7 +26,6 @@ pub mod db;
 pub mod gateway;
 pub mod mail;
 mod openapi;
-pub mod server;
 pub mod validate;
 pub mod worker;
 
@@ -34,11 +33,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
+use outbox_core::{Relay, RelayMonitor};
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_sqlite::SqliteStore;
 use sqlx::postgres::PgPoolOptions;
@@ -47,7 +46,7 @@ use tokio::sync::watch;
 
 pub use db::Db;
 pub use gateway::GatewayConfig;
-pub use server::ServerLimits;
+pub use outbox_server::ServerLimits;
 
 /// Which parts of the system this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +83,11 @@ pub struct DemoOptions {
     /// PostgreSQL schema for the payment and outbox tables.
     pub schema: Option<String>,
     pub role: Role,
+    /// Address of the payment API (with health and metrics).
     pub listen: SocketAddr,
+    /// Where a process without the API (`--role worker` or `relay`) serves health and
+    /// metrics; `None`: it serves nothing.
+    pub operations_listen: Option<SocketAddr>,
     pub gateway_listen: SocketAddr,
     /// Use this gateway instead of starting the simulated one.
     pub gateway_url: Option<String>,
@@ -140,14 +143,7 @@ pub async fn open_db(url: &str, schema: Option<&str>) -> anyhow::Result<Db> {
 
 /// The process-wide Prometheus recorder (installed once, shared by every server).
 pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .install_recorder()
-                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
-        })
-        .clone()
+    outbox_server::recorder()
 }
 
 /// The relay's settings: the worker's retry policy with the demo's poll interval and lease.
@@ -165,6 +161,9 @@ fn relay_config(opts: &DemoOptions) -> outbox_core::RelayConfig {
 pub struct Urls {
     pub api: Option<String>,
     pub gateway: Option<String>,
+    /// Health and metrics of a process that runs a relay or worker without the API (the API
+    /// serves them itself).
+    pub operations: Option<String>,
 }
 
 /// Starts the parts of `opts.role`, calls `ready` with their URLs, and serves until `shutdown`.
@@ -194,12 +193,13 @@ pub async fn run(
             .await
             .context("gateway listen address")?;
         urls.gateway = Some(format!("http://{}", listener.local_addr()?));
-        tasks.spawn(server::serve(
+        let serving = outbox_server::serve(
             listener,
             gateway::router(opts.gateway.clone()),
             opts.limits,
             stopped(),
-        ));
+        );
+        tasks.spawn(async move { Ok(serving.await?) });
     }
     let db = if runs(Role::Api) || runs(Role::Worker) || runs(Role::Relay) {
         let db = open_db(&opts.database_url, opts.schema.as_deref()).await?;
@@ -208,52 +208,74 @@ pub async fn run(
     } else {
         None
     };
-    if let (true, Some(db)) = (runs(Role::Api), &db) {
-        let listener = TcpListener::bind(opts.listen)
-            .await
-            .context("API listen address")?;
-        urls.api = Some(format!("http://{}", listener.local_addr()?));
-        let app = api::router(api::ApiState {
-            db: db.clone(),
-            metrics: metrics_handle(),
-            write_events: opts.write_events,
-        });
-        tasks.spawn(server::serve(listener, app, opts.limits, stopped()));
-    }
+    // The relays first, so that whatever serves health and metrics can follow them.
+    let mut relays: Vec<Relay> = Vec::new();
     if let (true, Some(url), Some(db)) = (runs(Role::Relay), &opts.broker, &db) {
-        let relay = broker::relay(db, url, relay_config(&opts)).await?;
-        let stop = stopped();
-        tasks.spawn(async move {
-            relay.run(stop).await;
-            Ok(())
-        });
+        relays.push(broker::relay(db, url, relay_config(&opts)).await?);
     }
-    if let (true, Some(db)) = (runs(Role::Worker), db) {
+    let mut consuming = None;
+    if let (true, Some(db)) = (runs(Role::Worker), &db) {
         let gateway_url = opts
             .gateway_url
             .clone()
             .or(urls.gateway.clone())
             .context("the worker needs --gateway-url (or run the gateway in this process)")?;
         let worker = worker::Worker {
-            db,
+            db: db.clone(),
             gateway: gateway::GatewayClient::new(&gateway_url)?,
             mailer: mail::Mailer::new(opts.smtp_url.as_deref(), opts.mail_dir.clone())?,
             max_declines: opts.max_declines,
         };
-        let stop = stopped();
         match opts.broker.clone() {
             Some(url) => {
-                let consuming = broker::consume(worker, &url, opts.lease, stop).await?;
-                tasks.spawn(consuming);
+                consuming = Some(broker::consume(worker, &url, opts.lease, stopped()).await?);
             }
-            None => {
-                let relay = worker.relay(relay_config(&opts));
-                tasks.spawn(async move {
-                    relay.run(stop).await;
-                    Ok(())
-                });
-            }
+            None => relays.push(worker.relay(relay_config(&opts))),
         }
+    }
+    let monitors: Vec<RelayMonitor> = relays.iter().map(Relay::monitor).collect();
+    let listen = if runs(Role::Api) {
+        Some(opts.listen)
+    } else {
+        opts.operations_listen
+    };
+    if let (Some(db), Some(listen)) = (&db, listen) {
+        // The API's server carries health and metrics; without it, a relay or worker serves
+        // them on their own.
+        let surface = if runs(Role::Api) {
+            api::surface(
+                api::ApiState {
+                    db: db.clone(),
+                    write_events: opts.write_events,
+                },
+                &monitors,
+            )
+        } else {
+            monitors
+                .iter()
+                .fold(outbox_server::Surface::new().store(db.store()), |s, r| {
+                    s.relay(r.clone())
+                })
+        };
+        let listener = TcpListener::bind(listen).await.context("listen address")?;
+        let url = format!("http://{}", listener.local_addr()?);
+        if runs(Role::Api) {
+            urls.api = Some(url);
+        } else {
+            urls.operations = Some(url);
+        }
+        let serving = surface.serve(listener, opts.limits, stopped());
+        tasks.spawn(async move { Ok(serving.await?) });
+    }
+    for relay in relays {
+        let stop = stopped();
+        tasks.spawn(async move {
+            relay.run(stop).await;
+            Ok(())
+        });
+    }
+    if let Some(consuming) = consuming {
+        tasks.spawn(consuming);
     }
     ready(&urls);
     shutdown.await;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use outbox_payments::api::{ApiState, router};
-use outbox_payments::{Db, metrics_handle, open_db};
+use outbox_payments::{Db, open_db};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -23,7 +23,6 @@ async fn start() -> Api {
     let base = format!("http://{}", listener.local_addr().unwrap());
     let app = router(ApiState {
         db: db.clone(),
-        metrics: metrics_handle(),
         write_events: true,
     });
     tokio::spawn(async move { axum::serve(listener, app).await });

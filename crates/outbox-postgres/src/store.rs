@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
     Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, Failure, HeldBatch, Message, NewMessage,
-    Ownership, Retention, Status, StatusCounts, Store, StoreError, StoreResult, Waiter,
-    parse_headers, pick,
+    Ownership, Retention, Status, StatusCounts, Store, StoreError, StoreResult, TopicBacklog,
+    Waiter, parse_headers, pick,
 };
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
@@ -569,6 +569,33 @@ impl Store for PgStore {
             dead: get("dead")?,
             oldest_pending_age_seconds: row.try_get("oldest").map_err(db)?,
         })
+    }
+
+    async fn backlog(&self) -> StoreResult<Vec<TopicBacklog>> {
+        let query = q(&self.sql().backlog);
+        let rows = self
+            .bounded(async { query.fetch_all(&self.pool).await.map_err(db) })
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let get = |name: &str| row.try_get::<i64, _>(name).map_err(db);
+                Ok(TopicBacklog {
+                    topic: row.try_get("topic").map_err(db)?,
+                    pending: get("pending")?,
+                    in_flight: get("in_flight")?,
+                    delivered: get("delivered")?,
+                    dead: get("dead")?,
+                    oldest_pending_age_seconds: row.try_get("oldest").map_err(db)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let query = sqlx::query("SELECT 1");
+        self.bounded(async { query.execute(&self.pool).await.map_err(db) })
+            .await
+            .map(drop)
     }
 
     async fn dead_list(&self, limit: usize) -> StoreResult<Vec<Message>> {

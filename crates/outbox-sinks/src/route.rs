@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::join_all;
-use outbox_core::{Delivery, Message, Sink, SinkError, one_outcome_each};
+use outbox_core::{Circuit, Delivery, Message, Sink, SinkError, one_outcome_each};
 use wildmatch::WildMatch;
 
 /// One route: a pattern (`*` and `?` wildcards, as in `payment.*`) over the message type or
@@ -112,6 +112,18 @@ impl Sink for Router {
     fn name(&self) -> &str {
         "router"
     }
+
+    /// The circuits of every distinct sink, each once even when several routes share it.
+    fn circuits(&self) -> Vec<Circuit> {
+        let mut seen: Vec<&Arc<dyn Sink>> = Vec::new();
+        let all = self.routes.iter().flat_map(|r| &r.sinks);
+        for sink in all.chain(self.default.iter().flatten()) {
+            if !seen.iter().any(|s| Arc::ptr_eq(s, sink)) {
+                seen.push(sink);
+            }
+        }
+        seen.iter().flat_map(|s| s.circuits()).collect()
+    }
 }
 
 /// Wraps a sink: after `threshold` batches in a row failed entirely, the sink is not called for
@@ -175,6 +187,15 @@ impl<S: Sink> Sink for Breaker<S> {
 
     fn name(&self) -> &str {
         self.inner.name()
+    }
+
+    fn circuits(&self) -> Vec<Circuit> {
+        let (failures, _) = *self.state.lock().unwrap_or_else(|p| p.into_inner());
+        vec![Circuit {
+            sink: self.inner.name().to_owned(),
+            open: self.open(),
+            failures,
+        }]
     }
 }
 
@@ -331,5 +352,31 @@ mod tests {
         );
         let out = breaker.publish(&[msg("t", "e")]).await;
         assert!(out[0].as_ref().unwrap_err().to_string().contains("paused"));
+    }
+
+    #[tokio::test]
+    async fn a_router_reports_each_of_its_breakers_once() {
+        let failing = HandlerSink::new(|_m: Message| async { Err(SinkError::transient("no")) });
+        let fine = HandlerSink::new(|_m: Message| async { Ok(()) });
+        let bad: Arc<dyn Sink> = Arc::new(Breaker::new(failing, 1, Duration::from_secs(3600)));
+        let good: Arc<dyn Sink> = Arc::new(Breaker::new(fine, 1, Duration::from_secs(3600)));
+        let router = Router::new(
+            vec![
+                Route::new("a", vec![bad.clone()]),
+                Route::new("b", vec![bad.clone(), good.clone()]),
+            ],
+            Some(vec![good]),
+        );
+        router.publish(&[msg("a", "a")]).await;
+        let circuits = router.circuits();
+        assert_eq!(circuits.len(), 2, "{circuits:?}");
+        assert!(
+            circuits[0].open && circuits[0].failures == 1,
+            "{circuits:?}"
+        );
+        assert!(
+            !circuits[1].open && circuits[1].failures == 0,
+            "{circuits:?}"
+        );
     }
 }

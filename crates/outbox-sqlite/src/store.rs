@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
     Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, Failure, Message, NewMessage,
-    PollingWaiter, Retention, Status, StatusCounts, Store, StoreError, StoreResult, Waiter,
-    parse_headers, pick,
+    PollingWaiter, Retention, Status, StatusCounts, Store, StoreError, StoreResult, TopicBacklog,
+    Waiter, parse_headers, pick,
 };
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
@@ -107,6 +107,7 @@ struct Sql {
     release: Arc<str>,
     purge_delivered: Arc<str>,
     status: Arc<str>,
+    backlog: Arc<str>,
     dead_list: Arc<str>,
     dead_retry_some: Arc<str>,
     dead_retry_all: Arc<str>,
@@ -157,6 +158,13 @@ impl Sql {
                  coalesce(sum(status = 'dead'), 0) AS dead, \
                  min(CASE WHEN status = 'pending' THEN created_at END) AS oldest \
                  FROM {p}messages"),
+            backlog: r("SELECT topic, \
+                 coalesce(sum(status = 'pending'), 0) AS pending, \
+                 coalesce(sum(status = 'in_flight'), 0) AS in_flight, \
+                 coalesce(sum(status = 'delivered'), 0) AS delivered, \
+                 coalesce(sum(status = 'dead'), 0) AS dead, \
+                 min(CASE WHEN status = 'pending' THEN created_at END) AS oldest \
+                 FROM {p}messages GROUP BY topic ORDER BY topic"),
             dead_list: r(
                 "SELECT {columns} FROM {p}messages WHERE status = 'dead' ORDER BY seq LIMIT ?1",
             ),
@@ -628,6 +636,36 @@ impl Store for SqliteStore {
             dead: get("dead")?,
             oldest_pending_age_seconds: oldest.map(|t| (now_ms() - t).max(0) as f64 / 1000.0),
         })
+    }
+
+    async fn backlog(&self) -> StoreResult<Vec<TopicBacklog>> {
+        let rows = q(&self.sql().backlog)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        let now = now_ms();
+        rows.iter()
+            .map(|row| {
+                let get = |name: &str| row.try_get::<i64, _>(name).map_err(db);
+                let oldest: Option<i64> = row.try_get("oldest").map_err(db)?;
+                Ok(TopicBacklog {
+                    topic: row.try_get("topic").map_err(db)?,
+                    pending: get("pending")?,
+                    in_flight: get("in_flight")?,
+                    delivered: get("delivered")?,
+                    dead: get("dead")?,
+                    oldest_pending_age_seconds: oldest.map(|t| (now - t).max(0) as f64 / 1000.0),
+                })
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(db)
     }
 
     async fn dead_list(&self, limit: usize) -> StoreResult<Vec<Message>> {

@@ -69,6 +69,7 @@ macro_rules! conformance_tests {
             delayed_message_waits,
             release_returns_messages_without_an_attempt,
             status_counts_each_state,
+            backlog_counts_each_topic_and_state,
             shutdown_finishes_the_batches_in_hand,
             shutdown_timeout_releases_unfinished_messages,
             idle_relay_is_woken_by_a_commit,
@@ -804,6 +805,68 @@ pub mod tests {
             (s.pending, s.in_flight, s.delivered, s.dead) == (1, 1, 1, 1),
             "{s:?}"
         );
+        Ok(())
+    }
+
+    /// The per-topic backlog of the metrics: the same counts as `status`, split by topic,
+    /// and the age of each topic's own oldest pending message.
+    pub async fn backlog_counts_each_topic_and_state(f: &dyn Fixture) -> R {
+        let store = f.store();
+        ensure!(store.backlog().await?.is_empty());
+        enqueue(f, &[msg("a", 0), msg("a", 1), msg("a", 2)]).await?;
+        // `b` is enqueued later, so its oldest pending message is no older than `a`'s.
+        enqueue(f, &[msg("b", 0), msg("b", 1)]).await?;
+        let c = store.claim("r", 2, LEASE).await?;
+        ensure!(c.iter().all(|m| m.topic == "a"), "claimed out of order");
+        store
+            .ack(&[c[0].id], Retention::Keep(Duration::from_secs(60)))
+            .await?;
+        store
+            .fail(
+                "r",
+                &[outbox_core::Failure {
+                    id: c[1].id,
+                    error: "x".into(),
+                    retry_in: None,
+                }],
+            )
+            .await?;
+        let b = store.backlog().await?;
+        ensure!(
+            b.len() == 2 && b[0].topic == "a" && b[1].topic == "b",
+            "{b:?}"
+        );
+        let counts = |t: &outbox_core::TopicBacklog| (t.pending, t.in_flight, t.delivered, t.dead);
+        ensure!(counts(&b[0]) == (1, 0, 1, 1), "{b:?}");
+        ensure!(counts(&b[1]) == (2, 0, 0, 0), "{b:?}");
+        let (age_a, age_b) = (
+            b[0].oldest_pending_age_seconds,
+            b[1].oldest_pending_age_seconds,
+        );
+        ensure!(
+            matches!((age_a, age_b), (Some(a), Some(b)) if b >= 0.0 && a >= b),
+            "{b:?}"
+        );
+        // A topic with nothing pending has no oldest pending age, and the totals agree.
+        store.claim("r", 10, LEASE).await?;
+        let b = store.backlog().await?;
+        ensure!(
+            b.iter().all(|t| t.oldest_pending_age_seconds.is_none()),
+            "{b:?}"
+        );
+        let s = store.status().await?;
+        let sum = |f: fn(&outbox_core::TopicBacklog) -> i64| b.iter().map(f).sum::<i64>();
+        ensure!(
+            (s.pending, s.in_flight, s.delivered, s.dead)
+                == (
+                    sum(|t| t.pending),
+                    sum(|t| t.in_flight),
+                    sum(|t| t.delivered),
+                    sum(|t| t.dead)
+                ),
+            "{s:?} {b:?}"
+        );
+        store.ping().await?;
         Ok(())
     }
 

@@ -92,6 +92,14 @@ fn drain_and_latency_rows(r: &Report) -> String {
             fmt(r.drain_ratio, ""),
         );
     }
+    if r.surface_ratio.is_some() {
+        s += &format!(
+            "| drain with --listen (metrics, backlog refresh, a scrape a second), msg/s | {} | {} (without) | **{}** |\n",
+            fmt(r.surface_on_drain_per_s, ""),
+            fmt(r.surface_off_drain_per_s, ""),
+            fmt(r.surface_ratio, ""),
+        );
+    }
     if r.latency_p50_ms.is_some() {
         s += &format!(
             "| commit → sink at {} msg/s, wake-ups | p50 {} · p99 {} · max {} | | |\n",

@@ -32,6 +32,9 @@ pub enum Scenario {
     Keys,
     /// The drain with 1, 2 and 4 relays at once, each with its own pool.
     Relays,
+    /// The drain without, then with the relay's HTTP surface (metrics recorded, backlog
+    /// refreshed, /metrics scraped every second).
+    Surface,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +106,11 @@ pub struct Report {
     pub relays_drain_per_s: BTreeMap<usize, f64>,
     /// `2/1` and `4/1`.
     pub relays_ratios: BTreeMap<String, f64>,
+    /// The drain without the HTTP surface, then with it (scenario surface).
+    pub surface_off_drain_per_s: Option<f64>,
+    pub surface_on_drain_per_s: Option<f64>,
+    /// On against off.
+    pub surface_ratio: Option<f64>,
     /// Deliveries of a key's message after a later one of the same key, over every drain whose
     /// sink checked the order (keys, relays, and the drain with `--relays` above 1). Anything
     /// above 0 fails the run.

@@ -49,6 +49,10 @@ pub async fn run_all(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Re
     if opts.runs(Scenario::Relays) {
         relays(db, opts, r).await?;
     }
+    // Last: it installs the metrics recorder, which stays for the rest of the process.
+    if opts.runs(Scenario::Surface) {
+        surface(db, opts, r).await?;
+    }
     Ok(())
 }
 
@@ -208,12 +212,27 @@ async fn relay_drain(
     sink: Arc<dyn Sink>,
     what: &str,
 ) -> anyhow::Result<(f64, Progress)> {
+    relay_drain_with(db, opts, sink, what, false).await
+}
+
+/// [`relay_drain`], with the relay's HTTP surface served and scraped when `served`.
+async fn relay_drain_with(
+    db: &BenchDb,
+    opts: &Options,
+    sink: Arc<dyn Sink>,
+    what: &str,
+    served: bool,
+) -> anyhow::Result<(f64, Progress)> {
     let config = RelayConfig {
         batch_size: opts.batch_size,
         exit_when_idle: true,
         ..RelayConfig::default()
     };
     let relay = Relay::with_config(db.store(), sink, config);
+    let _serving = match served {
+        true => Some(Served::start(db, &relay).await?),
+        false => None,
+    };
     let stats = relay.stats();
     let bar = progress(opts.messages as u64, what);
     let started = Instant::now();
@@ -243,6 +262,80 @@ async fn relay_drain(
         );
     }
     Ok((report.delivered as f64 / secs, series))
+}
+
+// ---- 2a. the HTTP surface ----------------------------------------------------------------
+
+/// The same drain without, then with the relay's HTTP surface as `--listen` serves it, plus a
+/// scrape of `/metrics` every second: what health and metrics cost the relay. Without comes
+/// first because the metrics recorder, once installed, stays for the process.
+async fn surface(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<()> {
+    prefill(db, opts).await?;
+    let sink = Arc::new(outbox_sinks::NullSink);
+    let (off, _) = relay_drain_with(db, opts, sink.clone(), "no HTTP", false).await?;
+    db.clear().await?;
+    prefill(db, opts).await?;
+    let (on, _) = relay_drain_with(db, opts, sink, "--listen", true).await?;
+    db.clear().await?;
+    r.surface_off_drain_per_s = Some(off);
+    r.surface_on_drain_per_s = Some(on);
+    r.surface_ratio = Some(on / off);
+    Ok(())
+}
+
+/// A relay's HTTP surface on a free port and a client scraping it every second, both
+/// stopped when dropped.
+struct Served {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    scraper: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    async fn start(db: &BenchDb, relay: &Relay) -> anyhow::Result<Self> {
+        let surface = outbox_server::Surface::new()
+            .store(db.store())
+            .relay(relay.monitor());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(
+            surface.serve(listener, outbox_server::ServerLimits::default(), async {
+                let _ = stopped.await;
+            }),
+        );
+        let scraper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Err(e) = scrape(addr).await {
+                    tracing::warn!(error = %e, "scrape failed");
+                }
+            }
+        });
+        Ok(Self {
+            stop: Some(stop),
+            scraper,
+        })
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.scraper.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// One `GET /metrics`, read to the end, as Prometheus would.
+async fn scrape(addr: std::net::SocketAddr) -> std::io::Result<usize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).await
 }
 
 // ---- 2b. key counts ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
-//! How the demo serves HTTP (the payment API and the simulated gateway): with limits, so that
-//! clients that stall cannot hold the server or its shutdown.
+//! How every server of the workspace serves HTTP (the relay's surface, the demo's payment API
+//! and simulated gateway): with limits, so that clients that stall cannot hold the server or
+//! its shutdown.
 //!
 //! - **Header-read timeout**: a connection must deliver a request's headers within this time
 //!   of starting to read them, or it is closed. That also closes idle keep-alive connections,
@@ -30,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::api::Problem;
+use crate::Problem;
 
 /// The limits of one HTTP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,13 +57,15 @@ impl Default for ServerLimits {
     }
 }
 
-/// Serves `app` on `listener` within `limits` until `stop` completes.
+/// Serves `app` on `listener` within `limits` until `stop` completes. Errors of single
+/// connections (clients going away, timeouts) are not errors of the server: this returns
+/// once the server has stopped.
 pub async fn serve(
     mut listener: TcpListener,
     app: Router,
     limits: ServerLimits,
     stop: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let app = app.layer(middleware::from_fn_with_state(
         limits.request_timeout,
         time_limit,

@@ -1,0 +1,133 @@
+//! The relay's metrics, through the [`metrics`] facade: the application that runs a relay picks
+//! the exporter (`outbox-server` installs Prometheus's), and without one every call is a no-op.
+//!
+//! The hot path stays cheap: outcomes are tallied per batch and each counter is touched once
+//! per topic of a batch, not once per message. Only the commit→delivery lag is recorded per
+//! message, into one histogram handle per topic of the batch.
+
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::message::Message;
+use crate::relay::RelayState;
+
+pub const DELIVERED: &str = "outbox_messages_delivered_total";
+pub const FAILED: &str = "outbox_messages_failed_total";
+pub const DEAD: &str = "outbox_messages_dead_total";
+pub const RELEASED: &str = "outbox_messages_released_total";
+pub const CLAIM: &str = "outbox_claim_duration_seconds";
+pub const PUBLISH: &str = "outbox_publish_duration_seconds";
+pub const SETTLE: &str = "outbox_settle_duration_seconds";
+pub const LAG: &str = "outbox_delivery_lag_seconds";
+pub const STATE: &str = "outbox_relay_state";
+
+/// Every state the gauge reports, so that a scrape sees each at 0 or 1.
+const STATES: [RelayState; 5] = [
+    RelayState::Starting,
+    RelayState::Working,
+    RelayState::Idle,
+    RelayState::DatabaseDown,
+    RelayState::Stopped,
+];
+
+/// Sets `outbox_relay_state{state}` to 1 for `now` and 0 for the others.
+pub fn state(now: RelayState) {
+    for s in STATES {
+        let value = if s == now { 1.0 } else { 0.0 };
+        metrics::gauge!(STATE, "state" => s.as_str()).set(value);
+    }
+}
+
+pub fn claim_took(d: Duration) {
+    metrics::histogram!(CLAIM).record(d.as_secs_f64());
+}
+
+pub fn publish_took(sink: &str, d: Duration) {
+    metrics::histogram!(PUBLISH, "sink" => sink.to_owned()).record(d.as_secs_f64());
+}
+
+pub fn settle_took(d: Duration) {
+    metrics::histogram!(SETTLE).record(d.as_secs_f64());
+}
+
+/// How many messages of each topic of one batch: a short list, as a batch rarely spans more
+/// than a few topics.
+#[derive(Debug, Default)]
+pub struct PerTopic(Vec<(String, u64)>);
+
+impl PerTopic {
+    pub fn add(&mut self, topic: &str) {
+        match self.0.iter_mut().find(|(t, _)| t == topic) {
+            Some((_, n)) => *n += 1,
+            None => self.0.push((topic.to_owned(), 1)),
+        }
+    }
+
+    pub fn of<'a>(msgs: impl IntoIterator<Item = &'a Message>) -> Self {
+        let mut per = Self::default();
+        for m in msgs {
+            per.add(&m.topic);
+        }
+        per
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Adds the counts to the counter `name`, labelled by topic, `sink` and `extra`.
+    pub fn count(&self, name: &'static str, sink: &str, extra: &[(&'static str, &'static str)]) {
+        for (topic, n) in &self.0 {
+            let mut labels = vec![
+                metrics::Label::new("topic", topic.clone()),
+                metrics::Label::new("sink", sink.to_owned()),
+            ];
+            labels.extend(extra.iter().map(|&(k, v)| metrics::Label::new(k, v)));
+            metrics::counter!(name, labels).increment(*n);
+        }
+    }
+}
+
+/// What one batch's outcomes come to, emitted once its outcome is recorded.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub delivered: PerTopic,
+    pub transient: PerTopic,
+    pub permanent: PerTopic,
+    pub dead: PerTopic,
+    pub released: PerTopic,
+    /// Topic and commit time of each delivered message, for the lag.
+    pub committed: Vec<(String, chrono::DateTime<Utc>)>,
+}
+
+impl Tally {
+    /// Delivered messages, with their commit→delivery lag as of now.
+    pub fn delivered(&self, sink: &str) {
+        self.delivered.count(DELIVERED, sink, &[]);
+        let now = Utc::now();
+        let mut current: Option<(&str, metrics::Histogram)> = None;
+        for (topic, at) in &self.committed {
+            let lag = (now - *at).to_std().unwrap_or_default().as_secs_f64();
+            match &current {
+                Some((t, h)) if t == topic => h.record(lag),
+                _ => {
+                    let h = metrics::histogram!(LAG, "topic" => topic.clone());
+                    h.record(lag);
+                    current = Some((topic, h));
+                }
+            }
+        }
+    }
+
+    /// Failed deliveries by kind, and those of them that went dead.
+    pub fn failed(&self, sink: &str) {
+        self.transient.count(FAILED, sink, &[("kind", "transient")]);
+        self.permanent.count(FAILED, sink, &[("kind", "permanent")]);
+        self.dead.count(DEAD, sink, &[]);
+    }
+
+    pub fn released(&self, sink: &str) {
+        self.released.count(RELEASED, sink, &[]);
+    }
+}
