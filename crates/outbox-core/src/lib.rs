@@ -77,8 +77,8 @@ pub use relay::{Relay, RelayConfig, RelayReport, RelayState, RelayStats};
 pub use retry::RetryPolicy;
 pub use sink::{Delivery, HandlerSink, Sink, SinkError, one_outcome_each};
 pub use store::{
-    Failure, HeldBatch, MAX_ERROR_LEN, PollingWaiter, Retention, StatusCounts, Store, StoreError,
-    StoreResult, Waiter, check_identifier, storable_error,
+    DeadFilter, Failure, HeldBatch, MAX_ERROR_LEN, PollingWaiter, RelaySeen, Retention,
+    StatusCounts, Store, StoreError, StoreResult, Waiter, check_identifier, storable_error,
 };
 
 pub use async_trait::async_trait;

@@ -55,6 +55,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "claims bounded by the bytes of their payloads",
         sql: include_str!("../migrations/0008_claim_byte_budget.sql"),
     },
+    Migration {
+        version: 9,
+        description: "paused topics, relay heartbeats, dead letters by id",
+        sql: include_str!("../migrations/0009_admin.sql"),
+    },
 ];
 
 /// The schema version this build writes.
