@@ -295,6 +295,8 @@ impl Relay {
         main.run().await;
         main.finish().await;
         shared.state.send_replace(RelayState::Stopped);
+        // Stores ignore a heartbeat after `stopped`, so a late one of the task cannot revive it.
+        drop(_heartbeat);
         heartbeat(&shared).await;
         let report = shared.stats.report();
         info!(relay = %shared.config.relay_id, delivered = report.delivered, dead = report.dead, "relay stopped");

@@ -294,7 +294,8 @@ pub trait Store: Send + Sync {
     }
 
     /// Records that `relay` is alive and in `state` (a relay calls it every few seconds);
-    /// `stopped` is recorded by a relay that ends cleanly.
+    /// `stopped` is recorded by a relay that ends cleanly, and is final: relay ids are unique
+    /// per process, so a later heartbeat of a stopped relay is a stale one and is ignored.
     async fn heartbeat(&self, relay: &str, state: &str) -> StoreResult<()> {
         let _ = (relay, state);
         Ok(())

@@ -166,7 +166,8 @@ impl Sql {
             )),
             heartbeat: r(
                 "INSERT INTO {schema}.{p}relay_heartbeats (relay_id, state) VALUES ($1, $2) \
-                 ON CONFLICT (relay_id) DO UPDATE SET state = EXCLUDED.state, last_seen = now()",
+                 ON CONFLICT (relay_id) DO UPDATE SET state = EXCLUDED.state, last_seen = now() \
+                 WHERE {p}relay_heartbeats.state <> 'stopped'",
             ),
             relays: r("WITH gc AS (DELETE FROM {schema}.{p}relay_heartbeats \
                    WHERE last_seen < now() - interval '1 day') \

@@ -197,7 +197,8 @@ impl Sql {
             heartbeat: r(
                 "INSERT INTO {p}relay_heartbeats (relay_id, state, last_seen, started_at) \
                  VALUES (?1, ?2, ?3, ?3) \
-                 ON CONFLICT (relay_id) DO UPDATE SET state = excluded.state, last_seen = excluded.last_seen",
+                 ON CONFLICT (relay_id) DO UPDATE SET state = excluded.state, last_seen = excluded.last_seen \
+                 WHERE {p}relay_heartbeats.state <> 'stopped'",
             ),
             relays: r(
                 "SELECT relay_id, state, last_seen FROM {p}relay_heartbeats \
