@@ -176,6 +176,21 @@ pub enum DeadCommand {
         /// At most this many [default: 100]
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Only messages of this topic
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only messages of this type
+        #[arg(long = "type")]
+        message_type: Option<String>,
+        /// Only messages with this key
+        #[arg(long)]
+        key: Option<String>,
+        /// Only messages whose last error contains this text (case-insensitive)
+        #[arg(long)]
+        error: Option<String>,
+        /// Only messages after this id (the last one of a previous listing)
+        #[arg(long)]
+        after: Option<uuid::Uuid>,
     },
     /// Make dead messages pending again, with a fresh attempt count
     Retry {

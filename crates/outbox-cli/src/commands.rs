@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use outbox_core::{DEFAULT_MAX_MESSAGE_BYTES, NewMessage, Relay, Sink, Store, StoreError, redact};
+use outbox_admin::{Selection, ops};
+use outbox_core::{
+    DEFAULT_MAX_MESSAGE_BYTES, DeadFilter, NewMessage, Relay, Sink, Store, StoreError,
+};
 use outbox_sinks::{Breaker, Route, Router};
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -473,19 +476,12 @@ pub async fn shutdown_signal() {
 }
 
 async fn status(settings: &StoreSettings, json: bool) -> anyhow::Result<()> {
-    let store = open_migrated(settings).await?;
-    let s = store.store().status().await?;
+    let store = open_migrated(settings).await?.store();
+    let s = ops::status(store.as_ref()).await?;
     if json {
         println!("{}", serde_json::to_string(&s)?);
     } else {
-        println!("pending    {}", s.pending);
-        println!("in_flight  {}", s.in_flight);
-        println!("delivered  {}", s.delivered);
-        println!("dead       {}", s.dead);
-        match s.oldest_pending_age_seconds {
-            Some(age) => println!("oldest pending  {age:.1}s"),
-            None => println!("oldest pending  -"),
-        }
+        print!("{}", ops::status_text(&s));
     }
     Ok(())
 }
@@ -493,61 +489,81 @@ async fn status(settings: &StoreSettings, json: bool) -> anyhow::Result<()> {
 async fn dead(settings: &StoreSettings, cmd: DeadCommand) -> anyhow::Result<()> {
     let store = open_migrated(settings).await?.store();
     match cmd {
-        DeadCommand::List { json, limit } => {
-            let dead = store.dead_list(limit).await?;
+        DeadCommand::List {
+            json,
+            limit,
+            topic,
+            message_type,
+            key,
+            error,
+            after,
+        } => {
+            let filter = DeadFilter {
+                topic,
+                message_type,
+                key,
+                error,
+                ..DeadFilter::default()
+            };
+            let dead = dead_entries(store.as_ref(), &filter, after, limit).await?;
             if json.json {
-                let entries: Vec<_> = dead.iter().map(dead_entry).collect();
-                println!("{}", serde_json::to_string(&entries)?);
+                println!("{}", serde_json::to_string(&dead)?);
             } else if dead.is_empty() {
                 println!("no dead messages");
             } else {
                 for m in &dead {
-                    println!(
-                        "{}  {}  {}  key={}  attempts={}  error={}",
-                        m.id,
-                        m.topic,
-                        m.message_type,
-                        m.key.as_deref().unwrap_or("-"),
-                        m.attempts,
-                        m.last_error.as_deref().map_or("-".into(), redact)
-                    );
+                    println!("{}", m.line());
                 }
             }
         }
         DeadCommand::Retry { ids, all } => {
-            let ids = (!all).then_some(ids.as_slice());
-            warn_order(store.as_ref(), ids).await?;
-            let n = store.dead_retry(ids).await?;
-            let ids = ids.unwrap_or_default();
-            if !all && (n as usize) < ids.len() {
-                bail!(
-                    "{n} of {} messages retried; the others are not dead (or do not exist)",
-                    ids.len()
-                );
+            let selection = if all {
+                Selection::All
+            } else {
+                Selection::Ids(ids)
+            };
+            let r = ops::dead_retry(store.as_ref(), &selection).await?;
+            for note in &r.notes {
+                eprintln!("{note}");
             }
-            println!("{n} message(s) pending again");
+            if let Some(problem) = r.incomplete() {
+                bail!("{problem}");
+            }
+            println!("{} message(s) pending again", r.retried);
         }
         DeadCommand::Purge { older_than } => {
-            let n = store.dead_purge(older_than).await?;
+            let selection = match older_than {
+                Some(d) => Selection::Matching(DeadFilter {
+                    older_than: Some(d),
+                    ..DeadFilter::default()
+                }),
+                None => Selection::All,
+            };
+            let n = ops::dead_purge(store.as_ref(), &selection).await?;
             println!("{n} dead message(s) deleted");
         }
     }
     Ok(())
 }
 
-fn dead_entry(m: &outbox_core::Message) -> serde_json::Value {
-    serde_json::json!({
-        "id": m.id,
-        "topic": m.topic,
-        "type": m.message_type,
-        "key": m.key,
-        "attempts": m.attempts,
-        // Errors stored before they were redacted at the source may still hold credentials.
-        "last_error": m.last_error.as_deref().map(redact),
-        "payload": m.payload_value(),
-        "headers": m.headers,
-        "created_at": m.created_at,
-    })
+/// Up to `limit` dead letters, read a page at a time.
+async fn dead_entries(
+    store: &dyn Store,
+    filter: &DeadFilter,
+    mut after: Option<uuid::Uuid>,
+    limit: usize,
+) -> anyhow::Result<Vec<ops::DeadEntry>> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let want = (limit - out.len()).min(ops::MAX_PAGE);
+        let page = ops::dead_list(store, filter, after, want).await?;
+        out.extend(page.items);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    Ok(out)
 }
 
 /// Runs the benchmark scenarios; see [`crate::bench`].
@@ -588,26 +604,6 @@ async fn bench(settings: &StoreSettings, args: BenchArgs) -> anyhow::Result<()> 
         crate::bench::print_text(&report);
     }
     crate::bench::check(&report)
-}
-
-/// A retried dead message goes out after the later messages of its key that were delivered
-/// while it was dead: say so, per key, before retrying.
-async fn warn_order(store: &dyn Store, ids: Option<&[uuid::Uuid]>) -> anyhow::Result<()> {
-    for (key, later) in store.delivered_after_dead(ids).await? {
-        if later > 0 {
-            eprintln!(
-                "warning: key {key:?}: {later} later message(s) were delivered while it was dead; \
-                 the retried message(s) will reach consumers after them, out of order"
-            );
-        } else {
-            eprintln!(
-                "note: key {key:?}: no later delivered message is kept; if the relay deletes \
-                 delivered messages (no --retention), those delivered while it was dead are \
-                 ahead of the retried one(s)"
-            );
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

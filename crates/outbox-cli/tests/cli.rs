@@ -294,6 +294,13 @@ fn undeliverable_messages_go_dead_and_can_be_retried_and_purged() {
         "{entry}"
     );
     assert_eq!(db.status()["dead"], 1);
+    let listed = |args: &[&str]| -> usize {
+        let out = db.ok(&[&["dead", "list", "--json"], args].concat());
+        serde_json::from_str::<Vec<Value>>(&out).unwrap().len()
+    };
+    assert_eq!(listed(&["--topic", "mail", "--error", "DEV/FULL"]), 1);
+    assert_eq!(listed(&["--type", "other"]), 0);
+    assert_eq!(listed(&["--after", id]), 0);
 
     let out = db.run(&["dead", "retry", &uuid::Uuid::now_v7().to_string()]);
     assert!(!out.status.success(), "retrying an unknown id must fail");

@@ -86,8 +86,9 @@ pub use relay::{Relay, RelayConfig, RelayMonitor, RelayReport, RelayState, Relay
 pub use retry::RetryPolicy;
 pub use sink::{Circuit, Delivery, HandlerSink, Sink, SinkError, one_outcome_each};
 pub use store::{
-    Failure, HeldBatch, MAX_ERROR_LEN, PollingWaiter, Retention, StatusCounts, Store, StoreError,
-    StoreResult, TopicBacklog, Waiter, check_identifier, storable_error,
+    DeadFilter, Failure, HeldBatch, MAX_ERROR_LEN, PollingWaiter, RelaySeen, Retention,
+    StatusCounts, Store, StoreError, StoreResult, TopicBacklog, Waiter, check_identifier,
+    storable_error,
 };
 
 pub use async_trait::async_trait;

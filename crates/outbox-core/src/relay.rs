@@ -226,6 +226,9 @@ impl RelayMonitor {
     }
 }
 
+/// How often a relay reports its state to the store, for operators' list of live relays.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Delivers an outbox to a sink. See the crate docs for the guarantees.
 pub struct Relay {
     shared: Arc<Shared>,
@@ -364,9 +367,13 @@ impl Relay {
         // claimed, so a message that kills its relay cannot go round forever.
         recover(&shared).await;
         let _recovering = AbortOnDrop(tokio::spawn(recover_periodically(shared.clone())));
+        let _heartbeat = AbortOnDrop(tokio::spawn(heartbeat_periodically(shared.clone())));
         main.run().await;
         main.finish().await;
         shared.set_state(RelayState::Stopped);
+        // Stores ignore a heartbeat after `stopped`, so a late one of the task cannot revive it.
+        drop(_heartbeat);
+        heartbeat(&shared).await;
         let report = shared.stats.report();
         info!(relay = %shared.config.relay_id, delivered = report.delivered, dead = report.dead, "relay stopped");
         report
@@ -1047,6 +1054,47 @@ async fn recover_periodically(shared: Arc<Shared>) {
             _ = stop.wait_for(|s| *s) => return,
         }
         recover(&shared).await;
+    }
+}
+
+/// Reports the relay's state at once, when it changes, and every [`HEARTBEAT_INTERVAL`].
+/// The state is set on every claim, so only a change of value writes early: a busy relay
+/// costs the database one small write per interval.
+async fn heartbeat_periodically(shared: Arc<Shared>) {
+    let mut state = shared.state.subscribe();
+    loop {
+        let reported = *state.borrow_and_update();
+        heartbeat(&shared).await;
+        let now = tokio::time::Instant::now();
+        let (next, earliest) = (now + HEARTBEAT_INTERVAL, now + Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => break,
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if *state.borrow_and_update() != reported {
+                        // A relay flapping between idle and working reports once a second.
+                        tokio::time::sleep_until(earliest).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One heartbeat. A failure only costs the operator's view (the database is down, which the
+/// claim reports), so it is logged at debug level and never retried.
+async fn heartbeat(shared: &Shared) {
+    let state = *shared.state.borrow();
+    if let Err(e) = shared
+        .store
+        .heartbeat(&shared.config.relay_id, state.as_str())
+        .await
+    {
+        debug!(error = %e, "heartbeat not recorded");
     }
 }
 

@@ -55,6 +55,10 @@ impl StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+fn unsupported(what: &str) -> StoreError {
+    StoreError::Config(format!("this store does not support {what}"))
+}
+
 /// The most of a failure's text a store keeps: enough for any real error, bounded so that a
 /// sink echoing a huge response body cannot bloat every row it fails.
 pub const MAX_ERROR_LEN: usize = 4096;
@@ -126,6 +130,55 @@ pub struct TopicBacklog {
     pub dead: i64,
     /// Age of the topic's oldest pending message (delayed ones included), in seconds.
     pub oldest_pending_age_seconds: Option<f64>,
+}
+
+/// Which dead letters an operator command lists, retries or purges. Every field that is set
+/// must match; the default matches every dead letter.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeadFilter {
+    /// Only these messages.
+    pub ids: Option<Vec<Uuid>>,
+    pub topic: Option<String>,
+    #[serde(rename = "type")]
+    pub message_type: Option<String>,
+    pub key: Option<String>,
+    /// A substring of the last error, matched case-insensitively.
+    pub error: Option<String>,
+    /// Only messages dead for longer than this.
+    #[serde(skip)]
+    pub older_than: Option<Duration>,
+}
+
+impl DeadFilter {
+    /// The filter that matches exactly these messages (when they are dead).
+    pub fn ids(ids: impl Into<Vec<Uuid>>) -> Self {
+        Self {
+            ids: Some(ids.into()),
+            ..Self::default()
+        }
+    }
+
+    /// The error substring as a `LIKE` pattern (both stores escape with `\`).
+    pub fn error_pattern(&self) -> Option<String> {
+        self.error.as_ref().map(|e| {
+            let escaped = e
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            format!("%{}%", escaped.to_lowercase())
+        })
+    }
+}
+
+/// What a relay last reported about itself (see [`Store::heartbeat`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelaySeen {
+    pub id: String,
+    /// `working`, `idle`, `database_down`, `starting` or `stopped`.
+    pub state: String,
+    pub last_seen: chrono::DateTime<chrono::Utc>,
+    /// Seconds since `last_seen`, by the database's clock.
+    pub age_seconds: f64,
 }
 
 /// A database holding an outbox table.
@@ -233,6 +286,72 @@ pub trait Store: Send + Sync {
 
     /// Deletes dead messages, all or those dead for longer than `older_than`.
     async fn dead_purge(&self, older_than: Option<Duration>) -> StoreResult<u64>;
+
+    /// Dead messages matching `filter`, oldest first by id (UUIDv7 ids sort by creation), at
+    /// most `limit` of them and only those after `after`: a keyset page that stays correct
+    /// while messages are retried or purged between pages.
+    async fn dead_page(
+        &self,
+        filter: &DeadFilter,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        let _ = (filter, after, limit);
+        Err(unsupported("filtered dead-letter listing"))
+    }
+
+    /// One message by id, whatever its status.
+    async fn get_message(&self, id: Uuid) -> StoreResult<Option<Message>> {
+        let _ = id;
+        Err(unsupported("reading one message"))
+    }
+
+    /// Makes the dead messages matching `filter` pending again with a fresh attempt count, and
+    /// wakes the relays; returns how many.
+    async fn dead_retry_where(&self, filter: &DeadFilter) -> StoreResult<u64> {
+        let _ = filter;
+        Err(unsupported("retrying dead letters by filter"))
+    }
+
+    /// Deletes the dead messages matching `filter`; returns how many.
+    async fn dead_purge_where(&self, filter: &DeadFilter) -> StoreResult<u64> {
+        let _ = filter;
+        Err(unsupported("purging dead letters by filter"))
+    }
+
+    /// Records that `relay` is alive and in `state` (a relay calls it every few seconds);
+    /// `stopped` is recorded by a relay that ends cleanly, and is final: relay ids are unique
+    /// per process, so a later heartbeat of a stopped relay is a stale one and is ignored.
+    async fn heartbeat(&self, relay: &str, state: &str) -> StoreResult<()> {
+        let _ = (relay, state);
+        Ok(())
+    }
+
+    /// The relays that reported within `within`, by id.
+    async fn relays(&self, within: Duration) -> StoreResult<Vec<RelaySeen>> {
+        let _ = within;
+        Err(unsupported("listing relays"))
+    }
+
+    /// Stops claiming the messages of `topic` until [`Store::resume_topic`]; messages that are
+    /// in delivery finish. A key whose next message is paused waits too, so order holds.
+    /// Returns false when it was already paused.
+    async fn pause_topic(&self, topic: &str) -> StoreResult<bool> {
+        let _ = topic;
+        Err(unsupported("pausing topics"))
+    }
+
+    /// Makes a paused topic's messages claimable again and wakes the relays; false when it
+    /// was not paused.
+    async fn resume_topic(&self, topic: &str) -> StoreResult<bool> {
+        let _ = topic;
+        Err(unsupported("pausing topics"))
+    }
+
+    /// The paused topics, sorted.
+    async fn paused_topics(&self) -> StoreResult<Vec<String>> {
+        Ok(Vec::new())
+    }
 
     /// A waiter through which `relay` sleeps while the outbox is empty.
     async fn waiter(&self, relay: &str) -> StoreResult<Box<dyn Waiter>>;

@@ -57,13 +57,13 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 9,
-        description: "keys of deliveries cut off by a database restart stay fenced until their deadline",
-        sql: include_str!("../migrations/0009_restart_fence.sql"),
+        description: "paused topics, relay heartbeats, dead letters by id",
+        sql: include_str!("../migrations/0009_admin.sql"),
     },
     Migration {
         version: 10,
-        description: "claim followers by primary-key probes whatever the statistics",
-        sql: include_str!("../migrations/0010_followers_by_key_probe.sql"),
+        description: "keys of deliveries cut off by a database restart stay fenced until their deadline",
+        sql: include_str!("../migrations/0010_restart_fence.sql"),
     },
 ];
 

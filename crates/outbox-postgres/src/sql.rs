@@ -81,6 +81,15 @@ pub(crate) struct Sql {
     pub park: Arc<str>,
     pub unpark: Arc<str>,
     pub notify: Arc<str>,
+    pub dead_page: Arc<str>,
+    pub get_message: Arc<str>,
+    pub dead_retry_where: Arc<str>,
+    pub dead_purge_where: Arc<str>,
+    pub heartbeat: Arc<str>,
+    pub relays: Arc<str>,
+    pub pause: Arc<str>,
+    pub resume: Arc<str>,
+    pub paused: Arc<str>,
 }
 
 impl Sql {
@@ -147,9 +156,50 @@ impl Sql {
             park: r(PARK),
             unpark: r("DELETE FROM {schema}.{p}relays WHERE relay_id = $1"),
             notify: r("SELECT pg_notify('{channel}', '')"),
+            dead_page: r(&format!(
+                "SELECT {COLUMNS} FROM {{schema}}.{{p}}messages m WHERE {DEAD_FILTER} \
+                 AND ($7::uuid IS NULL OR m.id > $7) ORDER BY m.id LIMIT $8"
+            )),
+            get_message: r(&format!(
+                "SELECT {COLUMNS} FROM {{schema}}.{{p}}messages m WHERE m.id = $1"
+            )),
+            dead_retry_where: r(&format!(
+                "UPDATE {{schema}}.{{p}}messages m SET status = 'pending', attempts = 0, \
+                 available_at = now(), dead_at = NULL, locked_by = NULL, interrupted = false \
+                 WHERE {DEAD_FILTER}"
+            )),
+            dead_purge_where: r(&format!(
+                "DELETE FROM {{schema}}.{{p}}messages m WHERE {DEAD_FILTER}"
+            )),
+            heartbeat: r(
+                "INSERT INTO {schema}.{p}relay_heartbeats (relay_id, state) VALUES ($1, $2) \
+                 ON CONFLICT (relay_id) DO UPDATE SET state = EXCLUDED.state, last_seen = now() \
+                 WHERE {p}relay_heartbeats.state <> 'stopped'",
+            ),
+            relays: r("WITH gc AS (DELETE FROM {schema}.{p}relay_heartbeats \
+                   WHERE last_seen < now() - interval '1 day') \
+                 SELECT relay_id, state, last_seen, \
+                   extract(epoch FROM now() - last_seen)::float8 AS age \
+                 FROM {schema}.{p}relay_heartbeats \
+                 WHERE last_seen >= now() - $1 * interval '1 millisecond' ORDER BY relay_id"),
+            pause: r(
+                "INSERT INTO {schema}.{p}paused_topics (topic) VALUES ($1) ON CONFLICT DO NOTHING",
+            ),
+            resume: r("DELETE FROM {schema}.{p}paused_topics WHERE topic = $1"),
+            paused: r("SELECT topic FROM {schema}.{p}paused_topics ORDER BY topic"),
         }
     }
 }
+
+/// The dead letters an operator command selects (see `outbox_core::DeadFilter`); `$5` is a
+/// lower-case `LIKE` pattern escaped with `\`.
+const DEAD_FILTER: &str = "m.status = 'dead' \
+    AND ($1::uuid[] IS NULL OR m.id = ANY($1)) \
+    AND ($2::text IS NULL OR m.topic = $2) \
+    AND ($3::text IS NULL OR m.type = $3) \
+    AND ($4::text IS NULL OR m.key = $4) \
+    AND ($5::text IS NULL OR lower(m.last_error) LIKE $5) \
+    AND ($6::bigint IS NULL OR m.dead_at <= now() - $6 * interval '1 millisecond')";
 
 /// `available_at` is the later of the caller's absolute time and now + delay.
 const INSERT: &str = "INSERT INTO {schema}.{p}messages \

@@ -7,9 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, Failure, HeldBatch, Message, NewMessage,
-    Ownership, Retention, Status, StatusCounts, Store, StoreError, StoreResult, TopicBacklog,
-    Waiter, parse_headers, pick,
+    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, DeadFilter, Failure, HeldBatch, Message,
+    NewMessage, Ownership, RelaySeen, Retention, Status, StatusCounts, Store, StoreError,
+    StoreResult, TopicBacklog, Waiter, parse_headers, pick,
 };
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
@@ -636,6 +636,103 @@ impl Store for PgStore {
             .await
     }
 
+    async fn dead_page(
+        &self,
+        filter: &DeadFilter,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        let query = bind_dead_filter(q(&self.sql().dead_page), filter)
+            .bind(after)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let rows = self
+            .bounded(async { query.fetch_all(&self.pool).await.map_err(db) })
+            .await?;
+        rows.iter()
+            .map(message_from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)
+    }
+
+    async fn get_message(&self, id: Uuid) -> StoreResult<Option<Message>> {
+        let query = q(&self.sql().get_message).bind(id);
+        let row = self
+            .bounded(async { query.fetch_optional(&self.pool).await.map_err(db) })
+            .await?;
+        row.as_ref().map(message_from_row).transpose().map_err(db)
+    }
+
+    async fn dead_retry_where(&self, filter: &DeadFilter) -> StoreResult<u64> {
+        let n = self
+            .execute_unbounded(bind_dead_filter(q(&self.sql().dead_retry_where), filter))
+            .await?;
+        // Retried rows are updates, which the insert trigger does not see: wake relays here.
+        if n > 0 {
+            self.execute(q(&self.sql().notify)).await?;
+        }
+        Ok(n)
+    }
+
+    async fn dead_purge_where(&self, filter: &DeadFilter) -> StoreResult<u64> {
+        self.execute_unbounded(bind_dead_filter(q(&self.sql().dead_purge_where), filter))
+            .await
+    }
+
+    async fn heartbeat(&self, relay: &str, state: &str) -> StoreResult<()> {
+        let query = q(&self.sql().heartbeat)
+            .bind(relay.to_owned())
+            .bind(state.to_owned());
+        self.execute(query).await.map(drop)
+    }
+
+    async fn relays(&self, within: Duration) -> StoreResult<Vec<RelaySeen>> {
+        let query = q(&self.sql().relays).bind(millis(within));
+        let rows = self
+            .bounded(async { query.fetch_all(&self.pool).await.map_err(db) })
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RelaySeen {
+                    id: row.try_get("relay_id")?,
+                    state: row.try_get("state")?,
+                    last_seen: row.try_get("last_seen")?,
+                    age_seconds: row.try_get("age")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(db)
+    }
+
+    async fn pause_topic(&self, topic: &str) -> StoreResult<bool> {
+        Ok(self
+            .execute(q(&self.sql().pause).bind(topic.to_owned()))
+            .await?
+            > 0)
+    }
+
+    async fn resume_topic(&self, topic: &str) -> StoreResult<bool> {
+        let resumed = self
+            .execute(q(&self.sql().resume).bind(topic.to_owned()))
+            .await?
+            > 0;
+        // The topic's messages were there all along: no insert will wake a parked relay.
+        if resumed {
+            self.execute(q(&self.sql().notify)).await?;
+        }
+        Ok(resumed)
+    }
+
+    async fn paused_topics(&self) -> StoreResult<Vec<String>> {
+        let query = q(&self.sql().paused);
+        let rows = self
+            .bounded(async { query.fetch_all(&self.pool).await.map_err(db) })
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get("topic"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)
+    }
+
     async fn waiter(&self, relay: &str) -> StoreResult<Box<dyn Waiter>> {
         let listener = self.bounded(async {
             let mut listener = PgListener::connect_with(&self.pool).await.map_err(db)?;
@@ -651,6 +748,20 @@ impl Store for PgStore {
             settle: PgWaiter::FIRST_SETTLE,
         }))
     }
+}
+
+/// Binds a dead-letter filter as `$1`–`$6` of the statements built on `DEAD_FILTER`.
+fn bind_dead_filter(
+    query: sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>,
+    f: &DeadFilter,
+) -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(f.ids.clone())
+        .bind(f.topic.clone())
+        .bind(f.message_type.clone())
+        .bind(f.key.clone())
+        .bind(f.error_pattern())
+        .bind(f.older_than.map(millis))
 }
 
 /// Binds the failures as the `UNNEST` arrays of the fail statements.

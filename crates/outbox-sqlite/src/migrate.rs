@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "consumer inbox",
         sql: include_str!("../migrations/0003_inbox.sql"),
     },
+    Migration {
+        version: 4,
+        description: "paused topics, relay heartbeats, dead letters by id",
+        sql: include_str!("../migrations/0004_admin.sql"),
+    },
 ];
 
 /// The schema version this build writes.

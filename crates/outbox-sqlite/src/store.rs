@@ -7,9 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, Failure, Message, NewMessage,
-    PollingWaiter, Retention, Status, StatusCounts, Store, StoreError, StoreResult, TopicBacklog,
-    Waiter, parse_headers, pick,
+    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, DeadFilter, Failure, Message, NewMessage,
+    PollingWaiter, RelaySeen, Retention, Status, StatusCounts, Store, StoreError, StoreResult,
+    TopicBacklog, Waiter, parse_headers, pick,
 };
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
@@ -113,6 +113,15 @@ struct Sql {
     dead_retry_all: Arc<str>,
     delivered_after_dead: Arc<str>,
     dead_purge: Arc<str>,
+    dead_page: Arc<str>,
+    get_message: Arc<str>,
+    dead_retry_where: Arc<str>,
+    dead_purge_where: Arc<str>,
+    heartbeat: Arc<str>,
+    relays: Arc<str>,
+    pause: Arc<str>,
+    resume: Arc<str>,
+    paused: Arc<str>,
 }
 
 impl Sql {
@@ -183,31 +192,86 @@ impl Sql {
  LEFT JOIN {p}messages l ON l.key = d.key AND l.seq > d.seq AND l.status = 'delivered' \
  GROUP BY d.key ORDER BY d.key"),
             dead_purge: r("DELETE FROM {p}messages WHERE status = 'dead' AND dead_at <= ?1"),
+            dead_page: r(&format!(
+                "SELECT {{columns}} FROM {{p}}messages WHERE {DEAD_FILTER} \
+                 AND (?7 IS NULL OR id > ?7) ORDER BY id LIMIT ?8"
+            )),
+            get_message: r("SELECT {columns} FROM {p}messages WHERE id = ?1"),
+            dead_retry_where: r(&format!(
+                "UPDATE {{p}}messages SET status = 'pending', attempts = 0, available_at = ?7, \
+                 dead_at = NULL, locked_by = NULL WHERE {DEAD_FILTER}"
+            )),
+            dead_purge_where: r(&format!("DELETE FROM {{p}}messages WHERE {DEAD_FILTER}")),
+            heartbeat: r(
+                "INSERT INTO {p}relay_heartbeats (relay_id, state, last_seen, started_at) \
+                 VALUES (?1, ?2, ?3, ?3) \
+                 ON CONFLICT (relay_id) DO UPDATE SET state = excluded.state, last_seen = excluded.last_seen \
+                 WHERE {p}relay_heartbeats.state <> 'stopped'",
+            ),
+            relays: r(
+                "SELECT relay_id, state, last_seen FROM {p}relay_heartbeats \
+                 WHERE last_seen >= ?1 ORDER BY relay_id",
+            ),
+            pause: r(
+                "INSERT INTO {p}paused_topics (topic, paused_at) VALUES (?1, ?2) \
+                 ON CONFLICT DO NOTHING",
+            ),
+            resume: r("DELETE FROM {p}paused_topics WHERE topic = ?1"),
+            paused: r("SELECT topic FROM {p}paused_topics ORDER BY topic"),
         }
     }
 }
 
+/// The dead letters an operator command selects (see `outbox_core::DeadFilter`); `?5` is a
+/// lower-case `LIKE` pattern escaped with `\`.
+const DEAD_FILTER: &str = "status = 'dead' \
+    AND (?1 IS NULL OR id IN (SELECT value FROM json_each(?1))) \
+    AND (?2 IS NULL OR topic = ?2) \
+    AND (?3 IS NULL OR type = ?3) \
+    AND (?4 IS NULL OR key = ?4) \
+    AND (?5 IS NULL OR lower(last_error) LIKE ?5 ESCAPE '\\') \
+    AND (?6 IS NULL OR dead_at <= ?6)";
+
+/// Binds a dead-letter filter as `?1`–`?6` of the statements built on [`DEAD_FILTER`].
+fn bind_dead_filter(query: Query, f: &DeadFilter) -> Query {
+    query
+        .bind(f.ids.as_deref().map(id_list))
+        .bind(f.topic.clone())
+        .bind(f.message_type.clone())
+        .bind(f.key.clone())
+        .bind(f.error_pattern())
+        .bind(f.older_than.map(|d| now_ms().saturating_sub(ms(d))))
+}
+
 /// The heads in a window of the ready index (see `outbox_core::claim`): unkeyed rows, and each
 /// key's oldest row in the window when no older message of the key is undelivered.
+///
+/// A paused topic's unkeyed rows stay out of the window; its keyed rows stay in, so that their
+/// key sits out (a later message of the key must not overtake a paused one), but never head.
 const HEADS: &str = "WITH w AS (\
-      SELECT seq, key, available_at, length(payload) AS size FROM {p}messages \
+      SELECT seq, key, topic, available_at, length(payload) AS size FROM {p}messages \
       WHERE status IN ('pending', 'in_flight') AND available_at <= ?1 \
+        AND (key IS NOT NULL OR topic NOT IN (SELECT topic FROM {p}paused_topics)) \
       ORDER BY available_at, seq LIMIT ?2), \
     firsts AS (SELECT min(seq) AS seq FROM w WHERE key IS NOT NULL GROUP BY key) \
-    SELECT w.seq, w.key, w.size FROM w WHERE w.key IS NULL OR (w.seq IN (SELECT seq FROM firsts) \
+    SELECT w.seq, w.key, w.size FROM w WHERE (w.key IS NULL OR (w.seq IN (SELECT seq FROM firsts) \
       AND NOT EXISTS (SELECT 1 FROM {p}messages e \
-        WHERE e.key = w.key AND e.seq < w.seq AND e.status IN ('pending', 'in_flight'))) \
+        WHERE e.key = w.key AND e.seq < w.seq AND e.status IN ('pending', 'in_flight')))) \
+      AND w.topic NOT IN (SELECT topic FROM {p}paused_topics) \
     ORDER BY w.available_at, w.seq LIMIT ?3";
 
 /// The heads anywhere in the backlog, for when the window held none.
 const HEADS_WIDENED: &str = "SELECT c.seq, c.key, length(c.payload) AS size FROM {p}messages c \
     WHERE c.status IN ('pending', 'in_flight') AND c.available_at <= ?1 \
+      AND c.topic NOT IN (SELECT topic FROM {p}paused_topics) \
       AND (c.key IS NULL OR NOT EXISTS (SELECT 1 FROM {p}messages e \
         WHERE e.key = c.key AND e.seq < c.seq AND e.status IN ('pending', 'in_flight'))) \
     ORDER BY c.available_at, c.seq LIMIT ?3";
 
-/// One key's messages after its head; `?n` placeholders are filled per head.
-const RUN: &str = "SELECT * FROM (SELECT {columns}, available_at <= ?1 AS due FROM {p}messages \
+/// One key's messages after its head; `?n` placeholders are filled per head. A message of a
+/// paused topic is not due, so the run stops before it.
+const RUN: &str = "SELECT * FROM (SELECT {columns}, \
+    (available_at <= ?1 AND topic NOT IN (SELECT topic FROM {p}paused_topics)) AS due FROM {p}messages \
     WHERE key = ?K AND seq > ?S AND status IN ('pending', 'in_flight') ORDER BY seq LIMIT ?N OFFSET ?2)";
 
 /// Runs are fetched for at most this many keyed heads: past that, a batch is full of heads.
@@ -699,6 +763,103 @@ impl Store for SqliteStore {
     async fn dead_purge(&self, older_than: Option<Duration>) -> StoreResult<u64> {
         let cutoff = older_than.map_or(i64::MAX, |d| now_ms().saturating_sub(ms(d)));
         self.execute(q(&self.sql().dead_purge).bind(cutoff)).await
+    }
+
+    async fn dead_page(
+        &self,
+        filter: &DeadFilter,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        let rows = bind_dead_filter(q(&self.sql().dead_page), filter)
+            .bind(after.map(|id| id.to_string()))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(message_from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)
+    }
+
+    async fn get_message(&self, id: Uuid) -> StoreResult<Option<Message>> {
+        let row = q(&self.sql().get_message)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(message_from_row).transpose().map_err(db)
+    }
+
+    async fn dead_retry_where(&self, filter: &DeadFilter) -> StoreResult<u64> {
+        let query = bind_dead_filter(q(&self.sql().dead_retry_where), filter).bind(now_ms());
+        let n = self.execute(query).await?;
+        if n > 0 {
+            self.notify();
+        }
+        Ok(n)
+    }
+
+    async fn dead_purge_where(&self, filter: &DeadFilter) -> StoreResult<u64> {
+        self.execute(bind_dead_filter(q(&self.sql().dead_purge_where), filter))
+            .await
+    }
+
+    async fn heartbeat(&self, relay: &str, state: &str) -> StoreResult<()> {
+        let query = q(&self.sql().heartbeat)
+            .bind(relay.to_owned())
+            .bind(state.to_owned())
+            .bind(now_ms());
+        self.execute(query).await.map(drop)
+    }
+
+    async fn relays(&self, within: Duration) -> StoreResult<Vec<RelaySeen>> {
+        let now = now_ms();
+        let rows = q(&self.sql().relays)
+            .bind(now.saturating_sub(ms(within)))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                let seen: i64 = row.try_get("last_seen")?;
+                Ok(RelaySeen {
+                    id: row.try_get("relay_id")?,
+                    state: row.try_get("state")?,
+                    last_seen: time(seen),
+                    age_seconds: (now - seen).max(0) as f64 / 1000.0,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(db)
+    }
+
+    async fn pause_topic(&self, topic: &str) -> StoreResult<bool> {
+        let query = q(&self.sql().pause).bind(topic.to_owned()).bind(now_ms());
+        Ok(self.execute(query).await? > 0)
+    }
+
+    async fn resume_topic(&self, topic: &str) -> StoreResult<bool> {
+        let resumed = self
+            .execute(q(&self.sql().resume).bind(topic.to_owned()))
+            .await?
+            > 0;
+        if resumed {
+            self.notify();
+        }
+        Ok(resumed)
+    }
+
+    async fn paused_topics(&self) -> StoreResult<Vec<String>> {
+        let rows = q(&self.sql().paused)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|row| row.try_get("topic"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)
     }
 
     async fn waiter(&self, _relay: &str) -> StoreResult<Box<dyn Waiter>> {

@@ -329,7 +329,12 @@ async fn migrate_to_stops_at_the_version_asked_for() -> R {
     assert_eq!(applied_versions(&f.store).await?, vec![1]);
     assert!(!has_index(&f.store, "outbox_messages_dead").await?);
 
-    make_dead(&f.store, &[msg(1)]).await?;
+    // This build's claim reads the paused topics of version 4, so the dead letter is written
+    // the way version 1 stores one.
+    enqueue(&f.store, &[msg(1)]).await?;
+    sqlx::query("UPDATE outbox_messages SET status = 'dead', dead_at = 0, last_error = 'boom'")
+        .execute(f.store.pool())
+        .await?;
     f.store.migrate().await?;
     assert_eq!(
         applied_versions(&f.store).await?,

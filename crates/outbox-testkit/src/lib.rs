@@ -84,6 +84,11 @@ macro_rules! conformance_tests {
             relays_joining_and_dying_keep_each_key_in_order,
             a_sink_slower_than_the_lease_counts_attempts_and_goes_dead,
             a_message_that_kills_its_relay_goes_dead_alone,
+            dead_letters_are_filtered_and_paged,
+            dead_letters_are_retried_and_purged_by_selection,
+            relays_report_their_state_until_they_stop,
+            paused_topics_are_not_claimed_until_resumed,
+            resuming_a_topic_wakes_an_idle_relay,
         );
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
@@ -178,6 +183,7 @@ pub async fn drain(store: Arc<dyn Store>, config: RelayConfig) -> Recorder {
     rec
 }
 
+mod admin;
 pub mod cluster;
 mod order;
 pub mod proxy;
@@ -185,6 +191,11 @@ pub mod proxy;
 pub use order::OrderCheck;
 
 pub mod tests {
+    pub use crate::admin::{
+        dead_letters_are_filtered_and_paged, dead_letters_are_retried_and_purged_by_selection,
+        paused_topics_are_not_claimed_until_resumed, relays_report_their_state_until_they_stop,
+        resuming_a_topic_wakes_an_idle_relay,
+    };
     pub use crate::order::{
         a_message_that_kills_its_relay_goes_dead_alone,
         a_sink_slower_than_the_lease_counts_attempts_and_goes_dead,
