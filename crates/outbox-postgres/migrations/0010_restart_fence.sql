@@ -3,7 +3,10 @@
 -- those messages (until their delivery deadline, four fifths of the lease). Each delivery record
 -- now says until when its relay may be delivering; a record written before the server started
 -- (an orphan of the restart) fences its messages' keys until then: no relay claims them, and
--- recover() leaves the record alone, so a key is never in delivery at two relays at once.
+-- recover() leaves the record alone, so a key is never in delivery at two relays at once. A
+-- relay that lives on deletes its record as soon as it has given up the batch (its outcome could
+-- not be recorded), which lifts the fence early; only a relay that died with the database keeps
+-- its keys fenced to the end of its lease.
 ALTER TABLE {schema}.{p}deliveries ADD COLUMN IF NOT EXISTS busy_until timestamptz;
 
 -- The keys (and, for unkeyed messages, the ids) that orphans of a restart still fence. Records

@@ -491,6 +491,7 @@ impl PgStore {
             pool: self.pool.clone(),
             lock_key,
             timeout: self.query_timeout,
+            fenced_until: Instant::now() + req.lease,
         })))
     }
 }
@@ -803,6 +804,29 @@ struct PgHeldBatch {
     pool: PgPool,
     lock_key: i32,
     timeout: Duration,
+    /// The end of the fence its delivery record sets after a database restart (migration 10).
+    fenced_until: Instant,
+}
+
+impl PgHeldBatch {
+    /// The relay is done with a batch whose outcome could not be recorded (its session died
+    /// with a database restart, or the database stopped answering): its delivery record goes,
+    /// so that the keys a restart fenced are claimable at once instead of at the end of the
+    /// lease. Retried in the background until the database answers or the fence ends anyway.
+    /// No attempt is counted: the database failed, not the messages.
+    fn lift_fence(pool: PgPool, sql: Arc<Sql>, lock_key: i32, until: Instant) {
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let end = q(&sql.delivery_end).bind(lock_key);
+                if end.execute(&pool).await.is_ok() || Instant::now() + pause >= until {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        });
+    }
 }
 
 #[async_trait]
@@ -820,8 +844,10 @@ impl HeldBatch for PgHeldBatch {
         let PgHeldBatch {
             tx,
             sql,
+            pool,
             lock_key,
             timeout,
+            fenced_until,
             ..
         } = *self;
         let mut tx = tx.into_inner();
@@ -832,11 +858,15 @@ impl HeldBatch for PgHeldBatch {
         let query = bind_failures(q(done).bind(lock_key).bind(acks.to_vec()), failures);
         // If the commit's answer is what the timeout cuts off, the outcome may still be
         // recorded; either way every message was delivered at least once.
-        bounded(timeout, async {
+        let settled = bounded(timeout, async {
             query.execute(&mut *tx).await.map_err(db)?;
             tx.commit().await.map_err(db)
         })
-        .await
+        .await;
+        if settled.is_err() {
+            Self::lift_fence(pool, sql, lock_key, fenced_until);
+        }
+        settled
     }
 
     async fn release(self: Box<Self>) -> StoreResult<()> {
@@ -846,12 +876,17 @@ impl HeldBatch for PgHeldBatch {
             pool,
             lock_key,
             timeout,
+            fenced_until,
             ..
         } = *self;
-        bounded(timeout, async {
+        let rolled_back = bounded(timeout, async {
             tx.into_inner().rollback().await.map_err(db)
         })
-        .await?;
+        .await;
+        if let Err(e) = rolled_back {
+            Self::lift_fence(pool, sql, lock_key, fenced_until);
+            return Err(e);
+        }
         // A release counts no attempt; if this fails, recover() counts one, which is harmless.
         let end = q(&sql.delivery_end).bind(lock_key);
         bounded(timeout, async { end.execute(&pool).await.map_err(db) })

@@ -10,6 +10,8 @@ use outbox_testkit::cluster::{PgCluster, StopMode};
 use sqlx::postgres::PgPoolOptions;
 
 const LEASE: Duration = Duration::from_secs(3);
+/// Longer than any of these tests waits: what they see happens before a fence could expire.
+const LONG_LEASE: Duration = Duration::from_secs(120);
 
 async fn store_on(pg: &PgCluster) -> anyhow::Result<PgStore> {
     let pool = PgPoolOptions::new()
@@ -29,7 +31,11 @@ async fn enqueue(store: &PgStore, msgs: &[NewMessage]) -> anyhow::Result<()> {
 /// A claim by another relay, retried while the pool still hands out connections that died with
 /// the restart.
 async fn claim(store: &PgStore) -> anyhow::Result<Option<Box<dyn HeldBatch>>> {
-    let req = ClaimRequest::new("b", 10, LEASE);
+    claim_for(store, LEASE).await
+}
+
+async fn claim_for(store: &PgStore, lease: Duration) -> anyhow::Result<Option<Box<dyn HeldBatch>>> {
+    let req = ClaimRequest::new("b", 10, lease);
     let mut tries = 0;
     loop {
         match store.claim_held(&req).await {
@@ -109,5 +115,52 @@ async fn after_a_restart_a_key_whose_delivery_may_still_run_is_not_claimed_until
         .find(|m| m.key.as_deref() == Some("k"));
     assert_eq!(first_of_k.map(|m| m.id), Some(run[0].id()));
     drop(in_delivery);
+    Ok(())
+}
+
+#[tokio::test]
+async fn after_a_restart_a_key_is_claimable_as_soon_as_its_relay_gives_up_its_batch()
+-> anyhow::Result<()> {
+    let pg = PgCluster::start_new()?;
+    pg.create_database("outbox")?;
+    let store = store_on(&pg).await?;
+    store.migrate().await?;
+    let run: Vec<NewMessage> = (0..3)
+        .map(|n| outbox_testkit::msg("t", n).key("k"))
+        .collect();
+    enqueue(&store, &run).await?;
+    let in_delivery = store
+        .claim_held(&ClaimRequest::new("a", 10, LONG_LEASE))
+        .await?
+        .expect("k's run");
+    pg.restart(StopMode::Fast)?;
+    assert!(
+        keys(&claim_for(&store, LONG_LEASE).await?).is_empty(),
+        "k was claimed while relay a may still be delivering it"
+    );
+
+    // Relay "a" is done with the batch: recording its outcome fails (its session is gone),
+    // and with that it gives up the fence, long before its lease would have ended it.
+    assert!(
+        in_delivery
+            .settle(&[], &[], outbox_core::Retention::Delete)
+            .await
+            .is_err(),
+        "an outcome was recorded on a session that died with the restart"
+    );
+    let until = tokio::time::Instant::now() + LONG_LEASE / 4;
+    let mut again = claim_for(&store, LONG_LEASE).await?;
+    while !keys(&again).iter().any(|k| k == "k") {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "k stayed fenced after its relay gave up the batch"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        again = claim_for(&store, LONG_LEASE).await?;
+    }
+    let again = again.expect("k's run");
+    assert_eq!(again.messages()[0].id, run[0].id());
+    // The attempt of a batch whose database failed is not counted against its messages.
+    assert_eq!(again.messages()[0].attempts, 1);
     Ok(())
 }
