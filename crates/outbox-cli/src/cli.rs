@@ -158,10 +158,15 @@ pub struct RelayArgs {
     /// Exit once nothing is left to deliver (drain mode)
     #[arg(long)]
     pub exit_when_idle: bool,
-    /// Serve /health/live, /health/ready and /metrics on this address (port 0 picks a free
-    /// port; the base URL is printed first)
+    /// Serve /health/live, /health/ready, /metrics, the admin API (/admin/api/) and the
+    /// dashboard (/admin/) on this address (port 0 picks a free port; the base URL is printed
+    /// first)
     #[arg(long, env = "OUTBOX_LISTEN")]
     pub listen: Option<std::net::SocketAddr>,
+    /// Bearer token the admin API and dashboard require; without one, --listen must be a
+    /// loopback address
+    #[arg(long, env = "OUTBOX_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Validate the configuration and exit
     #[arg(long)]
     pub check: bool,

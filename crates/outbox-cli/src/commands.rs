@@ -300,7 +300,10 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
     let relay = Relay::with_config(store.clone(), sink, config);
     // Served from before the migration, so that probes see a database that is not up yet.
     let surface = match args.listen {
-        Some(addr) => Some(serve_surface(addr, store.clone(), &relay).await?),
+        Some(addr) => {
+            let token = args.admin_token.clone();
+            Some(serve_surface(addr, store.clone(), &relay, token).await?)
+        }
         None => None,
     };
     if !args.no_migrate && !wait_for_migration(store.as_ref()).await? {
@@ -336,15 +339,22 @@ impl Serving {
     }
 }
 
-/// Binds `addr`, prints the base URL (first, for scripts), and serves health and metrics.
+/// Binds `addr`, prints the base URL (first, for scripts), and serves health, metrics, the
+/// admin API and the dashboard. Without a token the admin API is only served on loopback.
 async fn serve_surface(
     addr: std::net::SocketAddr,
     store: Arc<dyn Store>,
     relay: &Relay,
+    admin_token: Option<String>,
 ) -> anyhow::Result<Serving> {
+    outbox_admin::check_exposure(addr, admin_token.as_deref())?;
+    let admin = outbox_admin::AdminState::new(store.clone())
+        .with_token(admin_token)
+        .with_relay_stats(relay.stats());
     let surface = outbox_server::Surface::new()
         .store(store)
-        .relay(relay.monitor());
+        .relay(relay.monitor())
+        .with(axum::Router::new().nest_service("/admin", outbox_admin::router(admin)));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -352,7 +362,9 @@ async fn serve_surface(
     if local.ip().is_unspecified() {
         local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    println!("listening on http://{local}  (/health/live, /health/ready, /metrics)");
+    println!(
+        "listening on http://{local}  (/health/live, /health/ready, /metrics, dashboard at /admin/)"
+    );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let limits = outbox_server::ServerLimits {
         shutdown_timeout: relay.config().shutdown_timeout,

@@ -28,6 +28,7 @@ fn outbox(database_url: &str, schema: Option<&str>) -> Command {
         .env("OUTBOX_LOG", "warn")
         .env_remove("OUTBOX_SINK")
         .env_remove("OUTBOX_LISTEN")
+        .env_remove("OUTBOX_ADMIN_TOKEN")
         .stdin(Stdio::null());
     if let Some(s) = schema {
         c.env("OUTBOX_SCHEMA", s);
@@ -52,24 +53,13 @@ fn enqueue(database_url: &str, schema: Option<&str>, topic: &str, n: usize) {
 
 /// Starts `outbox relay ARGS --listen 127.0.0.1:0` and reads the base URL from the first line.
 fn relay(database_url: &str, schema: Option<&str>, args: &[&str]) -> Relay {
-    let mut child = outbox(database_url, schema)
-        .arg("relay")
-        .args(args)
-        .args(["--listen", "127.0.0.1:0", "--poll-interval", "100ms"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().expect("a first line").unwrap();
-    std::thread::spawn(move || lines.for_each(drop));
-    let base = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in the first line: {first}"))
-        .to_owned();
-    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
-    Relay { child, base }
+    let relay = spawn_listening(outbox(database_url, schema), args);
+    assert!(
+        relay.base.starts_with("http://127.0.0.1:"),
+        "{}",
+        relay.base
+    );
+    relay
 }
 
 async fn get(url: &str) -> (u16, String, String) {
@@ -387,4 +377,81 @@ async fn the_demo_serves_its_workers_health_and_metrics() {
     assert!(m.contains("outbox_relay_state{state="), "{m}");
     let (status, _, _) = get(&format!("{}/api/payments", worker.base)).await;
     assert_eq!(status, 404, "a worker serves no API");
+}
+
+/// The admin API and the dashboard are part of the relay's surface: open on loopback without a
+/// token, behind the token when one is set, and refused on a public address without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_serves_the_admin_api_and_dashboard_behind_its_token() {
+    let (_dir, url) = sqlite();
+    enqueue(&url, None, "orders", 3);
+    let open = relay(&url, None, &["--sink", "null:"]);
+    let (status, ct, page) = get(&format!("{}/admin/", open.base)).await;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("text/html"), "{ct}");
+    assert!(page.contains("<html"), "{page}");
+    let base = open.base.clone();
+    eventually(
+        "the admin status counts the drained outbox",
+        Duration::from_secs(20),
+        || {
+            let base = base.clone();
+            async move {
+                let (status, _, body) = get(&format!("{base}/admin/api/status")).await;
+                let v: Value = serde_json::from_str(&body).unwrap_or_default();
+                status == 200 && v["pending"] == 0 && v["relay"]["delivered"] == 3
+            }
+        },
+    )
+    .await;
+    drop(open);
+
+    let guarded = {
+        let mut c = outbox(&url, None);
+        c.env("OUTBOX_ADMIN_TOKEN", "s3cret-admin-token");
+        spawn_listening(c, &["--sink", "null:"])
+    };
+    let (status, ct, body) = get(&format!("{}/admin/api/status", guarded.base)).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(ct.starts_with("application/problem+json"), "{ct}");
+    let authorized = reqwest::Client::new()
+        .get(format!("{}/admin/api/status", guarded.base))
+        .bearer_auth("s3cret-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(authorized.status().as_u16(), 200);
+    // Health and metrics stay open.
+    assert_eq!(get(&format!("{}/health/live", guarded.base)).await.0, 200);
+    drop(guarded);
+
+    let refused = outbox(&url, None)
+        .args(["relay", "--sink", "null:", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("OUTBOX_ADMIN_TOKEN"), "{err}");
+}
+
+/// `relay` with `cmd`'s environment, listening on a free loopback port.
+fn spawn_listening(mut cmd: Command, args: &[&str]) -> Relay {
+    let mut child = cmd
+        .arg("relay")
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--poll-interval", "100ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a first line").unwrap();
+    std::thread::spawn(move || lines.for_each(drop));
+    let base = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in the first line: {first}"))
+        .to_owned();
+    Relay { child, base }
 }
