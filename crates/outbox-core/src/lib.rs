@@ -64,6 +64,7 @@ mod relay;
 mod retry;
 mod sink;
 mod store;
+pub mod trace;
 
 pub use claim::{Candidate, ClaimRequest, pick, waves};
 pub use message::{

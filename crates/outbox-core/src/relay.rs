@@ -785,8 +785,11 @@ fn give_up_on_unfinished<'a>(
 /// Hands a wave to the sink. A sink that panics fails the wave instead of taking the
 /// relay's task down, so its messages back off and reach `max_attempts` like any failure
 /// rather than being redelivered in a tight loop.
+/// Each message is published under its own span (feature `otel`), whose context the sink
+/// carries instead of the one stored at enqueue: see [`crate::trace`].
 async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
-    match AssertUnwindSafe(shared.sink.publish(batch))
+    let traced = crate::trace::Publish::start(shared.sink.name(), batch);
+    let outcomes = match AssertUnwindSafe(shared.sink.publish(traced.batch(batch)))
         .catch_unwind()
         .await
     {
@@ -795,7 +798,9 @@ async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
             let err = SinkError::transient(format!("sink {} panicked", shared.sink.name()));
             vec![Err(err); batch.len()]
         }
-    }
+    };
+    traced.finish(&outcomes);
+    outcomes
 }
 
 /// Records the outcome of a held batch in its own transaction and commits it; messages left
