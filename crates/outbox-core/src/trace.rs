@@ -99,6 +99,27 @@ pub fn is_valid_tracestate(value: &str) -> bool {
         })
 }
 
+/// The span every store's enqueue runs in: `create {topic}`, of kind PRODUCER, as the
+/// messaging conventions name the creation of a message. With feature `otel` its context is
+/// the one stored in the messages' headers, so the relay's publish spans hang under it.
+pub fn create_span(msgs: &[crate::NewMessage]) -> tracing::Span {
+    let topic = msgs
+        .first()
+        .map(crate::NewMessage::topic)
+        .unwrap_or_default();
+    let one = msgs.len() == 1;
+    tracing::info_span!(
+        "create",
+        otel.name = format!("create {topic}"),
+        otel.kind = "producer",
+        messaging.operation = "create",
+        messaging.operation.type = "create",
+        messaging.destination.name = topic,
+        messaging.message.id = one.then(|| msgs[0].id().to_string()),
+        messaging.batch.message_count = (!one).then_some(msgs.len()),
+    )
+}
+
 #[cfg(feature = "otel")]
 mod otel {
     use std::collections::{BTreeMap, HashMap};

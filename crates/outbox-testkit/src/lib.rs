@@ -950,8 +950,8 @@ pub mod tests {
 
     const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
-    /// A message enqueued inside a traced span records that span's context, unless the
-    /// caller set one; the relay publishes each message under a `publish` span, child of the
+    /// A message enqueued inside a traced span records the context of the enqueue's `create`
+    /// span (a child of the caller's), unless the caller set one; the relay publishes each message under a `publish` span, child of the
     /// stored context and following the messaging conventions, and the sink receives the
     /// publish span's context, not the stored one.
     pub async fn trace_context_travels_from_the_enqueueing_span_through_the_publish_span(
@@ -1007,8 +1007,14 @@ pub mod tests {
                 .find(|s| s.span_context.span_id() == id)
                 .unwrap()
         };
+        let create = spans_of(trace)
+            .into_iter()
+            .find(|s| s.name == "create orders")
+            .expect("the enqueue has its span");
+        ensure!(create.parent_span_id == request_span, "{create:?}");
+        ensure!(create.span_kind == opentelemetry::trace::SpanKind::Producer);
         let p1 = publish(trace, publish1);
-        ensure!(p1.parent_span_id == request_span, "{p1:?}");
+        ensure!(p1.parent_span_id == create.span_context.span_id(), "{p1:?}");
         ensure!(p1.name == "publish orders", "{}", p1.name);
         ensure!(p1.span_kind == opentelemetry::trace::SpanKind::Producer);
         ensure!(attribute(&p1, "messaging.destination.name").as_deref() == Some("orders"));
