@@ -120,6 +120,43 @@ pub fn create_span(msgs: &[crate::NewMessage]) -> tracing::Span {
     )
 }
 
+/// The span a consumer handles a received message in: `process {topic}`, of kind CONSUMER.
+/// With feature `otel` its parent is the context the message arrived with (the relay's
+/// publish span), so the trace goes on from the request that enqueued the message.
+pub fn process_span(consumer: &str, message: &crate::Message) -> tracing::Span {
+    let span = tracing::info_span!(
+        "process",
+        otel.name = format!("process {}", message.topic),
+        otel.kind = "consumer",
+        messaging.operation = "process",
+        messaging.operation.type = "process",
+        messaging.destination.name = %message.topic,
+        messaging.message.id = %message.id,
+        messaging.consumer.group.name = consumer,
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    #[cfg(feature = "otel")]
+    {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let parent = extract(&message.headers);
+        if parent.span().span_context().is_valid() {
+            let _ = span.set_parent(parent);
+        }
+    }
+    span
+}
+
+/// Marks `span` (a publish or process span) failed, with the kind of failure.
+pub fn record_failure(span: &tracing::Span, permanent: bool) {
+    span.record("otel.status_code", "ERROR");
+    span.record(
+        "error.type",
+        if permanent { "permanent" } else { "transient" },
+    );
+}
+
 #[cfg(feature = "otel")]
 mod otel {
     use std::collections::{BTreeMap, HashMap};
@@ -246,13 +283,7 @@ mod otel {
         pub(crate) fn finish(self, outcomes: &[Delivery]) {
             for (span, outcome) in self.spans.iter().zip(outcomes) {
                 if let Err(e) = outcome {
-                    let kind = if e.is_permanent() {
-                        "permanent"
-                    } else {
-                        "transient"
-                    };
-                    span.record("otel.status_code", "ERROR");
-                    span.record("error.type", kind);
+                    record_failure(span, e.is_permanent());
                 }
             }
         }
