@@ -136,16 +136,41 @@ pub fn process_span(consumer: &str, message: &crate::Message) -> tracing::Span {
         otel.status_code = tracing::field::Empty,
         error.type = tracing::field::Empty,
     );
+    let header = |name: &str| {
+        message
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    set_remote_parent(&span, header(TRACEPARENT), header(TRACESTATE));
+    span
+}
+
+/// Makes a span the child of a context received from elsewhere (an HTTP request's or a
+/// message's `traceparent` and `tracestate`). Malformed or missing context leaves the span a
+/// root; without feature `otel` this does nothing.
+pub fn set_remote_parent(
+    span: &tracing::Span,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) {
     #[cfg(feature = "otel")]
-    {
+    if let Some(traceparent) = traceparent.filter(|t| is_valid_traceparent(t)) {
         use opentelemetry::trace::TraceContextExt;
         use tracing_opentelemetry::OpenTelemetrySpanExt;
-        let parent = extract(&message.headers);
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert(TRACEPARENT.to_owned(), traceparent.to_owned());
+        if let Some(state) = tracestate {
+            headers.insert(TRACESTATE.to_owned(), state.to_owned());
+        }
+        let parent = extract(&headers);
         if parent.span().span_context().is_valid() {
             let _ = span.set_parent(parent);
         }
     }
-    span
+    #[cfg(not(feature = "otel"))]
+    let _ = (span, traceparent, tracestate);
 }
 
 /// Marks `span` (a publish or process span) failed, with the kind of failure.
@@ -182,7 +207,8 @@ mod otel {
         }
         let mut carrier = HashMap::new();
         TraceContextPropagator::new().inject_context(cx, &mut carrier);
-        Some(carrier.into_iter().collect())
+        // An empty `tracestate` is no state: leave the header out.
+        Some(carrier.into_iter().filter(|(_, v)| !v.is_empty()).collect())
     }
 
     /// The remote context stored in `headers` (names compared without regard to case, as
