@@ -16,6 +16,8 @@ use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use serde::Serialize;
 use tracing::dispatcher::WeakDispatch;
 use tracing::{Event, Subscriber};
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::{Format, Json, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
@@ -89,14 +91,21 @@ pub fn init_logging(filter: Option<&str>, format: LogFormat, telemetry: Option<&
         .unwrap_or_else(|| "info".into());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let otel = telemetry.map(|t| tracing_opentelemetry::layer().with_tracer(t.tracer()));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // Each layer has its own filter, so that `--log warn` quiets the log without losing the
+    // spans of a trace (they are all at INFO).
+    let otel = telemetry.map(|t| {
+        tracing_opentelemetry::layer()
+            .with_tracer(t.tracer())
+            .with_filter(LevelFilter::INFO)
+    });
+    let registry = tracing_subscriber::registry().with(otel);
     let installed = match format {
         LogFormat::Text => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .with_writer(|| RedactedLine(Vec::new())),
+                    .with_writer(|| RedactedLine(Vec::new()))
+                    .with_filter(filter),
             )
             .try_init(),
         LogFormat::Json => registry
@@ -104,7 +113,8 @@ pub fn init_logging(filter: Option<&str>, format: LogFormat, telemetry: Option<&
                 tracing_subscriber::fmt::layer()
                     .json()
                     .event_format(WithTraceId(tracing_subscriber::fmt::format().json()))
-                    .with_writer(|| RedactedLine(Vec::new())),
+                    .with_writer(|| RedactedLine(Vec::new()))
+                    .with_filter(filter),
             )
             .try_init(),
     };

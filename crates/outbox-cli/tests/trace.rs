@@ -111,7 +111,16 @@ fn start(
         .arg(mail)
         .args(args)
         .env("OUTBOX_DATABASE_URL", db)
-        .env("OUTBOX_LOG", "info")
+        // The worker's e-mail line is at INFO; the others log only warnings, which must not
+        // cost the trace its spans.
+        .env(
+            "OUTBOX_LOG",
+            if service == "payments-worker" {
+                "info"
+            } else {
+                "warn"
+            },
+        )
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
         .env("OTEL_SERVICE_NAME", service)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")

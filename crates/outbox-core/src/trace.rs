@@ -264,39 +264,25 @@ mod otel {
         /// spans; otherwise they go as stored.
         pub(crate) fn start(sink: &str, batch: &[Message]) -> Self {
             let system = messaging_system(sink);
+            let mut spans = Vec::with_capacity(batch.len());
             let mut traced: Option<Vec<Message>> = None;
-            let spans = batch
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    let span = tracing::info_span!(
-                        "publish",
-                        otel.name = format!("publish {}", m.topic),
-                        otel.kind = "producer",
-                        messaging.system = system,
-                        messaging.operation = "publish",
-                        messaging.operation.type = "send",
-                        messaging.destination.name = %m.topic,
-                        messaging.message.id = %m.id,
-                        outbox.attempt = m.attempts,
-                        otel.status_code = tracing::field::Empty,
-                        error.type = tracing::field::Empty,
-                    );
-                    let parent = extract(&m.headers);
-                    if parent.span().span_context().is_valid() {
-                        let _ = span.set_parent(parent);
-                    }
-                    if let Some(cx) = headers_of(&span) {
-                        let msgs = traced.get_or_insert_with(|| batch.to_vec());
-                        msgs[i].headers.retain(|n, _| {
-                            !n.eq_ignore_ascii_case(TRACEPARENT)
-                                && !n.eq_ignore_ascii_case(TRACESTATE)
-                        });
-                        msgs[i].headers.extend(cx);
-                    }
-                    span
-                })
-                .collect();
+            for (i, m) in batch.iter().enumerate() {
+                let span = publish_span(system, m);
+                let Some(cx) = headers_of(&span) else {
+                    // No OpenTelemetry layer: the spans would only cost the other layers
+                    // their bookkeeping, per message, and are never entered.
+                    return Self {
+                        spans: Vec::new(),
+                        traced: None,
+                    };
+                };
+                let msgs = traced.get_or_insert_with(|| batch.to_vec());
+                msgs[i].headers.retain(|n, _| {
+                    !n.eq_ignore_ascii_case(TRACEPARENT) && !n.eq_ignore_ascii_case(TRACESTATE)
+                });
+                msgs[i].headers.extend(cx);
+                spans.push(span);
+            }
             Self { spans, traced }
         }
 
@@ -313,6 +299,28 @@ mod otel {
                 }
             }
         }
+    }
+
+    /// A `publish` span for `m`, the child of the context it was stored with.
+    fn publish_span(system: &str, m: &Message) -> tracing::Span {
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = format!("publish {}", m.topic),
+            otel.kind = "producer",
+            messaging.system = system,
+            messaging.operation = "publish",
+            messaging.operation.type = "send",
+            messaging.destination.name = %m.topic,
+            messaging.message.id = %m.id,
+            outbox.attempt = m.attempts,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let parent = extract(&m.headers);
+        if parent.span().span_context().is_valid() {
+            let _ = span.set_parent(parent);
+        }
+        span
     }
 
     /// The `messaging.system` value for a sink name, as the conventions spell the brokers.
