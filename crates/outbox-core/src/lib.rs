@@ -31,6 +31,13 @@
 //!   and is woken within milliseconds by the store when it can; a relay whose database is down
 //!   backs off, reconnects by itself and logs once per change of state.
 //!
+//! ## Tracing
+//!
+//! Trace context travels with each message as W3C `traceparent` / `tracestate` headers, from
+//! the span that enqueued it, through a `publish` span per message in the relay, to the
+//! consumer's `process` span; with feature `otel` this follows `tracing` spans through the
+//! OpenTelemetry layer by itself. See [`trace`].
+//!
 //! ## Usage
 //!
 //! ```ignore

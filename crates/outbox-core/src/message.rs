@@ -103,11 +103,7 @@ impl NewMessage {
 
     /// Sets the W3C trace context (`traceparent`, and `tracestate` when there is one), for
     /// callers that trace without `tracing`'s OpenTelemetry layer. Enqueue checks the format.
-    pub fn trace_context(
-        mut self,
-        traceparent: impl Into<String>,
-        tracestate: Option<impl Into<String>>,
-    ) -> Self {
+    pub fn trace_context(mut self, traceparent: &str, tracestate: Option<&str>) -> Self {
         self.headers
             .insert(crate::trace::TRACEPARENT.into(), traceparent.into());
         match tracestate {

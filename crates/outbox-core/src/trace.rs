@@ -5,11 +5,11 @@
 //! Context), which enqueue checks for format like any header and every sink carries in its
 //! transport's own headers.
 //!
-//! - **Explicitly**, with any tracing library: [`NewMessage::trace_context`] sets both.
+//! - **Explicitly**, with any tracing library: [`NewMessage::trace_context`](crate::NewMessage::trace_context) sets both.
 //! - **Automatically**, with cargo feature `otel`, for users of `tracing` with the
 //!   `tracing-opentelemetry` layer: a message enqueued inside a span records that span's
 //!   context when it has no `traceparent` of its own (a caller's value is never replaced).
-//!   [`NewMessage::with_current_trace`] does the same earlier, at build time.
+//!   `NewMessage::with_current_trace` does the same earlier, at build time.
 //! - **The relay** (feature `otel`) opens one `publish {topic}` span per message, of kind
 //!   PRODUCER, with the OpenTelemetry messaging attributes (`messaging.system`,
 //!   `messaging.destination.name`, `messaging.message.id`, `messaging.operation`), as a child
