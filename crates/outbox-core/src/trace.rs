@@ -10,13 +10,14 @@
 //!   `tracing-opentelemetry` layer: a message enqueued inside a span records that span's
 //!   context when it has no `traceparent` of its own (a caller's value is never replaced).
 //!   `NewMessage::with_current_trace` does the same earlier, at build time.
-//! - **The relay** (feature `otel`) opens one `publish {topic}` span per message, of kind
-//!   PRODUCER, with the OpenTelemetry messaging attributes (`messaging.system`,
+//! - **The relay** (feature `otel`) opens one `publish {topic}` span per traced message, of
+//!   kind PRODUCER, with the OpenTelemetry messaging attributes (`messaging.system`,
 //!   `messaging.destination.name`, `messaging.message.id`, `messaging.operation`), as a child
 //!   of the context stored with the message, and hands the sink the message with the publish
 //!   span's context in place of the stored one: the consumer's span then hangs under the
 //!   delivery that brought the message, not under the enqueue. Without an OpenTelemetry layer
-//!   the stored context travels as it is.
+//!   the stored context travels as it is. The relay continues traces and does not start them:
+//!   a message stored without a context goes out without one, and costs no span.
 //!
 //! The feature lives in this crate, not a separate one, because the one place every store's
 //! enqueue and the relay's publish go through is here; without it no OpenTelemetry crate is
@@ -102,7 +103,12 @@ pub fn is_valid_tracestate(value: &str) -> bool {
 /// The span every store's enqueue runs in: `create {topic}`, of kind PRODUCER, as the
 /// messaging conventions name the creation of a message. With feature `otel` its context is
 /// the one stored in the messages' headers, so the relay's publish spans hang under it.
+///
+/// Only inside a span of the caller: an enqueue outside any span starts no trace.
 pub fn create_span(msgs: &[crate::NewMessage]) -> tracing::Span {
+    if tracing::Span::current().is_none() {
+        return tracing::Span::none();
+    }
     let topic = msgs
         .first()
         .map(crate::NewMessage::topic)
@@ -254,12 +260,12 @@ mod otel {
     /// The spans of one wave handed to the sink, one per message, and the messages carrying
     /// their contexts.
     pub(crate) struct Publish {
-        spans: Vec<tracing::Span>,
+        spans: Vec<Option<tracing::Span>>,
         traced: Option<Vec<Message>>,
     }
 
     impl Publish {
-        /// Opens a `publish` span per message, child of the context the message was stored
+        /// Opens a `publish` span per traced message, child of the context the message was stored
         /// with. The messages get the span's context only when an OpenTelemetry layer records
         /// spans; otherwise they go as stored.
         pub(crate) fn start(sink: &str, batch: &[Message]) -> Self {
@@ -267,10 +273,20 @@ mod otel {
             let mut spans = Vec::with_capacity(batch.len());
             let mut traced: Option<Vec<Message>> = None;
             for (i, m) in batch.iter().enumerate() {
-                let span = publish_span(system, m);
+                // The relay continues traces, it does not start them: a message stored
+                // without a context is published untraced, at no cost per message.
+                let parent = if has_traceparent(&m.headers) {
+                    extract(&m.headers)
+                } else {
+                    Context::new()
+                };
+                if !parent.span().span_context().is_valid() {
+                    spans.push(None);
+                    continue;
+                }
+                let span = publish_span(system, m, parent);
                 let Some(cx) = headers_of(&span) else {
-                    // No OpenTelemetry layer: the spans would only cost the other layers
-                    // their bookkeeping, per message, and are never entered.
+                    // No OpenTelemetry layer records spans: the stored context goes on.
                     return Self {
                         spans: Vec::new(),
                         traced: None,
@@ -281,7 +297,7 @@ mod otel {
                     !n.eq_ignore_ascii_case(TRACEPARENT) && !n.eq_ignore_ascii_case(TRACESTATE)
                 });
                 msgs[i].headers.extend(cx);
-                spans.push(span);
+                spans.push(Some(span));
             }
             Self { spans, traced }
         }
@@ -294,7 +310,7 @@ mod otel {
         /// Records each outcome on its span and ends the spans.
         pub(crate) fn finish(self, outcomes: &[Delivery]) {
             for (span, outcome) in self.spans.iter().zip(outcomes) {
-                if let Err(e) = outcome {
+                if let (Some(span), Err(e)) = (span, outcome) {
                     record_failure(span, e.is_permanent());
                 }
             }
@@ -302,7 +318,7 @@ mod otel {
     }
 
     /// A `publish` span for `m`, the child of the context it was stored with.
-    fn publish_span(system: &str, m: &Message) -> tracing::Span {
+    fn publish_span(system: &str, m: &Message, parent: Context) -> tracing::Span {
         let span = tracing::info_span!(
             "publish",
             otel.name = format!("publish {}", m.topic),
@@ -316,10 +332,7 @@ mod otel {
             otel.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
-        let parent = extract(&m.headers);
-        if parent.span().span_context().is_valid() {
-            let _ = span.set_parent(parent);
-        }
+        let _ = span.set_parent(parent);
         span
     }
 

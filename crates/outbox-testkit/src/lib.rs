@@ -950,10 +950,16 @@ pub mod tests {
 
     const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
+    fn got_header(seen: &[Message], id: Uuid, name: &str) -> bool {
+        seen.iter()
+            .any(|m| m.id == id && m.headers.contains_key(name))
+    }
+
     /// A message enqueued inside a traced span records the context of the enqueue's `create`
     /// span (a child of the caller's), unless the caller set one; the relay publishes each message under a `publish` span, child of the
     /// stored context and following the messaging conventions, and the sink receives the
-    /// publish span's context, not the stored one.
+    /// publish span's context, not the stored one. A message stored without a context goes
+    /// out without one.
     pub async fn trace_context_travels_from_the_enqueueing_span_through_the_publish_span(
         f: &dyn Fixture,
     ) -> R {
@@ -969,7 +975,11 @@ pub mod tests {
             .instrument(request.clone())
             .await?;
         drop(request);
+        // Enqueued outside any span: the relay does not start a trace for it.
+        let untraced = msg("orders", 3);
+        enqueue(f, std::slice::from_ref(&untraced)).await?;
         let seen = drain(f.store(), drain_config()).await.messages();
+        ensure!(!got_header(&seen, untraced.id(), "traceparent"));
         let got = |id| seen.iter().find(|m| m.id == id).expect("delivered");
         let (t1, publish1) = parse_traceparent(&got(traced.id()).headers["traceparent"])
             .expect("the sink got a traceparent");
