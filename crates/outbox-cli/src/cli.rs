@@ -48,6 +48,20 @@ pub struct Global {
     /// Log filter, as in RUST_LOG [default: info]
     #[arg(long, global = true, env = "OUTBOX_LOG")]
     pub log: Option<String>,
+
+    /// Log lines as text, or as one JSON object per line (with the trace id inside a trace)
+    /// [default: text]
+    #[arg(long, global = true, env = "OUTBOX_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

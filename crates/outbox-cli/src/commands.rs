@@ -20,10 +20,20 @@ use crate::config::{
     FileConfig, RouteConfig, StoreSettings, relay_settings, sink_problems, store_settings,
 };
 use crate::store::AnyStore;
+use crate::telemetry::{Telemetry, init_logging};
 
-pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub async fn run(cli: Cli, telemetry: Option<&Telemetry>) -> anyhow::Result<ExitCode> {
     let file = FileConfig::load(cli.global.config.as_deref())?;
-    init_logging(cli.global.log.as_deref().or(file.log.as_deref()));
+    let format = cli
+        .global
+        .log_format
+        .or(file.log_format)
+        .unwrap_or_default();
+    init_logging(
+        cli.global.log.as_deref().or(file.log.as_deref()),
+        format,
+        telemetry,
+    );
     if let Command::Demo(args) = cli.command {
         let url = cli.global.database_url.or(file.database_url);
         let schema = cli.global.schema.or(file.schema);
@@ -42,42 +52,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(_) => unreachable!("handled above"),
     }
     .map(|()| ExitCode::SUCCESS)
-}
-
-fn init_logging(filter: Option<&str>) {
-    let filter = filter
-        .map(str::to_owned)
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(|| RedactedLine(Vec::new()))
-        .try_init();
-}
-
-/// One log line on its way to stderr. Client libraries log the URLs they connect to and our
-/// own errors quote them, so every line loses its credentials before it is written.
-struct RedactedLine(Vec<u8>);
-
-impl Write for RedactedLine {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for RedactedLine {
-    fn drop(&mut self) {
-        let line = outbox_core::redact(&String::from_utf8_lossy(&self.0));
-        let _ = std::io::stderr().write_all(line.as_bytes());
-    }
 }
 
 /// Opens and migrates the store, for the commands that need the schema to exist.

@@ -18,6 +18,7 @@ pub struct FileConfig {
     pub schema: Option<String>,
     pub table_prefix: Option<String>,
     pub log: Option<String>,
+    pub log_format: Option<crate::cli::LogFormat>,
     pub sink: Option<String>,
     pub batch_size: Option<usize>,
     pub max_batch_bytes: Option<usize>,

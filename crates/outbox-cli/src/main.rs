@@ -7,6 +7,7 @@ mod commands;
 mod config;
 mod demo;
 mod store;
+mod telemetry;
 
 use std::process::ExitCode;
 
@@ -19,14 +20,24 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return cli::usage_error(e),
     };
+    // Built and shut down outside the runtime: the exporter's HTTP client blocks.
+    let telemetry = match telemetry::Telemetry::from_env() {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
-    match runtime.block_on(commands::run(cli)) {
+    let code = match runtime.block_on(commands::run(cli, telemetry.as_ref())) {
         Ok(code) => code,
         Err(e) => fail(&e),
+    };
+    drop(runtime);
+    if let Some(t) = telemetry {
+        t.shutdown();
     }
+    code
 }
 
 /// One readable line on stderr, and a non-zero exit. Errors quote the URLs they failed on

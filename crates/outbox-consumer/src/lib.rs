@@ -29,6 +29,9 @@
 //! - **In order.** Each consumer processes one message at a time; with the default settings
 //!   (NATS `max_ack_pending` 1, AMQP prefetch 1, Kafka per partition) a failing message is
 //!   retried before any later one, so the relay's per-key order holds.
+//! - **Traced.** Each message is processed in a `process {topic}` span (kind CONSUMER); with
+//!   feature `otel` its parent is the trace context the message arrived with, so the trace of
+//!   the request that enqueued it goes on here.
 //! - **Graceful stop.** `run(stop)` finishes and acks the message in hand, then returns.
 //! - **Bounded inbox.** Processed ids older than [`ConsumerConfig::retention`] are purged
 //!   periodically, in batches.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use outbox_core::{Message, SinkError};
 use sqlx::Transaction;
+use tracing::Instrument;
 
 use crate::inbox::InboxStore;
 
@@ -115,7 +116,21 @@ impl<S: InboxStore, H: Handler<S::Db>> Processor<S, H> {
 
     /// Records `message` in the inbox and runs the handler in the same transaction. A
     /// database error is a retry: nothing was committed.
+    ///
+    /// It runs in a `process` span whose parent, with feature `otel`, is the trace context the
+    /// message arrived with (see `outbox_core::trace`).
     pub async fn process(&self, message: &Message) -> Outcome {
+        let span = outbox_core::trace::process_span(&self.config.name, message);
+        let outcome = self.verdict(message).instrument(span.clone()).await;
+        match &outcome {
+            Outcome::Handled | Outcome::Duplicate => {}
+            Outcome::Retry { .. } => outbox_core::trace::record_failure(&span, false),
+            Outcome::Reject(_) => outbox_core::trace::record_failure(&span, true),
+        }
+        outcome
+    }
+
+    async fn verdict(&self, message: &Message) -> Outcome {
         match self.apply(message).await {
             Ok(true) => Outcome::Handled,
             Ok(false) => Outcome::Duplicate,

@@ -100,3 +100,76 @@ async fn nats_messages_take_effect_exactly_once_in_order_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     exactly_once(sqlite(&dir).await).await;
 }
+
+/// The consumer handles each message in a `process` span whose parent is the context the
+/// message arrived with, taken from the NATS headers the sink wrote.
+#[tokio::test]
+async fn the_process_span_continues_the_trace_the_message_arrived_with() {
+    use opentelemetry::trace::SpanKind;
+    use outbox_testkit::trace::{attribute, parse_traceparent, recorder, spans_of};
+    recorder();
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir).await;
+    let prefix = unique("c_");
+    let config = NatsConfig::new(
+        unique("C_"),
+        vec![format!("{prefix}.>")],
+        unique("durable_"),
+    );
+    let (processor, _) = processor(store.clone(), "billing");
+    let consumer = NatsConsumer::connect(URL, &config, processor)
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(consumer.run(async move {
+        let _ = stopped.await;
+    }));
+    let sink = outbox_sinks::from_url(&format!("{URL}?prefix={prefix}."))
+        .await
+        .unwrap();
+    let mut sent = keyed("orders", 1);
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    sent[0]
+        .headers
+        .insert("traceparent".into(), traceparent.into());
+    assert!(sink.publish(&sent).await[0].is_ok());
+    wait_for_effects(&store, 1).await;
+
+    let (trace, parent) = parse_traceparent(traceparent).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let span = loop {
+        // The destination is the subject, prefix included; the handler fails each message
+        // once, so the handled one is the second process span.
+        let name = format!("process {prefix}.orders");
+        let spans: Vec<_> = spans_of(trace)
+            .into_iter()
+            .filter(|s| s.name == name)
+            .collect();
+        if let [failed, s] = &spans[..] {
+            assert_eq!(
+                attribute(failed, "error.type").as_deref(),
+                Some("transient")
+            );
+            break s.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no process span");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(span.parent_span_id, parent);
+    assert!(span.parent_span_is_remote);
+    assert_eq!(span.span_kind, SpanKind::Consumer);
+    assert_eq!(
+        attribute(&span, "messaging.message.id"),
+        Some(sent[0].id.to_string())
+    );
+    assert_eq!(
+        attribute(&span, "messaging.consumer.group.name").as_deref(),
+        Some("billing")
+    );
+
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+    let js = jetstream::new(async_nats::connect(URL).await.unwrap());
+    js.delete_stream(&config.stream).await.unwrap();
+    store.cleanup().await;
+}

@@ -51,6 +51,8 @@ pub enum HeaderError {
     BadName { name: String, found: char },
     #[error("header {0:?} has a CR, LF or NUL in its value")]
     BadValue(String),
+    #[error("header {0:?} is not in the W3C Trace Context format")]
+    BadTraceContext(String),
 }
 
 /// True for a name a transport sets itself (see the module docs).
@@ -79,13 +81,14 @@ pub fn check_carriable(name: &str, value: &str) -> Result<(), HeaderError> {
     Ok(())
 }
 
-/// Checks a header a writer wants to enqueue: carriable and not reserved.
+/// Checks a header a writer wants to enqueue: carriable, not reserved, and a well-formed
+/// `traceparent` / `tracestate` when it is one of them (see [`crate::trace`]).
 pub fn check(name: &str, value: &str) -> Result<(), HeaderError> {
     check_carriable(name, value)?;
     if is_reserved(name) {
         return Err(HeaderError::Reserved(name.to_owned()));
     }
-    Ok(())
+    crate::trace::check(name, value)
 }
 
 /// An HTTP token character (RFC 9110): also valid in NATS, AMQP, Kafka and MQTT header names.
@@ -111,9 +114,12 @@ mod tests {
         ] {
             assert_eq!(check(name, "x"), Err(HeaderError::Reserved(name.into())));
         }
-        for name in ["traceparent", "tracestate", "x-tenant", "Idempotency-Key"] {
+        for name in ["x-tenant", "Idempotency-Key"] {
             assert_eq!(check(name, "x"), Ok(()), "{name}");
         }
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(check("traceparent", traceparent), Ok(()));
+        assert_eq!(check("tracestate", "rojo=1"), Ok(()));
     }
 
     #[test]

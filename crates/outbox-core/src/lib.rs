@@ -39,6 +39,13 @@
 //! loop last made progress, and its sink's [`Circuit`]s; [`Store::backlog`] counts messages per
 //! topic and status. `outbox-server` serves all of it over HTTP.
 //!
+//! ## Tracing
+//!
+//! Trace context travels with each message as W3C `traceparent` / `tracestate` headers, from
+//! the span that enqueued it, through a `publish` span per message in the relay, to the
+//! consumer's `process` span; with feature `otel` this follows `tracing` spans through the
+//! OpenTelemetry layer by itself. See [`trace`].
+//!
 //! ## Usage
 //!
 //! ```ignore
@@ -73,6 +80,7 @@ mod relay;
 mod retry;
 mod sink;
 mod store;
+pub mod trace;
 
 pub use claim::{Candidate, ClaimRequest, pick, waves};
 pub use message::{

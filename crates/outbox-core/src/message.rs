@@ -1,6 +1,7 @@
 //! The message model: what the writer enqueues ([`NewMessage`]) and what the relay claims
 //! ([`Message`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -100,6 +101,23 @@ impl NewMessage {
         self
     }
 
+    /// Sets the W3C trace context (`traceparent`, and `tracestate` when there is one), for
+    /// callers that trace without `tracing`'s OpenTelemetry layer. Enqueue checks the format.
+    pub fn trace_context(mut self, traceparent: &str, tracestate: Option<&str>) -> Self {
+        self.headers
+            .insert(crate::trace::TRACEPARENT.into(), traceparent.into());
+        match tracestate {
+            Some(state) => {
+                self.headers
+                    .insert(crate::trace::TRACESTATE.into(), state.into());
+            }
+            None => {
+                self.headers.remove(crate::trace::TRACESTATE);
+            }
+        }
+        self
+    }
+
     /// Replaces all headers.
     pub fn headers(mut self, headers: BTreeMap<String, String>) -> Self {
         self.headers = headers;
@@ -176,15 +194,31 @@ impl NewMessage {
 
     /// The bytes the size limit counts: payload, header names and values.
     pub fn size(&self) -> usize {
-        let headers: usize = self.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+        let headers: usize = self
+            .stored_headers()
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum();
         self.payload.len() + headers
+    }
+
+    /// The headers as enqueue stores them: with feature `otel`, the current span's trace
+    /// context is added when the caller set none (see [`crate::trace`]).
+    pub fn stored_headers(&self) -> Cow<'_, BTreeMap<String, String>> {
+        #[cfg(feature = "otel")]
+        if let Some(cx) = crate::trace::current_unless_set(&self.headers) {
+            let mut headers = self.headers.clone();
+            headers.extend(cx);
+            return Cow::Owned(headers);
+        }
+        Cow::Borrowed(&self.headers)
     }
 
     /// Checks what a store must refuse at enqueue: headers that are reserved or that some
     /// transport cannot carry (see [`crate::headers`]), and a size over `max_bytes`. Every
     /// store's enqueue calls it, so that nothing is stored that a sink would drop or choke on.
     pub fn check(&self, max_bytes: usize) -> Result<(), MessageError> {
-        for (name, value) in &self.headers {
+        for (name, value) in self.stored_headers().iter() {
             headers::check(name, value)?;
         }
         let size = self.size();
@@ -199,7 +233,7 @@ impl NewMessage {
 
     /// Headers as a JSON object, the storage form.
     pub fn headers_json(&self) -> String {
-        serde_json::to_string(&self.headers).unwrap_or_else(|_| "{}".into())
+        serde_json::to_string(&self.stored_headers()).unwrap_or_else(|_| "{}".into())
     }
 }
 

@@ -901,19 +901,24 @@ fn give_up_on_unfinished<'a>(
 /// Hands a wave to the sink. A sink that panics fails the wave instead of taking the
 /// relay's task down, so its messages back off and reach `max_attempts` like any failure
 /// rather than being redelivered in a tight loop.
+/// Each message is published under its own span (feature `otel`), whose context the sink
+/// carries instead of the one stored at enqueue: see [`crate::trace`].
 async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
     let started = Instant::now();
-    let outcomes = AssertUnwindSafe(shared.sink.publish(batch))
+    let traced = crate::trace::Publish::start(shared.sink.name(), batch);
+    let outcomes = AssertUnwindSafe(shared.sink.publish(traced.batch(batch)))
         .catch_unwind()
         .await;
     instrument::publish_took(shared.sink.name(), started.elapsed());
-    match outcomes {
+    let outcomes = match outcomes {
         Ok(outcomes) => one_outcome_each(shared.sink.name(), batch.len(), outcomes),
         Err(_) => {
             let err = SinkError::transient(format!("sink {} panicked", shared.sink.name()));
             vec![Err(err); batch.len()]
         }
-    }
+    };
+    traced.finish(&outcomes);
+    outcomes
 }
 
 /// Records the outcome of a held batch in its own transaction and commits it; messages left

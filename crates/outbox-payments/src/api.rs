@@ -6,12 +6,14 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use outbox_core::RelayMonitor;
 use outbox_server::{Problem, Surface};
 use serde_json::json;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::db::{Created, Db};
@@ -43,6 +45,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/payments/{id}", get(get_payment))
         .merge(crate::openapi::docs())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(traced))
         .with_state(state)
 }
 
@@ -54,6 +57,47 @@ pub fn surface(state: ApiState, relays: &[RelayMonitor]) -> Surface {
         .iter()
         .fold(surface, |s, r| s.relay(r.clone()))
         .with(routes(state))
+}
+
+/// Runs each request in a SERVER span named after its route, continuing the caller's trace
+/// when the request carries a W3C `traceparent`; with the OpenTelemetry layer, the events a
+/// payment enqueues hang under it.
+async fn traced(req: axum::extract::Request, next: middleware::Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = format!("{method} {}", route.as_deref().unwrap_or("")).trim_end(),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = route,
+        url.path = %req.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    // `Body` is not `Sync`: no borrow of the request may live across the await below.
+    let (parent, state) = {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        (
+            header(outbox_core::trace::TRACEPARENT),
+            header(outbox_core::trace::TRACESTATE),
+        )
+    };
+    outbox_core::trace::set_remote_parent(&span, parent.as_deref(), state.as_deref());
+    let response = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    response
 }
 
 /// Everything the API serves, for tests and embedders that serve it themselves (the backlog

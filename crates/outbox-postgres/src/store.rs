@@ -14,6 +14,7 @@ use outbox_core::{
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::time::Instant;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::migrate::{LATEST_VERSION, migrate_to};
@@ -85,6 +86,15 @@ impl PgOutbox {
         tx: &mut Transaction<'_, Postgres>,
         msg: &NewMessage,
     ) -> Result<(), EnqueueError> {
+        let span = outbox_core::trace::create_span(std::slice::from_ref(msg));
+        self.insert_one(tx, msg).instrument(span).await
+    }
+
+    async fn insert_one(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        msg: &NewMessage,
+    ) -> Result<(), EnqueueError> {
         outbox_core::check_batch(std::slice::from_ref(msg), self.max_message_bytes)?;
         q(&self.sql.insert)
             .bind(msg.id())
@@ -111,6 +121,15 @@ impl PgOutbox {
         if msgs.is_empty() {
             return Ok(());
         }
+        let span = outbox_core::trace::create_span(msgs);
+        self.insert_batch(tx, msgs).instrument(span).await
+    }
+
+    async fn insert_batch(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        msgs: &[NewMessage],
+    ) -> Result<(), EnqueueError> {
         outbox_core::check_batch(msgs, self.max_message_bytes)?;
         let col = |f: &dyn Fn(&NewMessage) -> String| msgs.iter().map(f).collect::<Vec<_>>();
         q(&self.sql.insert_batch)

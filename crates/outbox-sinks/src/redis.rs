@@ -1,10 +1,12 @@
 //! Redis Streams: `XADD` to a stream named after the topic (with an optional prefix and an
 //! approximate `MAXLEN`), all messages of a batch in one pipeline. Entry fields: `id` (the
 //! deduplication key: streams keep duplicates, consumers drop them), `type`, `key`,
-//! `content_type`, `payload`, `headers` (JSON) and the CloudEvents attributes.
+//! `content_type`, `payload`, `headers` (JSON), the CloudEvents attributes, and the W3C trace
+//! context as fields of their own (`traceparent`, `tracestate`) where consumers' tracing
+//! libraries look for it.
 
 use async_trait::async_trait;
-use outbox_core::{Delivery, Message, Sink, SinkError};
+use outbox_core::{Delivery, Message, Sink, SinkError, trace};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -68,6 +70,11 @@ impl RedisSink {
             .arg(serde_json::to_string(&m.headers).unwrap_or_default());
         for (name, value) in cloudevents::attributes(m, cloudevents::DEFAULT_SOURCE) {
             cmd.arg(name).arg(value);
+        }
+        for name in [trace::TRACEPARENT, trace::TRACESTATE] {
+            if let Some(value) = m.headers.get(name) {
+                cmd.arg(name).arg(value);
+            }
         }
         cmd
     }

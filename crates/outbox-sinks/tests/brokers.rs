@@ -9,6 +9,10 @@ use outbox_core::{Message, Sink, Status};
 use uuid::Uuid;
 
 /// `n` messages over three keys, as a relay would hand them over.
+/// The trace context every sink carries in its transport's own headers.
+const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+const TRACESTATE: &str = "rojo=00f067aa0ba902b7";
+
 fn batch(topic: &str, n: usize) -> Vec<Message> {
     (0..n)
         .map(|i| Message {
@@ -20,10 +24,10 @@ fn batch(topic: &str, n: usize) -> Vec<Message> {
             partition: 0,
             payload: format!("{{\"n\":{i}}}").into(),
             content_type: outbox_core::JSON.into(),
-            headers: BTreeMap::from([(
-                "traceparent".into(),
-                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
-            )]),
+            headers: BTreeMap::from([
+                ("traceparent".into(), TRACEPARENT.into()),
+                ("tracestate".into(), TRACESTATE.into()),
+            ]),
             created_at: Utc::now(),
             available_at: Utc::now(),
             attempts: 1,
@@ -62,6 +66,8 @@ async fn redis_streams_receive_every_message_in_order_with_its_attributes() {
     assert_eq!(field(first, "ce-id"), msgs[0].id.to_string());
     assert_eq!(field(first, "ce-specversion"), "1.0");
     assert!(field(first, "headers").contains("traceparent"));
+    assert_eq!(field(first, "traceparent"), TRACEPARENT);
+    assert_eq!(field(first, "tracestate"), TRACESTATE);
     let _: () = conn.del(&stream).await.unwrap();
 }
 
@@ -137,7 +143,8 @@ async fn nats_jetstream_stores_each_message_once_in_order() {
             h.get("ce-subject").unwrap().as_str(),
             m.key.as_deref().unwrap()
         );
-        assert!(h.get("traceparent").is_some());
+        assert_eq!(h.get("traceparent").unwrap().as_str(), TRACEPARENT);
+        assert_eq!(h.get("tracestate").unwrap().as_str(), TRACESTATE);
         assert_eq!(&stored.payload[..], &m.payload[..]);
     }
     js.delete_stream(&name).await.unwrap();
@@ -348,7 +355,8 @@ mod webhook {
             assert_eq!(body, &m.payload);
             assert_eq!(h("ce-id"), id);
             assert_eq!(h("content-type"), "application/json");
-            assert!(headers.contains_key("traceparent"));
+            assert_eq!(h("traceparent"), TRACEPARENT);
+            assert_eq!(h("tracestate"), TRACESTATE);
         }
     }
 
@@ -481,7 +489,8 @@ mod amqp {
             };
             assert_eq!(header("ce-id"), m.id.to_string());
             assert_eq!(header("ce-subject"), m.key.clone().unwrap());
-            assert!(header("traceparent").starts_with("00-"));
+            assert_eq!(header("traceparent"), TRACEPARENT);
+            assert_eq!(header("tracestate"), TRACESTATE);
             assert_eq!(got.delivery.data, m.payload);
             got.delivery.ack(BasicAckOptions::default()).await.unwrap();
         }
@@ -570,6 +579,15 @@ mod mqtt {
                 "out of order or missing ce-id"
             );
             assert_eq!(props.content_type.as_deref(), Some("application/json"));
+            let property = |name: &str| {
+                props
+                    .user_properties
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+            };
+            assert_eq!(property("traceparent"), Some(TRACEPARENT));
+            assert_eq!(property("tracestate"), Some(TRACESTATE));
         }
     }
 }
@@ -648,6 +666,11 @@ mod kafka {
                 .and_then(|h| h.value)
                 .map(|v| String::from_utf8(v.to_vec()).unwrap());
             let ce_id = ce_id.expect("ce-id header");
+            let traceparent = headers
+                .iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value);
+            assert_eq!(traceparent, Some(TRACEPARENT.as_bytes()));
             distinct.insert(ce_id.clone());
             by_key.entry(key).or_default().push(ce_id);
         }

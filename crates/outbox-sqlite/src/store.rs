@@ -17,6 +17,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool, Transaction};
 use tokio::sync::Notify;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::migrate::{LATEST_VERSION, migrate_to};
@@ -325,6 +326,15 @@ impl SqliteOutbox {
     /// Adds many messages as part of `tx` in one multi-row statement (more only past SQLite's
     /// parameter limit); `seq` follows the slice's order.
     pub async fn enqueue_batch(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        msgs: &[NewMessage],
+    ) -> Result<(), EnqueueError> {
+        let span = outbox_core::trace::create_span(msgs);
+        self.insert_batch(tx, msgs).instrument(span).await
+    }
+
+    async fn insert_batch(
         &self,
         tx: &mut Transaction<'_, Sqlite>,
         msgs: &[NewMessage],

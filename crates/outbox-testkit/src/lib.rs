@@ -74,6 +74,7 @@ macro_rules! conformance_tests {
             shutdown_timeout_releases_unfinished_messages,
             idle_relay_is_woken_by_a_commit,
             headers_and_payload_round_trip,
+            trace_context_travels_from_the_enqueueing_span_through_the_publish_span,
             enqueue_refuses_reserved_headers_and_oversized_messages,
             a_claim_stops_at_its_byte_budget,
             migrate_is_idempotent,
@@ -187,6 +188,7 @@ mod admin;
 pub mod cluster;
 mod order;
 pub mod proxy;
+pub mod trace;
 
 pub use order::OrderCheck;
 
@@ -1020,6 +1022,95 @@ pub mod tests {
         Ok(())
     }
 
+    const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    fn got_header(seen: &[Message], id: Uuid, name: &str) -> bool {
+        seen.iter()
+            .any(|m| m.id == id && m.headers.contains_key(name))
+    }
+
+    /// A message enqueued inside a traced span records the context of the enqueue's `create`
+    /// span (a child of the caller's), unless the caller set one; the relay publishes each message under a `publish` span, child of the
+    /// stored context and following the messaging conventions, and the sink receives the
+    /// publish span's context, not the stored one. A message stored without a context goes
+    /// out without one.
+    pub async fn trace_context_travels_from_the_enqueueing_span_through_the_publish_span(
+        f: &dyn Fixture,
+    ) -> R {
+        use crate::trace::{attribute, ids, parse_traceparent, spans_of};
+        use tracing::Instrument;
+        crate::trace::recorder();
+        let request = tracing::info_span!("POST /orders");
+        let (trace, request_span) = ids(&request);
+        ensure!(trace != opentelemetry::trace::TraceId::INVALID);
+        let traced = msg("orders", 1);
+        let explicit = msg("orders", 2).trace_context(TRACEPARENT, Some("rojo=00f067aa0ba902b7"));
+        enqueue(f, &[traced.clone(), explicit.clone()])
+            .instrument(request.clone())
+            .await?;
+        drop(request);
+        // Enqueued outside any span: the relay does not start a trace for it.
+        let untraced = msg("orders", 3);
+        enqueue(f, std::slice::from_ref(&untraced)).await?;
+        let seen = drain(f.store(), drain_config()).await.messages();
+        ensure!(!got_header(&seen, untraced.id(), "traceparent"));
+        let got = |id| seen.iter().find(|m| m.id == id).expect("delivered");
+        let (t1, publish1) = parse_traceparent(&got(traced.id()).headers["traceparent"])
+            .expect("the sink got a traceparent");
+        ensure!(t1 == trace, "the enqueueing span's trace goes on");
+        ensure!(
+            publish1 != request_span,
+            "the sink carries the publish span"
+        );
+        let stored = explicit.header_map();
+        let (t2, publish2) = parse_traceparent(&got(explicit.id()).headers["traceparent"])
+            .expect("the sink got a traceparent");
+        let (explicit_trace, explicit_span) = parse_traceparent(&stored["traceparent"]).unwrap();
+        ensure!(
+            t2 == explicit_trace,
+            "a caller's traceparent is kept at enqueue"
+        );
+        ensure!(got(explicit.id()).headers["tracestate"] == "rojo=00f067aa0ba902b7");
+
+        eventually(
+            "publish spans are exported",
+            Duration::from_secs(10),
+            || async {
+                spans_of(trace)
+                    .iter()
+                    .any(|s| s.span_context.span_id() == publish1)
+                    && spans_of(explicit_trace)
+                        .iter()
+                        .any(|s| s.span_context.span_id() == publish2)
+            },
+        )
+        .await;
+        let publish = |t, id| {
+            spans_of(t)
+                .into_iter()
+                .find(|s| s.span_context.span_id() == id)
+                .unwrap()
+        };
+        let create = spans_of(trace)
+            .into_iter()
+            .find(|s| s.name == "create orders")
+            .expect("the enqueue has its span");
+        ensure!(create.parent_span_id == request_span, "{create:?}");
+        ensure!(create.span_kind == opentelemetry::trace::SpanKind::Producer);
+        let p1 = publish(trace, publish1);
+        ensure!(p1.parent_span_id == create.span_context.span_id(), "{p1:?}");
+        ensure!(p1.name == "publish orders", "{}", p1.name);
+        ensure!(p1.span_kind == opentelemetry::trace::SpanKind::Producer);
+        ensure!(attribute(&p1, "messaging.destination.name").as_deref() == Some("orders"));
+        ensure!(attribute(&p1, "messaging.operation").as_deref() == Some("publish"));
+        ensure!(attribute(&p1, "messaging.system").as_deref() == Some("handler"));
+        let id = traced.id().to_string();
+        ensure!(attribute(&p1, "messaging.message.id").as_deref() == Some(id.as_str()));
+        let p2 = publish(explicit_trace, publish2);
+        ensure!(p2.parent_span_id == explicit_span, "{p2:?}");
+        Ok(())
+    }
+
     /// Headers a transport sets itself or cannot carry, and messages over the size limit, are
     /// refused by name at enqueue, alone and in a batch, and nothing of the batch is written.
     pub async fn enqueue_refuses_reserved_headers_and_oversized_messages(f: &dyn Fixture) -> R {
@@ -1050,6 +1141,12 @@ pub mod tests {
             refused(msg("t", 0).header(name, "x"), "header").await?;
         }
         refused(msg("t", 0).header("x-note", "a\r\nBcc: x"), "x-note").await?;
+        refused(
+            msg("t", 0).header("traceparent", "00-x-y-01"),
+            "traceparent",
+        )
+        .await?;
+        refused(msg("t", 0).header("tracestate", "novalue"), "tracestate").await?;
         let big = NewMessage::bytes("t", "blob", "application/octet-stream", vec![0u8; 2 << 20])?;
         refused(big, "1048576").await?;
         let status = f.store().status().await?;
@@ -1058,7 +1155,7 @@ pub mod tests {
         enqueue(
             f,
             &[msg("t", 2)
-                .header("traceparent", "00-x-y-01")
+                .header("traceparent", TRACEPARENT)
                 .header("x-tenant", "a")],
         )
         .await?;
