@@ -12,7 +12,9 @@ use outbox_sinks::{Breaker, Route, Router};
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::cli::{BenchArgs, Cli, Command, DeadCommand, EnqueueArgs, RelayArgs};
+#[cfg(feature = "bench")]
+use crate::cli::BenchArgs;
+use crate::cli::{Cli, Command, DeadCommand, EnqueueArgs, RelayArgs};
 use crate::config::{
     FileConfig, RouteConfig, StoreSettings, relay_settings, sink_problems, store_settings,
 };
@@ -21,6 +23,7 @@ use crate::store::AnyStore;
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let file = FileConfig::load(cli.global.config.as_deref())?;
     init_logging(cli.global.log.as_deref().or(file.log.as_deref()));
+    #[cfg(feature = "demo")]
     if let Command::Demo(args) = cli.command {
         let url = cli.global.database_url.or(file.database_url);
         let schema = cli.global.schema.or(file.schema);
@@ -35,7 +38,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Relay(args) => relay(&settings, &file, args).await,
         Command::Status(f) => status(&settings, f.json).await,
         Command::Dead(cmd) => dead(&settings, cmd).await,
+        #[cfg(feature = "bench")]
         Command::Bench(args) => bench(&settings, args).await,
+        #[cfg(feature = "demo")]
         Command::Demo(_) => unreachable!("handled above"),
     }
     .map(|()| ExitCode::SUCCESS)
@@ -551,6 +556,7 @@ fn dead_entry(m: &outbox_core::Message) -> serde_json::Value {
 }
 
 /// Runs the benchmark scenarios; see [`crate::bench`].
+#[cfg(feature = "bench")]
 async fn bench(settings: &StoreSettings, args: BenchArgs) -> anyhow::Result<()> {
     for url in &args.sinks {
         outbox_sinks::check_url(url)?;
