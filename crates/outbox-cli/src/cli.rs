@@ -78,8 +78,10 @@ pub enum Command {
     #[command(subcommand)]
     Dead(DeadCommand),
     /// The payment system of the outbox pattern: API, worker, gateway and e-mail
+    #[cfg(feature = "demo")]
     Demo(DemoArgs),
     /// Measure the relay's drain rate on the configured database
+    #[cfg(feature = "bench")]
     Bench(BenchArgs),
 }
 
@@ -228,6 +230,7 @@ pub enum DeadCommand {
     },
 }
 
+#[cfg(feature = "demo")]
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Parts to run in this process: all, api, relay (with --broker), worker or gateway
@@ -287,6 +290,7 @@ pub struct DemoArgs {
     pub without_outbox: bool,
 }
 
+#[cfg(feature = "demo")]
 fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u64>, String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
     let (a, b): (u64, u64) = (
@@ -304,6 +308,7 @@ fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u64>, String> {
 }
 
 #[derive(Debug, Args)]
+#[cfg(feature = "bench")]
 pub struct BenchArgs {
     /// Messages in the drain backlog (and per broker)
     #[arg(long, default_value_t = 200_000)]

@@ -15,7 +15,9 @@ use outbox_sinks::{Breaker, Route, Router};
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::cli::{BenchArgs, Cli, Command, DeadCommand, EnqueueArgs, RelayArgs};
+#[cfg(feature = "bench")]
+use crate::cli::BenchArgs;
+use crate::cli::{Cli, Command, DeadCommand, EnqueueArgs, RelayArgs};
 use crate::config::{
     FileConfig, RouteConfig, StoreSettings, relay_settings, sink_problems, store_settings,
 };
@@ -34,6 +36,7 @@ pub async fn run(cli: Cli, telemetry: Option<&Telemetry>) -> anyhow::Result<Exit
         format,
         telemetry,
     );
+    #[cfg(feature = "demo")]
     if let Command::Demo(args) = cli.command {
         let url = cli.global.database_url.or(file.database_url);
         let schema = cli.global.schema.or(file.schema);
@@ -48,7 +51,9 @@ pub async fn run(cli: Cli, telemetry: Option<&Telemetry>) -> anyhow::Result<Exit
         Command::Relay(args) => relay(&settings, &file, args).await,
         Command::Status(f) => status(&settings, f.json).await,
         Command::Dead(cmd) => dead(&settings, cmd).await,
+        #[cfg(feature = "bench")]
         Command::Bench(args) => bench(&settings, args).await,
+        #[cfg(feature = "demo")]
         Command::Demo(_) => unreachable!("handled above"),
     }
     .map(|()| ExitCode::SUCCESS)
@@ -553,6 +558,7 @@ async fn dead_entries(
 }
 
 /// Runs the benchmark scenarios; see [`crate::bench`].
+#[cfg(feature = "bench")]
 async fn bench(settings: &StoreSettings, args: BenchArgs) -> anyhow::Result<()> {
     for url in &args.sinks {
         outbox_sinks::check_url(url)?;

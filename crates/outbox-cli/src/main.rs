@@ -1,10 +1,12 @@
 //! The `outbox` command: a thin shell over the library crates. Run the relay, migrate, enqueue,
 //! and inspect or repair an outbox on PostgreSQL or SQLite.
 
+#[cfg(feature = "bench")]
 mod bench;
 mod cli;
 mod commands;
 mod config;
+#[cfg(feature = "demo")]
 mod demo;
 mod store;
 mod telemetry;

@@ -57,10 +57,17 @@ pub fn settle_took(d: Duration) {
 pub struct PerTopic(Vec<(String, u64)>);
 
 impl PerTopic {
-    pub fn add(&mut self, topic: &str) {
-        match self.0.iter_mut().find(|(t, _)| t == topic) {
-            Some((_, n)) => *n += 1,
-            None => self.0.push((topic.to_owned(), 1)),
+    /// Counts one message of `topic`; returns the topic's index in this tally.
+    pub fn add(&mut self, topic: &str) -> usize {
+        match self.0.iter().position(|(t, _)| t == topic) {
+            Some(i) => {
+                self.0[i].1 += 1;
+                i
+            }
+            None => {
+                self.0.push((topic.to_owned(), 1));
+                self.0.len() - 1
+            }
         }
     }
 
@@ -97,8 +104,9 @@ pub struct Tally {
     pub permanent: PerTopic,
     pub dead: PerTopic,
     pub released: PerTopic,
-    /// Topic and commit time of each delivered message, for the lag.
-    pub committed: Vec<(String, chrono::DateTime<Utc>)>,
+    /// Commit time of each delivered message, with its topic's index in `delivered`, for
+    /// the lag (no string per message).
+    pub committed: Vec<(usize, chrono::DateTime<Utc>)>,
 }
 
 impl Tally {
@@ -106,17 +114,15 @@ impl Tally {
     pub fn delivered(&self, sink: &str) {
         self.delivered.count(DELIVERED, sink, &[]);
         let now = Utc::now();
-        let mut current: Option<(&str, metrics::Histogram)> = None;
+        let lags: Vec<metrics::Histogram> = self
+            .delivered
+            .0
+            .iter()
+            .map(|(topic, _)| metrics::histogram!(LAG, "topic" => topic.clone()))
+            .collect();
         for (topic, at) in &self.committed {
             let lag = (now - *at).to_std().unwrap_or_default().as_secs_f64();
-            match &current {
-                Some((t, h)) if t == topic => h.record(lag),
-                _ => {
-                    let h = metrics::histogram!(LAG, "topic" => topic.clone());
-                    h.record(lag);
-                    current = Some((topic, h));
-                }
-            }
+            lags[*topic].record(lag);
         }
     }
 

@@ -993,8 +993,8 @@ fn classify(
         let err = match outcome {
             Some(Ok(())) => {
                 acks.push(msg.id);
-                tally.delivered.add(&msg.topic);
-                tally.committed.push((msg.topic.clone(), msg.created_at));
+                let topic = tally.delivered.add(&msg.topic);
+                tally.committed.push((topic, msg.created_at));
                 continue;
             }
             None => {
