@@ -127,8 +127,9 @@ function drawChart() {
   const w = 600, h = 160, pad = 8;
   const line = (values) => {
     const max = Math.max(1, ...values);
-    const step = samples.length > 1 ? w / (SAMPLES - 1) : 0;
-    const offset = (SAMPLES - samples.length) * step;
+    // The samples so far span the width; once there are SAMPLES, the oldest scroll out.
+    const step = samples.length > 1 ? w / (samples.length - 1) : 0;
+    const offset = 0;
     return {
       max,
       points: values.map((v, i) =>
@@ -201,7 +202,9 @@ function deadRow(m) {
   const row = el("tr");
   row.dataset.id = m.id;
   const actions = el("td", null, "actions");
-  actions.append(
+  const buttons = el("div", null, "buttons");
+  actions.append(buttons);
+  buttons.append(
     button("Show", "Show message " + m.id, () => show(m.id)),
     button("Retry", "Retry message " + m.id, () => retryOne(m.id)),
     button("Purge", "Purge message " + m.id, () => purgeOne(m.id), "danger"),

@@ -214,10 +214,28 @@ async fn the_dashboard_shows_the_outbox_and_retries_a_dead_letter_by_click() -> 
     Ok(())
 }
 
-/// Lets the chart gather a few samples while the backlog grows, then saves the page.
+/// Runs a slow relay on the outbox and lets the chart gather samples while waves of messages
+/// arrive and drain, then saves the page.
 async fn screenshot(admin: &Admin, browser: &Browser, path: &str) -> R {
-    for wave in 1..=8u64 {
-        let batch: Vec<_> = (0..wave * 15)
+    // A sink of about 200 messages a second, slow enough for the backlog to show.
+    let sink = outbox_core::HandlerSink::new(|_| async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok(())
+    })
+    .concurrency(1);
+    let config = outbox_core::RelayConfig {
+        relay_id: "relay".into(),
+        batch_size: 20,
+        ..outbox_core::RelayConfig::default()
+    };
+    let relay =
+        outbox_core::Relay::with_config(admin.dyn_store(), std::sync::Arc::new(sink), config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run(async {
+        let _ = stopped.await;
+    }));
+    for wave in 1..=12u64 {
+        let batch: Vec<_> = (0..(wave % 4) * 400)
             .map(|n| message("payments", "payment.created", None, 1000 * wave + n))
             .collect();
         enqueue(&admin.store, &batch).await?;
@@ -242,6 +260,8 @@ async fn screenshot(admin: &Admin, browser: &Browser, path: &str) -> R {
     }
     let png = browser.client.screenshot().await?;
     std::fs::write(path, png)?;
+    let _ = stop.send(());
+    running.await?;
     Ok(())
 }
 
