@@ -35,12 +35,24 @@ pub async fn fresh_store() -> anyhow::Result<PgStore> {
     Ok(PgStore::with_config(pool, config)?)
 }
 
+/// Drops the test's schema. A relay task of the test may still be finishing a statement on one
+/// of its tables (a heartbeat, a recovery), and `DROP … CASCADE` locks every object in an order
+/// of its own: PostgreSQL then breaks the deadlock by failing one of them, so a drop it chose
+/// is tried again.
 pub async fn drop_schema(store: &PgStore) -> anyhow::Result<()> {
     let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", store.config().schema);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(store.pool())
-        .await?;
-    Ok(())
+    let mut tries = 0;
+    loop {
+        let dropped = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(store.pool())
+            .await;
+        match dropped {
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("40P01") && tries < 5 => {
+                tries += 1;
+            }
+            other => return other.map(drop).map_err(Into::into),
+        }
+    }
 }
 
 /// Relays hold claims in a transaction (the default).
