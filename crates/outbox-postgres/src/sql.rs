@@ -100,9 +100,11 @@ impl Sql {
             insert_batch: r(INSERT_BATCH),
             claim_runs: r(&CLAIM_RUNS.replace("{columns}", COLUMNS)),
             lease: r(LEASE),
+            // Dated by the claim's transaction, not by this insert: a batch claimed before a
+            // restart whose record is written after it is an orphan of the restart too.
             delivery_start: r(
-                "INSERT INTO {schema}.{p}deliveries (lock_key, relay, ids, busy_until) \
-                 VALUES ($1, $2, $3, now() + make_interval(secs => $4::float8)) \
+                "INSERT INTO {schema}.{p}deliveries (lock_key, relay, ids, started_at, busy_until) \
+                 VALUES ($1, $2, $3, $5, $5 + make_interval(secs => $4::float8)) \
                  ON CONFLICT (lock_key) DO NOTHING",
             ),
             fenced: r("SELECT key, id FROM {schema}.{p}fenced()"),
@@ -220,8 +222,8 @@ const INSERT_BATCH: &str = "INSERT INTO {schema}.{p}messages \
 /// The claim (migrations 7 and 8): key heads and their runs in a window of the ready index,
 /// locked by the caller's transaction and bounded by count and bytes; `due` tells the caller
 /// where a run must stop.
-const CLAIM_RUNS: &str = "SELECT {columns}, m.interrupted, (m.available_at <= now()) AS due \
-    FROM {schema}.{p}claim_runs($1, $2, $3, $4, $5, $6, $7, $8) m";
+const CLAIM_RUNS: &str = "SELECT {columns}, m.interrupted, (m.available_at <= now()) AS due, \
+    now() AS claimed_at FROM {schema}.{p}claim_runs($1, $2, $3, $4, $5, $6, $7, $8) m";
 
 /// A leased claim writes its lease on the rows it picked, in the transaction of the claim.
 const LEASE: &str = "UPDATE {schema}.{p}messages SET status = 'in_flight', locked_by = $2, \

@@ -322,14 +322,15 @@ impl PgStore {
 
     /// Runs the claim in `conn`'s transaction and picks the batch; its rows stay locked by it.
     /// A held claim passes its lease as the transaction's idle timeout (`idle_ms`) and the key
-    /// of its delivery lock.
+    /// of its delivery lock. Also returns the claim transaction's time (none when nothing was
+    /// found).
     async fn pick_in(
         &self,
         conn: &mut PgConnection,
         req: &ClaimRequest<'_>,
         idle_ms: Option<i64>,
         lock_key: Option<i32>,
-    ) -> StoreResult<Vec<Message>> {
+    ) -> StoreResult<(Vec<Message>, Option<DateTime<Utc>>)> {
         let claim = q(&self.sql().claim_runs)
             .bind(int(req.limit))
             .bind(int(req.scan_window()))
@@ -348,7 +349,11 @@ impl PgStore {
             .filter(|c| c.as_ref().map_or(true, |c| !fence.covers(&c.message)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(db)?;
-        Ok(pick(candidates, req))
+        let claimed_at = match rows.first() {
+            Some(row) => Some(row.try_get("claimed_at").map_err(db)?),
+            None => None,
+        };
+        Ok((pick(candidates, req), claimed_at))
     }
 
     /// What a database restart cut off while its relays may still be delivering it (see
@@ -448,7 +453,7 @@ fn messages(rows: Vec<PgRow>) -> StoreResult<Vec<Message>> {
 impl PgStore {
     async fn claim_leased_unbounded(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let mut batch = self.pick_in(&mut tx, req, None, None).await?;
+        let (mut batch, _) = self.pick_in(&mut tx, req, None, None).await?;
         if batch.is_empty() {
             tx.rollback().await.map_err(db)?;
             return Ok(batch);
@@ -479,13 +484,13 @@ impl PgStore {
         let lock_key = (rand::random::<u32>() & 0x7fff_ffff) as i32;
         // The idle timeout is an int of milliseconds; 0 would mean none.
         let idle = millis(req.lease).clamp(1, i64::from(i32::MAX));
-        let mut messages = self
+        let (mut messages, claimed_at) = self
             .pick_in(&mut tx, req, Some(idle), Some(lock_key))
             .await?;
-        if messages.is_empty() {
+        let Some(claimed_at) = claimed_at.filter(|_| !messages.is_empty()) else {
             tx.rollback().await.map_err(db)?;
             return Ok(None);
-        }
+        };
         for m in &mut messages {
             m.attempts += 1;
             m.status = Status::InFlight;
@@ -497,6 +502,7 @@ impl PgStore {
             .bind(req.relay.to_owned())
             .bind(messages.iter().map(|m| m.id).collect::<Vec<_>>())
             .bind(req.lease.as_secs_f64())
+            .bind(claimed_at)
             .execute(&self.records)
             .await;
         if let Err(e) = started {
