@@ -64,39 +64,6 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-fn rejected(status: StatusCode, detail: String) -> Problem {
-    let title = if status.is_client_error() {
-        "Bad request"
-    } else {
-        "Error"
-    };
-    // A rejection is always the client's doing here; never answer it with a 5xx.
-    let status = if status.is_client_error() {
-        status
-    } else {
-        StatusCode::BAD_REQUEST
-    };
-    Problem::new(status, title, detail)
-}
-
-impl From<QueryRejection> for Problem {
-    fn from(r: QueryRejection) -> Self {
-        rejected(r.status(), r.body_text())
-    }
-}
-
-impl From<PathRejection> for Problem {
-    fn from(r: PathRejection) -> Self {
-        rejected(r.status(), r.body_text())
-    }
-}
-
-impl From<JsonRejection> for Problem {
-    fn from(r: JsonRejection) -> Self {
-        rejected(r.status(), r.body_text())
-    }
-}
-
 async fn auth_info(State(state): State<AdminState>) -> Response {
     Json(json!({ "token_required": state.token.is_some() })).into_response()
 }

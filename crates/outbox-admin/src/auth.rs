@@ -7,7 +7,7 @@ use axum::response::Response;
 use subtle::ConstantTimeEq;
 
 use crate::AdminState;
-use crate::problem::Problem;
+use crate::problem::unauthorized;
 
 /// Lets a request through when no token is configured or when it carries the token. The
 /// comparison takes the same time whatever the guess, so timing does not reveal the token.
@@ -29,6 +29,6 @@ pub(crate) async fn require_token(
         Some(given) if bool::from(given.as_bytes().ct_eq(token.as_bytes())) => {
             next.run(request).await
         }
-        _ => Problem::unauthorized(),
+        _ => unauthorized(),
     }
 }

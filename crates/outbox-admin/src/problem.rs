@@ -1,54 +1,20 @@
-//! RFC 9457 problem responses.
+//! How the admin API's errors answer: as the RFC 9457 problems of every server
+//! ([`outbox_server::Problem`]).
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use outbox_core::StoreError;
-use serde_json::json;
 
 use crate::Error;
 
-/// An `application/problem+json` answer.
-pub(crate) struct Problem {
-    status: StatusCode,
-    title: &'static str,
-    detail: String,
-}
+pub(crate) use outbox_server::Problem;
 
-impl Problem {
-    pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            title,
-            detail: detail.into(),
-        }
-    }
-
-    pub fn unauthorized() -> Response {
-        let mut r = Self::new(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "send the admin token as Authorization: Bearer <token>",
-        )
-        .into_response();
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"outbox-admin\""),
-        );
-        r
-    }
-}
-
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        let body = json!({
-            "type": "about:blank",
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        let headers = [(header::CONTENT_TYPE, "application/problem+json")];
-        (self.status, headers, body.to_string()).into_response()
-    }
+/// `401` for an API call without the admin token.
+pub(crate) fn unauthorized() -> Response {
+    Problem::unauthorized(
+        "outbox-admin",
+        "send the admin token as Authorization: Bearer <token>",
+    )
 }
 
 impl From<Error> for Problem {

@@ -1,6 +1,7 @@
 //! Errors as `application/problem+json` (RFC 9457), the one error format of every server.
 
-use axum::http::{StatusCode, header};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
@@ -46,6 +47,48 @@ impl Problem {
             "Method not allowed",
             "this route does not take that method",
         )
+    }
+}
+
+impl Problem {
+    /// `401` for a request without the bearer token of `realm`, with its `WWW-Authenticate`.
+    pub fn unauthorized(realm: &str, detail: impl Into<String>) -> Response {
+        let mut response =
+            Self::new(StatusCode::UNAUTHORIZED, "Unauthorized", detail).into_response();
+        if let Ok(challenge) = HeaderValue::from_str(&format!("Bearer realm=\"{realm}\"")) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        response
+    }
+
+    /// A request an extractor refused (a bad query, path or body): always the client's doing,
+    /// so never answered with a 5xx.
+    fn rejected(status: StatusCode, detail: String) -> Self {
+        if status.is_client_error() {
+            Self::new(status, "Bad request", detail)
+        } else {
+            Self::new(StatusCode::BAD_REQUEST, "Bad request", detail)
+        }
+    }
+}
+
+impl From<QueryRejection> for Problem {
+    fn from(r: QueryRejection) -> Self {
+        Self::rejected(r.status(), r.body_text())
+    }
+}
+
+impl From<PathRejection> for Problem {
+    fn from(r: PathRejection) -> Self {
+        Self::rejected(r.status(), r.body_text())
+    }
+}
+
+impl From<JsonRejection> for Problem {
+    fn from(r: JsonRejection) -> Self {
+        Self::rejected(r.status(), r.body_text())
     }
 }
 
