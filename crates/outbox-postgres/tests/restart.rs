@@ -50,6 +50,24 @@ async fn claim_for(store: &PgStore, lease: Duration) -> anyhow::Result<Option<Bo
     }
 }
 
+/// Claims (as relay "b", with `lease`) until a batch holds key `k`, for at most `bound`.
+async fn claim_key(
+    store: &PgStore,
+    lease: Duration,
+    bound: Duration,
+    never: &str,
+) -> anyhow::Result<Box<dyn HeldBatch>> {
+    let until = tokio::time::Instant::now() + bound;
+    loop {
+        let batch = claim_for(store, lease).await?;
+        if keys(&batch).iter().any(|k| k == "k") {
+            return Ok(batch.expect("a batch holding k"));
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < until, "{never}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn keys(batch: &Option<Box<dyn HeldBatch>>) -> Vec<String> {
     batch.as_ref().map_or(Vec::new(), |b| {
         b.messages()
@@ -98,17 +116,13 @@ async fn after_a_restart_a_key_whose_delivery_may_still_run_is_not_claimed_until
     drop(first);
 
     // Once relay "a"'s deadline has passed, k's run is claimable again, from its first message.
-    let until = tokio::time::Instant::now() + 4 * LEASE;
-    let mut again = claim(&store).await?;
-    while !keys(&again).iter().any(|k| k == "k") {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < until,
-            "k's run was never claimable again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        again = claim(&store).await?;
-    }
-    let again = again.expect("k's run");
+    let again = claim_key(
+        &store,
+        LEASE,
+        4 * LEASE,
+        "k's run was never claimable again",
+    )
+    .await?;
     let first_of_k = again
         .messages()
         .iter()
@@ -148,17 +162,13 @@ async fn after_a_restart_a_key_is_claimable_as_soon_as_its_relay_gives_up_its_ba
             .is_err(),
         "an outcome was recorded on a session that died with the restart"
     );
-    let until = tokio::time::Instant::now() + LONG_LEASE / 4;
-    let mut again = claim_for(&store, LONG_LEASE).await?;
-    while !keys(&again).iter().any(|k| k == "k") {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < until,
-            "k stayed fenced after its relay gave up the batch"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        again = claim_for(&store, LONG_LEASE).await?;
-    }
-    let again = again.expect("k's run");
+    let again = claim_key(
+        &store,
+        LONG_LEASE,
+        LONG_LEASE / 4,
+        "k stayed fenced after its relay gave up the batch",
+    )
+    .await?;
     assert_eq!(again.messages()[0].id, run[0].id());
     // The attempt of a batch whose database failed is not counted against its messages.
     assert_eq!(again.messages()[0].attempts, 1);
