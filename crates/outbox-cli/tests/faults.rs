@@ -240,10 +240,13 @@ async fn requests(inner: &Inner, stream: TcpStream) -> std::io::Result<()> {
         if !inner.delay.is_zero() {
             tokio::time::sleep(inner.delay).await;
         }
+        // The delivery ends before its answer leaves: once the answer is out, the relay may send
+        // the key's next message on another connection, whose task could otherwise mark the key
+        // busy before this one got round to clearing it.
+        drop(answering);
         writer
             .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
             .await?;
-        drop(answering);
     }
 }
 
