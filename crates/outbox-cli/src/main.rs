@@ -45,7 +45,43 @@ fn main() -> ExitCode {
 /// One readable line on stderr, and a non-zero exit. Errors quote the URLs they failed on
 /// (ours and the libraries'), so the line loses its credentials.
 fn fail(e: &anyhow::Error) -> ExitCode {
-    let line = outbox_core::redact(&format!("{e:#}").replace('\n', " "));
+    let line = outbox_core::redact(&one_line(e.chain().map(ToString::to_string)));
     eprintln!("error: {line}");
     ExitCode::FAILURE
+}
+
+/// The error and its causes, each said once: many errors quote their source in their own
+/// message and hand it out as their source too, which would print it again at every level.
+fn one_line(causes: impl Iterator<Item = String>) -> String {
+    let mut line = String::new();
+    for cause in causes {
+        let cause = cause.replace('\n', " ");
+        if line.contains(cause.as_str()) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&cause);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_cause_already_quoted_is_left_out() {
+        let chain = ["cannot open x", "database error: no file", "no file"];
+        assert_eq!(
+            one_line(chain.iter().map(|s| s.to_string())),
+            "cannot open x: database error: no file"
+        );
+        let distinct = ["connect failed", "timed out"];
+        assert_eq!(
+            one_line(distinct.iter().map(|s| s.to_string())),
+            "connect failed: timed out"
+        );
+    }
 }

@@ -546,6 +546,26 @@ fn errors_are_one_readable_line_and_non_zero() {
     }
 }
 
+/// A cause that the message above it already quotes is not printed again: libraries often
+/// put their source's text in their own message and also hand out the source.
+#[test]
+fn each_cause_of_an_error_is_printed_once() {
+    let db = Db::sqlite();
+    let out = db
+        .cmd(&["status"])
+        .env("OUTBOX_DATABASE_URL", "sqlite:///no/such/dir/x.db")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr_line(&out);
+    assert!(err.contains("/no/such/dir/x.db"), "{err}");
+    assert_eq!(
+        err.matches("unable to open database file").count(),
+        1,
+        "{err}"
+    );
+}
+
 #[test]
 fn config_file_supplies_settings_and_rejects_typos() {
     let db = Db::sqlite();
