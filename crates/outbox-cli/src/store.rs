@@ -7,11 +7,35 @@ use anyhow::{Context, bail};
 use outbox_core::{NewMessage, Store, redact};
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::Connection;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use uuid::Uuid;
 
 use crate::cli::ClaimArg;
 use crate::config::StoreSettings;
+
+/// Connects a pool, saying why when PostgreSQL cannot be reached. The pool retries a refused
+/// or unreachable server until its acquire timeout and then reports only "pool timed out";
+/// one direct connection attempt gives the reason (refused, unknown host, no such database).
+pub async fn connect_postgres(options: PgPoolOptions, url: &str) -> anyhow::Result<PgPool> {
+    let shown = redact(url);
+    match options.connect(url).await {
+        Ok(pool) => Ok(pool),
+        Err(sqlx::Error::PoolTimedOut) => {
+            let direct = tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(url));
+            let why = match direct.await {
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(conn)) => {
+                    let _ = conn.close().await;
+                    "no connection within the pool's timeout".to_owned()
+                }
+                Err(_) => "no answer within 5 s".to_owned(),
+            };
+            bail!("cannot connect to {shown}: {why}")
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot connect to {shown}")),
+    }
+}
 
 /// A store of either kind, for the commands that need the writer's side too.
 #[derive(Clone)]
@@ -65,10 +89,7 @@ impl AnyStore {
                     .max_connections(pool_size)
                     .acquire_timeout(Duration::from_secs(5));
                 let pool = if eager {
-                    options
-                        .connect(url)
-                        .await
-                        .with_context(|| format!("cannot connect to {shown}"))?
+                    connect_postgres(options, url).await?
                 } else {
                     options
                         .connect_lazy(url)

@@ -478,7 +478,7 @@ fn errors_are_one_readable_line_and_non_zero() {
                 "OUTBOX_DATABASE_URL",
                 "postgres://postgres@127.0.0.1:1/test",
             )],
-            "cannot connect",
+            "Connection refused",
         ),
         (
             &["status"],

@@ -66,12 +66,10 @@ impl BenchDb {
             if let Some(prefix) = &s.table_prefix {
                 config.table_prefix = prefix.clone();
             }
-            let pool = PgPoolOptions::new()
+            let options = PgPoolOptions::new()
                 .max_connections(clients as u32 + 6)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(url)
-                .await
-                .with_context(|| format!("cannot connect to {shown}"))?;
+                .acquire_timeout(Duration::from_secs(10));
+            let pool = crate::store::connect_postgres(options, url).await?;
             let names = Names::new(&format!("{}.", config.schema), &config.table_prefix);
             let store = PgStore::with_config(pool, config)?.with_claim_mode(claim.into());
             return Ok(Self::Postgres { store, names });
