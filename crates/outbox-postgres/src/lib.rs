@@ -26,6 +26,13 @@
 //!
 //! - **Enqueue** is one `INSERT` in the caller's transaction (a batch is one `INSERT … SELECT
 //!   FROM UNNEST`), so the message commits or rolls back with the data.
+//! - **Enqueue from SQL**, for writers in other languages sharing the database: the migrations
+//!   install `outbox_enqueue(topic, type, payload jsonb [, key [, headers jsonb]])` and
+//!   `outbox_enqueue_bytes(topic, type, content_type, payload bytea [, key [, headers]])`
+//!   (named after the configured schema and prefix). They apply the library's checks (names,
+//!   reserved and malformed headers, the size limit from the `outbox.max_message_bytes`
+//!   setting, 1 MiB by default), refuse with SQLSTATE 22023 in the library's words, and write
+//!   the row the library would, partition included.
 //! - **Claim** is one `SELECT … FOR UPDATE SKIP LOCKED` per batch, in a transaction that
 //!   stays open while the batch is delivered ([`ClaimMode::Transaction`], the default): the row
 //!   locks are the lease. Concurrent relays take disjoint rows without waiting on each other; a

@@ -65,6 +65,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "keys of deliveries cut off by a database restart stay fenced until their deadline",
         sql: include_str!("../migrations/0010_restart_fence.sql"),
     },
+    Migration {
+        version: 11,
+        description: "enqueue from SQL: outbox_enqueue() and outbox_enqueue_bytes()",
+        sql: include_str!("../migrations/0011_sql_enqueue.sql"),
+    },
 ];
 
 /// The schema version this build writes.
