@@ -285,7 +285,13 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
         }
         None => None,
     };
-    if !args.no_migrate && !wait_for_migration(store.as_ref()).await? {
+    if args.no_migrate {
+        // Checked before any claim: on an old schema every claim would fail, and the relay
+        // would report the database down forever.
+        store.check_schema().await.context(
+            "--no-migrate: the relay does not upgrade the schema; run `outbox migrate` first",
+        )?;
+    } else if !wait_for_migration(store.as_ref()).await? {
         return Ok(());
     }
     let report = relay.run(shutdown_signal()).await;

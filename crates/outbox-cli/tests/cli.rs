@@ -566,6 +566,54 @@ fn each_cause_of_an_error_is_printed_once() {
     );
 }
 
+/// A relay told not to migrate refuses, at start and in one line, a schema older than it needs,
+/// instead of failing every claim against functions that are not there yet.
+#[test]
+fn a_relay_without_migrations_refuses_an_older_schema_at_start() {
+    let db = Db::postgres();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let config = outbox_postgres::PgConfig {
+            schema: db.schema.clone().unwrap(),
+            ..Default::default()
+        };
+        let store = outbox_postgres::PgStore::connect(&db.url, config)
+            .await
+            .unwrap();
+        store.migrate_to(9).await.unwrap();
+    });
+    let mut child = db
+        .cmd(&["relay", "--sink", "null:", "--no-migrate"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the relay started on an old schema: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(!status.success());
+    let err = stderr_line(&out);
+    assert!(
+        err.contains("version 9") && err.contains("outbox migrate"),
+        "{err}"
+    );
+    // Migrated, the same command starts.
+    assert!(db.run(&["migrate"]).status.success());
+}
+
 #[test]
 fn config_file_supplies_settings_and_rejects_typos() {
     let db = Db::sqlite();

@@ -96,7 +96,7 @@ pub use sink::{Circuit, Delivery, HandlerSink, Sink, SinkError, one_outcome_each
 pub use store::{
     DeadFilter, Failure, HeldBatch, MAX_ERROR_LEN, PollingWaiter, RelaySeen, Retention,
     StatusCounts, Store, StoreError, StoreResult, TopicBacklog, Waiter, check_identifier,
-    storable_error,
+    check_schema_version, storable_error,
 };
 
 pub use async_trait::async_trait;

@@ -25,6 +25,8 @@ pub enum StoreError {
         "the database schema is at version {found}, newer than this build knows ({known}); upgrade outbox"
     )]
     SchemaTooNew { found: i64, known: i64 },
+    #[error("the database schema is at version {found}, older than this build needs ({needed})")]
+    SchemaTooOld { found: i64, needed: i64 },
     #[error("invalid configuration: {0}")]
     Config(String),
 }
@@ -54,6 +56,22 @@ impl StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What [`Store::check_schema`] concludes from the version the database is at (`found`, 0 for
+/// no schema) and the one this build writes (`latest`).
+pub fn check_schema_version(found: i64, latest: i64) -> StoreResult<()> {
+    match found.cmp(&latest) {
+        std::cmp::Ordering::Less => Err(StoreError::SchemaTooOld {
+            found,
+            needed: latest,
+        }),
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Greater => Err(StoreError::SchemaTooNew {
+            found,
+            known: latest,
+        }),
+    }
+}
 
 fn unsupported(what: &str) -> StoreError {
     StoreError::Config(format!("this store does not support {what}"))
@@ -198,6 +216,14 @@ pub struct RelaySeen {
 pub trait Store: Send + Sync {
     /// Creates or upgrades the schema. Idempotent and safe to run from several processes.
     async fn migrate(&self) -> StoreResult<()>;
+
+    /// Checks, without changing anything, that the schema is the one this build works with:
+    /// [`StoreError::SchemaTooOld`] or [`StoreError::SchemaTooNew`] otherwise. For a relay
+    /// that does not migrate at start, so that it refuses an old schema at once instead of
+    /// failing every claim. Stores without versioned schemas have nothing to check.
+    async fn check_schema(&self) -> StoreResult<()> {
+        Ok(())
+    }
 
     /// Claims up to `limit` deliverable messages for `relay`, leased for `lease`, oldest first.
     /// Each claim counts as an attempt.

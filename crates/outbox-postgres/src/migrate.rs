@@ -72,6 +72,22 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// The version the schema is at, without creating anything: 0 when there is none.
+pub(crate) async fn schema_version(pool: &PgPool, cfg: &PgConfig) -> StoreResult<i64> {
+    let sql = cfg.render("SELECT coalesce(max(version), 0) FROM {schema}.{p}schema_migrations");
+    match sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await
+    {
+        Ok(v) => Ok(v),
+        // No schema or no table yet (undefined_table, invalid_schema_name).
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P01" | "3F000")) => {
+            Ok(0)
+        }
+        Err(e) => Err(StoreError::database(e)),
+    }
+}
+
 /// The schema version this build writes.
 pub const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 

@@ -527,6 +527,13 @@ impl Store for PgStore {
         migrate_to(&self.pool, &self.config, LATEST_VERSION).await
     }
 
+    async fn check_schema(&self) -> StoreResult<()> {
+        let found = self
+            .bounded(crate::migrate::schema_version(&self.pool, &self.config))
+            .await?;
+        outbox_core::check_schema_version(found, LATEST_VERSION)
+    }
+
     async fn claim_leased(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
         self.bounded(self.claim_leased_unbounded(req)).await
     }

@@ -37,6 +37,28 @@ const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// The version the schema is at, without creating anything: 0 when there is none.
+pub(crate) async fn schema_version(pool: &SqlitePool, prefix: &str) -> StoreResult<i64> {
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?)",
+    )
+    .bind(format!("{prefix}schema_migrations"))
+    .fetch_one(pool)
+    .await
+    .map_err(StoreError::database)?;
+    if !exists {
+        return Ok(0);
+    }
+    let sql = render(
+        "SELECT coalesce(max(version), 0) FROM {p}schema_migrations",
+        prefix,
+    );
+    sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await
+        .map_err(StoreError::database)
+}
+
 /// The schema version this build writes.
 pub const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 

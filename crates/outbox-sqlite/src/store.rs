@@ -625,6 +625,11 @@ impl Store for SqliteStore {
         migrate_to(&self.pool, &self.config.table_prefix, LATEST_VERSION).await
     }
 
+    async fn check_schema(&self) -> StoreResult<()> {
+        let found = crate::migrate::schema_version(&self.pool, &self.config.table_prefix).await?;
+        outbox_core::check_schema_version(found, LATEST_VERSION)
+    }
+
     async fn claim_leased(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
         let now = now_ms();
         // The write lock up front: the claim reads, then writes its lease, with no writer between.

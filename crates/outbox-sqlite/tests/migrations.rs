@@ -64,6 +64,39 @@ async fn refuses_a_schema_newer_than_the_build() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The check a relay that does not migrate makes at start: it reads the version and changes
+/// nothing (no table is created for it).
+#[tokio::test]
+async fn the_schema_check_names_the_versions_and_writes_nothing() -> anyhow::Result<()> {
+    let f = common::fresh().await?;
+    let err = f.store.check_schema().await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaTooOld { found: 0, needed } if needed == LATEST_VERSION),
+        "{err}"
+    );
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table'")
+        .fetch_one(f.store.pool())
+        .await?;
+    assert_eq!(tables, 0, "the check created a table");
+    f.store.migrate_to(2).await?;
+    let err = f.store.check_schema().await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaTooOld { found: 2, .. }),
+        "{err}"
+    );
+    f.store.migrate().await?;
+    f.store.check_schema().await?;
+    sqlx::query("INSERT INTO outbox_schema_migrations VALUES (999, 'future', 0)")
+        .execute(f.store.pool())
+        .await?;
+    let err = f.store.check_schema().await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 999, .. }),
+        "{err}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn table_prefix_keeps_outboxes_apart() -> anyhow::Result<()> {
     let f = common::fresh().await?;
