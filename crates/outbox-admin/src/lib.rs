@@ -40,7 +40,7 @@
 //!   served to anyone; the page asks for the token and keeps it in `sessionStorage`.
 //! - **Errors** are `application/problem+json` (RFC 9457). A client's mistake (bad filter,
 //!   unknown id, malformed body) is a `4xx`; only a database that does not answer is a `503`.
-//! - **Secrets.** Error texts pass through [`outbox_core::redact`] before they are shown.
+//! - **Secrets.** Error texts pass through [`outbox_core::redact()`] before they are shown.
 
 mod api;
 mod assets;

@@ -48,26 +48,30 @@
 //!
 //! ## Usage
 //!
-//! ```ignore
-//! # async fn demo(pool: sqlx::PgPool) -> anyhow::Result<()> {
+//! A store writes a [`NewMessage`] in the caller's transaction (`outbox-postgres` and
+//! `outbox-sqlite` show that part with their own transaction types); a [`Relay`] on the same
+//! store then delivers it to a [`Sink`]:
+//!
+//! ```no_run
 //! use std::sync::Arc;
-//! use outbox_core::{HandlerSink, NewMessage, Relay};
-//! use outbox_postgres::PgStore;
+//! use outbox_core::{HandlerSink, Message, MessageError, NewMessage, Relay, Store};
 //!
-//! let store = PgStore::new(pool.clone());
-//! store.migrate().await?;
-//! let mut tx = pool.begin().await?;
-//! // … your business writes on `tx` …
-//! let msg = NewMessage::json("payments", "payment.created", &serde_json::json!({"id": 42}))?.key("42");
-//! store.outbox().enqueue(&mut tx, &msg).await?;
-//! tx.commit().await?;
+//! // The event, enqueued by the store together with your business writes.
+//! fn payment_created(id: u64) -> Result<NewMessage, MessageError> {
+//!     Ok(NewMessage::json("payments", "payment.created", &serde_json::json!({"id": id}))?
+//!         .key(id.to_string()))
+//! }
 //!
-//! let sink = HandlerSink::new(|m: outbox_core::Message| async move { println!("{}", m.id); Ok(()) });
-//! Relay::new(Arc::new(store), Arc::new(sink)).run(tokio::signal::ctrl_c().map(drop)).await;
-//! # Ok(()) }
+//! // The relay, on any store.
+//! async fn relay(store: Arc<dyn Store>) {
+//!     let sink = HandlerSink::new(|m: Message| async move { println!("{}", m.id); Ok(()) });
+//!     let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
+//!     Relay::new(store, Arc::new(sink)).run(shutdown).await;
+//! }
 //! ```
 //!
-//! The same example is compiled in `outbox-postgres`'s docs; with SQLite, swap the store.
+//! The whole flow, enqueue in a transaction included, is the example of `outbox-postgres` and
+//! of `outbox-sqlite`.
 
 mod claim;
 pub mod headers;

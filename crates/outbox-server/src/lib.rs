@@ -26,16 +26,32 @@
 //!
 //! ## Usage
 //!
-//! ```ignore
-//! let relay = Relay::with_config(store.clone(), sink, config);
-//! let surface = Surface::new()
-//!     .store(store)
-//!     .relay(relay.monitor())
-//!     .with(admin_router); // any axum::Router, merged in
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-//! println!("http://{}", listener.local_addr()?);
-//! tokio::spawn(surface.serve(listener, ServerLimits::default(), stop));
-//! relay.run(shutdown).await;
+//! ```no_run
+//! use std::sync::Arc;
+//! use outbox_core::{Relay, RelayConfig, Sink, Store};
+//! use outbox_server::{ServerLimits, Surface};
+//!
+//! async fn run(
+//!     store: Arc<dyn Store>,
+//!     sink: Arc<dyn Sink>,
+//!     config: RelayConfig,
+//!     admin_router: axum::Router,
+//! ) -> std::io::Result<()> {
+//!     let relay = Relay::with_config(store.clone(), sink, config);
+//!     let surface = Surface::new()
+//!         .store(store)
+//!         .relay(relay.monitor())
+//!         .with(admin_router); // any axum::Router, merged in
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//!     println!("http://{}", listener.local_addr()?);
+//!     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//!     let server = tokio::spawn(surface.serve(listener, ServerLimits::default(), async {
+//!         let _ = stopped.await;
+//!     }));
+//!     relay.run(async { let _ = tokio::signal::ctrl_c().await; }).await;
+//!     let _ = stop.send(());
+//!     server.await?
+//! }
 //! ```
 
 pub mod health;
