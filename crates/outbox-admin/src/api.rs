@@ -1,6 +1,5 @@
 //! The routes: JSON under `/api`, the dashboard's files at `/`.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -72,12 +71,13 @@ async fn status(State(state): State<AdminState>) -> ApiResult {
     let counts = ops::status(state.store.as_ref()).await?;
     let paused = state.store.paused_topics().await.map_err(Error::from)?;
     let relay = state.stats.as_ref().map(|s| {
+        let r = s.report();
         json!({
-            "claimed": s.claimed.load(Ordering::Relaxed),
-            "delivered": s.delivered.load(Ordering::Relaxed),
-            "retried": s.retried.load(Ordering::Relaxed),
-            "dead": s.dead.load(Ordering::Relaxed),
-            "released": s.released.load(Ordering::Relaxed),
+            "claimed": r.claimed,
+            "delivered": r.delivered,
+            "retried": r.retried,
+            "dead": r.dead,
+            "released": r.released,
         })
     });
     let mut body = serde_json::to_value(&counts).map_err(|e| Error::BadRequest(e.to_string()))?;

@@ -1,6 +1,7 @@
 /// Why a consumer could not start or stopped receiving. Failures of single messages are not
 /// errors: they are retried or rejected and the consumer keeps going.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConsumerError {
     #[error("cannot connect to {url}: {reason}")]
     Connect { url: String, reason: String },

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 /// Why a received message cannot be handed to a handler. Such a message is never retried.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WireError {
     #[error("no message id (Nats-Msg-Id, message_id or ce-id)")]
     MissingId,

@@ -37,6 +37,7 @@ const RESERVED_PREFIXES: &[&str] = &["nats-", "webhook-", "ce-"];
 
 /// Why a header cannot be enqueued.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HeaderError {
     #[error("header {0:?} is reserved: the transports set it themselves")]
     Reserved(String),

@@ -40,6 +40,7 @@ pub struct NewMessage {
 
 /// Why a message could not be built.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MessageError {
     #[error("{field} must not be empty")]
     Empty { field: &'static str },

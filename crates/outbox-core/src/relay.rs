@@ -114,14 +114,15 @@ fn unique_relay_id(name: &str) -> String {
     )
 }
 
-/// Live counters of a relay, readable while it runs.
+/// Live counters of a relay, readable while it runs ([`RelayStats::report`]); only the relay
+/// counts.
 #[derive(Debug, Default)]
 pub struct RelayStats {
-    pub claimed: AtomicU64,
-    pub delivered: AtomicU64,
-    pub retried: AtomicU64,
-    pub dead: AtomicU64,
-    pub released: AtomicU64,
+    pub(crate) claimed: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead: AtomicU64,
+    pub(crate) released: AtomicU64,
 }
 
 /// What a finished run did.
@@ -135,6 +136,7 @@ pub struct RelayReport {
 }
 
 impl RelayStats {
+    /// The counts so far.
     pub fn report(&self) -> RelayReport {
         RelayReport {
             claimed: self.claimed.load(Ordering::Relaxed),

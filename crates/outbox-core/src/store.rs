@@ -16,6 +16,7 @@ use crate::ownership::Ownership;
 /// A store failure. The relay treats every one as "database unavailable for now": it backs off
 /// and tries again, and nothing is lost because nothing was acked.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -22,6 +22,7 @@ use crate::sql::{PgConfig, Sql};
 
 /// Why an enqueue failed; the caller's transaction should be rolled back.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EnqueueError {
     /// The message breaks a rule of the outbox (a reserved header, over the size limit, see
     /// [`NewMessage::check`]); nothing of the call was written.

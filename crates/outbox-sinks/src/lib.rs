@@ -64,6 +64,7 @@ pub use webhook::{WebhookSink, decode_secret, sign};
 
 /// A sink URL that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SinkUrlError {
     #[error("sink {0:?} has no scheme; expected one of {schemes}", schemes = schemes())]
     NoScheme(String),

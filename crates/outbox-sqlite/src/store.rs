@@ -46,6 +46,7 @@ impl SqliteConfig {
 
 /// Why an enqueue failed; the caller's transaction should be rolled back.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EnqueueError {
     /// The message breaks a rule of the outbox (a reserved header, over the size limit, see
     /// [`NewMessage::check`]); nothing of the call was written.

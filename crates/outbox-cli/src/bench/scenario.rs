@@ -243,7 +243,7 @@ async fn relay_drain_with(
         tokio::select! {
             report = &mut run => break report,
             _ = tick.tick() => {
-                let n = stats.delivered.load(Ordering::Relaxed);
+                let n = stats.report().delivered;
                 series.push((started.elapsed().as_secs_f64(), n));
                 bar.set_position(n);
             }
