@@ -9,6 +9,11 @@ use uuid::Uuid;
 
 type R = anyhow::Result<()>;
 
+/// The JSON body of a GET.
+async fn get_json(client: &reqwest::Client, url: String) -> anyhow::Result<Value> {
+    Ok(client.get(url).send().await?.json().await?)
+}
+
 async fn problem(r: reqwest::Response, status: StatusCode) -> anyhow::Result<Value> {
     assert_eq!(r.status(), status);
     assert_eq!(
@@ -32,12 +37,7 @@ async fn status_counts_the_outbox_and_lists_paused_topics() -> R {
     dead(&admin.store, &[message("b", "e", None, 3)], "boom").await?;
     // `dead` claimed everything: the two of "a" were failed too. Make them pending again.
     let client = reqwest::Client::new();
-    let s: Value = client
-        .get(admin.url("/admin/api/status"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let s: Value = get_json(&client, admin.url("/admin/api/status")).await?;
     assert_eq!(
         (s["pending"].as_i64(), s["dead"].as_i64()),
         (Some(0), Some(3))
@@ -47,12 +47,7 @@ async fn status_counts_the_outbox_and_lists_paused_topics() -> R {
         .send()
         .await?
         .error_for_status()?;
-    let s: Value = client
-        .get(admin.url("/admin/api/status"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let s: Value = get_json(&client, admin.url("/admin/api/status")).await?;
     assert_eq!(s["paused_topics"], json!(["a"]));
     assert!(s["relay"].is_null());
     assert!(s["oldest_pending_age_seconds"].is_null());
@@ -111,12 +106,11 @@ async fn dead_letters_are_filtered_paged_and_shown() -> R {
     want.sort();
     assert_eq!((pages, all), (3, want));
 
-    let one: Value = client
-        .get(admin.url(&format!("/admin/api/dead/{}", msgs[2].id())))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let one: Value = get_json(
+        &client,
+        admin.url(&format!("/admin/api/dead/{}", msgs[2].id())),
+    )
+    .await?;
     assert_eq!(one["payload"], json!({ "n": 2 }));
     assert_eq!(one["headers"]["trace"], "t2");
     let error = one["last_error"].as_str().unwrap();
@@ -257,12 +251,7 @@ async fn retry_and_purge_take_one_a_selection_or_a_filter() -> R {
         .send()
         .await?;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    let s: Value = client
-        .get(admin.url("/admin/api/status"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let s: Value = get_json(&client, admin.url("/admin/api/status")).await?;
     assert_eq!(
         (s["pending"].as_i64(), s["dead"].as_i64()),
         (Some(2), Some(0))
@@ -292,12 +281,7 @@ async fn topics_pause_and_resume() -> R {
         (r["paused"].as_bool(), r["changed"].as_bool()),
         (Some(true), Some(true))
     );
-    let paused: Value = client
-        .get(admin.url("/admin/api/topics/paused"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let paused: Value = get_json(&client, admin.url("/admin/api/topics/paused")).await?;
     assert_eq!(paused, json!(["payments.created"]));
     let r: Value = client
         .post(admin.url("/admin/api/topics/payments.created/resume"))
@@ -369,12 +353,7 @@ async fn a_configured_token_is_required_by_the_api_but_not_the_page() -> R {
         .send()
         .await?;
     assert_eq!(ok.status(), StatusCode::OK);
-    let auth: Value = client
-        .get(admin.url("/admin/api/auth"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let auth: Value = get_json(&client, admin.url("/admin/api/auth")).await?;
     assert_eq!(auth["token_required"], true);
     let page = client.get(admin.url("/admin/")).send().await?;
     assert_eq!(page.status(), StatusCode::OK);

@@ -68,6 +68,27 @@ async fn claim_key(
     }
 }
 
+/// A private cluster restarted while relay "a" held key k's run of three, claimed for `lease`.
+async fn restart_with_k_in_delivery(
+    lease: Duration,
+) -> anyhow::Result<(PgCluster, PgStore, Vec<NewMessage>, Box<dyn HeldBatch>)> {
+    let pg = PgCluster::start_new()?;
+    pg.create_database("outbox")?;
+    let store = store_on(&pg).await?;
+    store.migrate().await?;
+    let run: Vec<NewMessage> = (0..3)
+        .map(|n| outbox_testkit::msg("t", n).key("k"))
+        .collect();
+    enqueue(&store, &run).await?;
+    let in_delivery = store
+        .claim_held(&ClaimRequest::new("a", 10, lease))
+        .await?
+        .expect("k's run");
+    assert_eq!(in_delivery.messages().len(), 3);
+    pg.restart(StopMode::Fast)?;
+    Ok((pg, store, run, in_delivery))
+}
+
 fn keys(batch: &Option<Box<dyn HeldBatch>>) -> Vec<String> {
     batch.as_ref().map_or(Vec::new(), |b| {
         b.messages()
@@ -80,22 +101,8 @@ fn keys(batch: &Option<Box<dyn HeldBatch>>) -> Vec<String> {
 #[tokio::test]
 async fn after_a_restart_a_key_whose_delivery_may_still_run_is_not_claimed_until_its_lease_ends()
 -> anyhow::Result<()> {
-    let pg = PgCluster::start_new()?;
-    pg.create_database("outbox")?;
-    let store = store_on(&pg).await?;
-    store.migrate().await?;
-    let run: Vec<NewMessage> = (0..3)
-        .map(|n| outbox_testkit::msg("t", n).key("k"))
-        .collect();
-    enqueue(&store, &run).await?;
-
     // Relay "a" is in the sink with k's run when the database restarts.
-    let in_delivery = store
-        .claim_held(&ClaimRequest::new("a", 10, LEASE))
-        .await?
-        .expect("k's run");
-    assert_eq!(in_delivery.messages().len(), 3);
-    pg.restart(StopMode::Fast)?;
+    let (_pg, store, run, in_delivery) = restart_with_k_in_delivery(LEASE).await?;
 
     // Another key, enqueued after the restart, goes out at once; k does not, even after the
     // relays' periodic recovery ran, since relay "a" may still be delivering it.
@@ -135,19 +142,7 @@ async fn after_a_restart_a_key_whose_delivery_may_still_run_is_not_claimed_until
 #[tokio::test]
 async fn after_a_restart_a_key_is_claimable_as_soon_as_its_relay_gives_up_its_batch()
 -> anyhow::Result<()> {
-    let pg = PgCluster::start_new()?;
-    pg.create_database("outbox")?;
-    let store = store_on(&pg).await?;
-    store.migrate().await?;
-    let run: Vec<NewMessage> = (0..3)
-        .map(|n| outbox_testkit::msg("t", n).key("k"))
-        .collect();
-    enqueue(&store, &run).await?;
-    let in_delivery = store
-        .claim_held(&ClaimRequest::new("a", 10, LONG_LEASE))
-        .await?
-        .expect("k's run");
-    pg.restart(StopMode::Fast)?;
+    let (_pg, store, run, in_delivery) = restart_with_k_in_delivery(LONG_LEASE).await?;
     assert!(
         keys(&claim_for(&store, LONG_LEASE).await?).is_empty(),
         "k was claimed while relay a may still be delivering it"
