@@ -70,6 +70,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "enqueue from SQL: outbox_enqueue() and outbox_enqueue_bytes()",
         sql: include_str!("../migrations/0011_sql_enqueue.sql"),
     },
+    Migration {
+        version: 12,
+        description: "claims of keyed heads skip the per-head probe when nothing is rescheduled",
+        sql: include_str!("../migrations/0012_claim_less_per_head.sql"),
+    },
 ];
 
 /// The version the schema is at, without creating anything: 0 when there is none.
