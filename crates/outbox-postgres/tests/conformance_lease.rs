@@ -4,3 +4,4 @@
 mod common;
 
 outbox_testkit::conformance_tests!(common::PostgresLease);
+outbox_testkit::concurrent_writer_tests!(common::PostgresLease);

@@ -104,6 +104,17 @@ macro_rules! conformance_tests {
     };
 }
 
+/// Expands into the tests for stores whose writers run concurrently (PostgreSQL, MySQL): each
+/// a `#[tokio::test]` with a fresh fixture from `$backend`, as [`conformance_tests!`] does.
+#[macro_export]
+macro_rules! concurrent_writer_tests {
+    ($backend:expr) => {
+        $crate::conformance_tests!(@each $backend;
+            racing_writers_never_put_two_messages_of_a_key_in_delivery,
+        );
+    };
+}
+
 /// A message with a numbered JSON payload.
 pub fn msg(topic: &str, n: u64) -> NewMessage {
     NewMessage::json(topic, "test.event", &serde_json::json!({ "n": n })).expect("valid message")
@@ -188,6 +199,7 @@ mod admin;
 pub mod cluster;
 mod order;
 pub mod proxy;
+mod racing;
 pub mod trace;
 
 pub use order::OrderCheck;
@@ -203,6 +215,7 @@ pub mod tests {
         a_sink_slower_than_the_lease_counts_attempts_and_goes_dead,
         hot_keys_go_out_in_runs_and_in_order, relays_joining_and_dying_keep_each_key_in_order,
     };
+    pub use crate::racing::racing_writers_never_put_two_messages_of_a_key_in_delivery;
 
     use super::*;
     use anyhow::ensure;

@@ -1,0 +1,69 @@
+//! The consumer inbox: turns at-least-once delivery into exactly-once effects.
+//!
+//! A consumer records each message id it processes in its own transaction, together with the
+//! effects. [`MySqlInbox::record`] returns true the first time (apply the effects, commit, then
+//! ack the broker) and false for a redelivery (commit nothing new, ack). Two deliveries of one
+//! message racing each other insert the same primary key: the second waits for the first
+//! transaction and, once it commits, records nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{AssertSqlSafe, MySql, MySqlPool, Transaction};
+use uuid::Uuid;
+
+use crate::store::NOW_MS;
+
+#[derive(Debug, Clone)]
+pub struct MySqlInbox {
+    record: Arc<str>,
+    purge: Arc<str>,
+}
+
+impl MySqlInbox {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Self {
+            record: format!(
+                "INSERT IGNORE INTO {prefix}inbox (consumer, message_id, processed_at) \
+                 VALUES (?, ?, {NOW_MS})"
+            )
+            .into(),
+            purge: format!(
+                "DELETE FROM {prefix}inbox WHERE processed_at <= {NOW_MS} - ? \
+                 ORDER BY processed_at LIMIT ?"
+            )
+            .into(),
+        }
+    }
+
+    /// Records that `consumer` processes `message_id` as part of `tx`; false if it already did.
+    pub async fn record(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        consumer: &str,
+        message_id: Uuid,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(AssertSqlSafe(self.record.clone()))
+            .bind(consumer)
+            .bind(message_id.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Forgets up to `limit` ids processed longer than `older_than` ago; a redelivery after
+    /// that window would be processed again, so keep it longer than any broker redelivers.
+    pub async fn purge(
+        &self,
+        pool: &MySqlPool,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(AssertSqlSafe(self.purge.clone()))
+            .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
