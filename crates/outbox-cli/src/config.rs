@@ -111,7 +111,7 @@ pub struct StoreSettings {
 pub fn store_settings(global: &Global, file: &FileConfig) -> anyhow::Result<StoreSettings> {
     let Some(database_url) = global.database_url.clone().or(file.database_url.clone()) else {
         bail!(
-            "no database: pass --database-url URL or set OUTBOX_DATABASE_URL (postgres://… or sqlite://PATH)"
+            "no database: pass --database-url URL or set OUTBOX_DATABASE_URL (postgres://…, mysql://… or sqlite://PATH)"
         );
     };
     Ok(StoreSettings {

@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use outbox_core::{NewMessage, Store, redact};
+use outbox_mysql::{MySqlConfig, MySqlStore};
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
 use sqlx::Connection;
+use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use uuid::Uuid;
 
@@ -18,30 +20,43 @@ use crate::config::StoreSettings;
 /// or unreachable server until its acquire timeout and then reports only "pool timed out";
 /// one direct connection attempt gives the reason (refused, unknown host, no such database).
 pub async fn connect_postgres(options: PgPoolOptions, url: &str) -> anyhow::Result<PgPool> {
-    let shown = redact(url);
     match options.connect(url).await {
-        Ok(pool) => Ok(pool),
-        Err(sqlx::Error::PoolTimedOut) => {
-            let direct = tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(url));
-            let why = match direct.await {
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(conn)) => {
-                    let _ = conn.close().await;
-                    "no connection within the pool's timeout".to_owned()
-                }
-                Err(_) => "no answer within 5 s".to_owned(),
-            };
-            bail!("cannot connect to {shown}: {why}")
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot connect to {shown}")),
+        Err(sqlx::Error::PoolTimedOut) => bail!(unreachable::<PgConnection>(url).await),
+        connected => connected.with_context(|| format!("cannot connect to {}", redact(url))),
     }
 }
 
-/// A store of either kind, for the commands that need the writer's side too.
+/// [`connect_postgres`] for MySQL and MariaDB.
+pub async fn connect_mysql(options: MySqlPoolOptions, url: &str) -> anyhow::Result<MySqlPool> {
+    match options.connect(url).await {
+        Err(sqlx::Error::PoolTimedOut) => bail!(unreachable::<MySqlConnection>(url).await),
+        connected => connected.with_context(|| format!("cannot connect to {}", redact(url))),
+    }
+}
+
+/// Why a pool could not connect to `url`, from one direct connection attempt.
+async fn unreachable<C: Connection>(url: &str) -> String {
+    let direct = tokio::time::timeout(Duration::from_secs(5), C::connect(url));
+    let why = match direct.await {
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            "no connection within the pool's timeout".to_owned()
+        }
+        Err(_) => "no answer within 5 s".to_owned(),
+    };
+    format!("cannot connect to {}: {why}", redact(url))
+}
+
+/// The URL forms `open` accepts, for error messages.
+const SCHEMES: &str = "postgres://…, mysql://… or sqlite://PATH";
+
+/// A store of any kind, for the commands that need the writer's side too.
 #[derive(Clone)]
 pub enum AnyStore {
     Postgres(PgStore),
     Sqlite(SqliteStore),
+    MySql(MySqlStore),
 }
 
 impl AnyStore {
@@ -67,6 +82,9 @@ impl AnyStore {
             }
             (Self::Sqlite(_), Some(ClaimArg::Transaction)) => {
                 bail!("--claim transaction needs PostgreSQL; SQLite relays always use leases")
+            }
+            (Self::MySql(_), Some(ClaimArg::Transaction)) => {
+                bail!("--claim transaction needs PostgreSQL; MySQL relays always use leases")
             }
             (store, _) => Ok(store),
         }
@@ -111,14 +129,32 @@ impl AnyStore {
                 Ok(Self::Sqlite(store))
             }
             "mysql" | "mariadb" => {
-                bail!("the MySQL/MariaDB store is not available yet; use postgres:// or sqlite://")
+                if s.schema.is_some() {
+                    bail!(
+                        "--schema applies to PostgreSQL only; name the database in the URL and \
+                         use --table-prefix with MySQL"
+                    );
+                }
+                let mut config = MySqlConfig::default();
+                if let Some(prefix) = &s.table_prefix {
+                    config.table_prefix = prefix.clone();
+                }
+                // sqlx knows the scheme as mysql:// only.
+                let url = format!("mysql:{}", &url[scheme.len() + 1..]);
+                let options = MySqlPoolOptions::new()
+                    .max_connections(pool_size)
+                    .acquire_timeout(Duration::from_secs(5));
+                let pool = if eager {
+                    connect_mysql(options, &url).await?
+                } else {
+                    options
+                        .connect_lazy(&url)
+                        .with_context(|| format!("invalid database URL {shown}"))?
+                };
+                Ok(Self::MySql(MySqlStore::with_config(pool, config)?))
             }
-            "" => bail!(
-                "database URL {shown:?} has no scheme; expected postgres://… or sqlite://PATH"
-            ),
-            other => bail!(
-                "unknown database URL scheme {other:?}; expected postgres://… or sqlite://PATH"
-            ),
+            "" => bail!("database URL {shown:?} has no scheme; expected {SCHEMES}"),
+            other => bail!("unknown database URL scheme {other:?}; expected {SCHEMES}"),
         }
     }
 
@@ -126,6 +162,7 @@ impl AnyStore {
         match self {
             Self::Postgres(s) => Arc::new(s.clone()),
             Self::Sqlite(s) => Arc::new(s.clone()),
+            Self::MySql(s) => Arc::new(s.clone()),
         }
     }
 
@@ -155,6 +192,7 @@ impl AnyStore {
         match self {
             Self::Postgres(s) => stream!(s),
             Self::Sqlite(s) => stream!(s),
+            Self::MySql(s) => stream!(s),
         }
         Ok(ids)
     }

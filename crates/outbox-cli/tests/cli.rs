@@ -1,4 +1,4 @@
-//! The real `outbox` binary against real PostgreSQL and SQLite.
+//! The real `outbox` binary against real PostgreSQL, MariaDB and SQLite.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -12,10 +12,26 @@ fn pg_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-/// An outbox of its own: a fresh PostgreSQL schema or a fresh SQLite file.
+fn mysql_url() -> String {
+    std::env::var("OUTBOX_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+/// Runs one statement with the `mysql` client, as root on the test server.
+fn mysql_client(sql: &str) -> Output {
+    let url = mysql_url();
+    let host_port = url.rsplit('@').next().unwrap_or("127.0.0.1:3306");
+    let (host, port) = host_port.split_once(':').unwrap_or((host_port, "3306"));
+    Command::new("mysql")
+        .args(["-h", host, "-P", port, "-u", "root", "-e", sql])
+        .output()
+        .expect("run the mysql client")
+}
+
+/// An outbox of its own: a fresh PostgreSQL schema, MySQL database or SQLite file.
 struct Db {
     url: String,
     schema: Option<String>,
+    database: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -24,6 +40,19 @@ impl Db {
         Self {
             url: pg_url(),
             schema: Some(format!("cli_{}", uuid::Uuid::now_v7().simple())),
+            database: None,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn mysql() -> Self {
+        let name = format!("cli_{}", uuid::Uuid::now_v7().simple());
+        let made = mysql_client(&format!("CREATE DATABASE {name}"));
+        assert!(made.status.success(), "CREATE DATABASE {name}: {made:?}");
+        Self {
+            url: format!("{}/{name}", mysql_url()),
+            schema: None,
+            database: Some(name),
             dir: tempfile::tempdir().unwrap(),
         }
     }
@@ -33,6 +62,7 @@ impl Db {
         Self {
             url: format!("sqlite://{}", dir.path().join("outbox.db").display()),
             schema: None,
+            database: None,
             dir,
         }
     }
@@ -96,6 +126,9 @@ impl Drop for Db {
                     &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
                 ])
                 .output();
+        }
+        if let Some(name) = &self.database {
+            let _ = mysql_client(&format!("DROP DATABASE IF EXISTS {name}"));
         }
     }
 }
@@ -190,6 +223,11 @@ fn enqueue_and_relay_to_a_file_on_postgres() {
 }
 
 #[test]
+fn enqueue_and_relay_to_a_file_on_mysql() {
+    enqueue_relay_and_check_order(&Db::mysql());
+}
+
+#[test]
 fn enqueue_and_relay_to_a_file_on_sqlite() {
     enqueue_relay_and_check_order(&Db::sqlite());
 }
@@ -245,6 +283,11 @@ fn killed_relay_loses_nothing_on_postgres() {
 #[test]
 fn killed_relay_loses_nothing_on_postgres_with_leases() {
     killed_relay_loses_nothing(&Db::postgres(), &["--claim", "lease"]);
+}
+
+#[test]
+fn killed_relay_loses_nothing_on_mysql() {
+    killed_relay_loses_nothing(&Db::mysql(), &[]);
 }
 
 #[test]
@@ -482,8 +525,13 @@ fn errors_are_one_readable_line_and_non_zero() {
         ),
         (
             &["status"],
+            &[("OUTBOX_DATABASE_URL", "mysql://root@127.0.0.1:1/test")],
+            "Connection refused",
+        ),
+        (
+            &["status", "--schema", "s"],
             &[("OUTBOX_DATABASE_URL", "mysql://root@127.0.0.1/test")],
-            "not available yet",
+            "--schema applies to PostgreSQL only",
         ),
         (
             &[
