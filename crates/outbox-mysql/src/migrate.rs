@@ -14,13 +14,25 @@ struct Migration {
     version: i64,
     description: &'static str,
     sql: &'static str,
+    /// What ends a statement at the end of a line: `;`, or `$$` in files that define
+    /// routines, whose bodies hold semicolons.
+    delimiter: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "messages, claim lock, inbox, paused topics, relay heartbeats",
-    sql: include_str!("../migrations/0001_create.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "messages, claim lock, inbox, paused topics, relay heartbeats",
+        sql: include_str!("../migrations/0001_create.sql"),
+        delimiter: ";",
+    },
+    Migration {
+        version: 2,
+        description: "enqueue from SQL: outbox_enqueue() and outbox_enqueue_bytes()",
+        sql: include_str!("../migrations/0002_sql_enqueue.sql"),
+        delimiter: "$$",
+    },
+];
 
 /// The schema version this build writes.
 pub const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
@@ -36,8 +48,9 @@ fn db(e: sqlx::Error) -> StoreError {
     StoreError::database(e)
 }
 
-/// The statements of a migration file: split at each `;` that ends a line, comments dropped.
-fn statements(sql: &str) -> Vec<String> {
+/// The statements of a migration file: split at each `delimiter` that ends a line, comment
+/// lines dropped.
+fn statements(sql: &str, delimiter: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut current = String::new();
     for line in sql.lines() {
@@ -47,8 +60,9 @@ fn statements(sql: &str) -> Vec<String> {
         }
         current.push_str(line);
         current.push('\n');
-        if code.ends_with(';') {
-            out.push(current.trim().trim_end_matches(';').to_owned());
+        if code.ends_with(delimiter) {
+            let statement = current.trim().strip_suffix(delimiter).unwrap_or(&current);
+            out.push(statement.trim().to_owned());
             current.clear();
         }
     }
@@ -154,7 +168,7 @@ async fn apply(conn: &mut PoolConnection<MySql>, prefix: &str, m: &Migration) ->
         version: m.version,
         reason: e.to_string(),
     };
-    for statement in statements(&render(m.sql, prefix)) {
+    for statement in statements(&render(m.sql, prefix), m.delimiter) {
         sqlx::raw_sql(AssertSqlSafe(statement))
             .execute(&mut **conn)
             .await
@@ -182,11 +196,20 @@ mod tests {
         let sql = "-- a comment; with a semicolon\nCREATE TABLE a (\n  x INT\n);\n\n\
                    INSERT IGNORE INTO a VALUES (1);\nSELECT 1";
         assert_eq!(
-            statements(sql),
+            statements(sql, ";"),
             vec![
                 "CREATE TABLE a (\n  x INT\n)".to_owned(),
                 "INSERT IGNORE INTO a VALUES (1)".to_owned(),
                 "SELECT 1".to_owned(),
+            ]
+        );
+        let routine =
+            "CREATE FUNCTION f() RETURNS INT\nBEGIN\n  RETURN 1;\nEND $$\nDROP TABLE a $$";
+        assert_eq!(
+            statements(routine, "$$"),
+            vec![
+                "CREATE FUNCTION f() RETURNS INT\nBEGIN\n  RETURN 1;\nEND".to_owned(),
+                "DROP TABLE a".to_owned(),
             ]
         );
     }

@@ -115,6 +115,55 @@ macro_rules! concurrent_writer_tests {
     };
 }
 
+/// Header names and values that enqueue must accept or refuse exactly as
+/// `outbox_core::headers::check` does, for the SQL-level enqueue of each store: reserved names
+/// in every case, bad names, CR/LF, the name length limit, W3C trace context.
+pub fn header_cases() -> Vec<(String, String)> {
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let cases = [
+        ("x-tenant", "acme".to_owned()),
+        ("Idempotency-Key", "42".to_owned()),
+        ("Nats-Msg-Id", "1".to_owned()),
+        ("NATS-ROLLUP", "all".to_owned()),
+        ("content-type", "text/plain".to_owned()),
+        ("Host", "evil".to_owned()),
+        ("webhook-signature", "v1,x".to_owned()),
+        ("ce-id", "1".to_owned()),
+        ("CC", "queue".to_owned()),
+        ("x-delay", "5".to_owned()),
+        ("bad name", "x".to_owned()),
+        ("colon:name", "x".to_owned()),
+        ("", "x".to_owned()),
+        (&"n".repeat(128), "x".to_owned()),
+        (&"n".repeat(129), "x".to_owned()),
+        ("x-split", "a\r\nInjected: yes".to_owned()),
+        ("x-newline", "a\nb".to_owned()),
+        ("traceparent", traceparent.to_owned()),
+        (
+            "traceparent",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01".to_owned(),
+        ),
+        (
+            "traceparent",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        ),
+        ("traceparent", format!("{traceparent}-extra")),
+        (
+            "traceparent",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra".to_owned(),
+        ),
+        ("traceparent", "not a trace".to_owned()),
+        ("tracestate", "vendor=abc, other=def".to_owned()),
+        ("tracestate", "novalue".to_owned()),
+        ("tracestate", "a=b=c".to_owned()),
+        ("tracestate", "x".repeat(513)),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect()
+}
+
 /// A message with a numbered JSON payload.
 pub fn msg(topic: &str, n: u64) -> NewMessage {
     NewMessage::json(topic, "test.event", &serde_json::json!({ "n": n })).expect("valid message")

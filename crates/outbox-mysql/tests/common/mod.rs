@@ -16,6 +16,27 @@ pub fn server_url() -> String {
     std::env::var("OUTBOX_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
 }
 
+/// The test server's host and port, for the `mysql` client.
+pub fn host_port() -> (String, String) {
+    let url = server_url();
+    let host_port = url
+        .rsplit('@')
+        .next()
+        .unwrap_or("127.0.0.1:3306")
+        .to_owned();
+    match host_port.split_once(':') {
+        Some((h, p)) => (h.to_owned(), p.to_owned()),
+        None => (host_port, "3306".to_owned()),
+    }
+}
+
+/// A store in a new, migrated database.
+pub async fn migrated() -> anyhow::Result<MySqlDb> {
+    let db = fresh().await?;
+    db.store.migrate().await?;
+    Ok(db)
+}
+
 /// A store in a new database, not yet migrated.
 pub async fn fresh() -> anyhow::Result<MySqlDb> {
     let name = format!("t_{}", uuid::Uuid::now_v7().simple());
@@ -44,14 +65,19 @@ pub struct MySqlDb {
     pub name: String,
 }
 
+impl MySqlDb {
+    /// Drops the test's database.
+    pub async fn drop(&self) -> anyhow::Result<()> {
+        Fixture::cleanup(self).await
+    }
+}
+
 pub struct MariaDb;
 
 #[async_trait]
 impl Backend for MariaDb {
     async fn fixture(&self) -> anyhow::Result<Box<dyn Fixture>> {
-        let db = fresh().await?;
-        db.store.migrate().await?;
-        Ok(Box::new(db))
+        Ok(Box::new(migrated().await?))
     }
 }
 
