@@ -90,6 +90,11 @@ impl AnyStore {
         }
     }
 
+    /// Opens the store now, with a pool of `pool_size` connections.
+    pub async fn open_sized(s: &StoreSettings, pool_size: u32) -> anyhow::Result<Self> {
+        Self::open_with(s, true, pool_size).await
+    }
+
     async fn open_with(s: &StoreSettings, eager: bool, pool_size: u32) -> anyhow::Result<Self> {
         let url = s.database_url.as_str();
         let shown = redact(url);

@@ -966,6 +966,11 @@ fn bench_on_postgres_prints_every_key() {
 }
 
 #[test]
+fn bench_on_mysql_prints_every_key() {
+    bench_prints_every_key(&Db::mysql(), &[]);
+}
+
+#[test]
 fn bench_on_sqlite_prints_every_key() {
     bench_prints_every_key(&Db::sqlite(), &[]);
 }
@@ -1011,6 +1016,11 @@ fn bench_scaling_reports_every_count(db: &Db) {
 #[test]
 fn bench_scaling_on_postgres_reports_every_count() {
     bench_scaling_reports_every_count(&Db::postgres());
+}
+
+#[test]
+fn bench_scaling_on_mysql_reports_every_count() {
+    bench_scaling_reports_every_count(&Db::mysql());
 }
 
 #[test]

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use outbox_core::{NewMessage, Store};
+use outbox_mysql::MySqlStore;
 use outbox_postgres::{ClaimMode, PgConfig, PgStore};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
+use sqlx::mysql::MySqlPoolOptions;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::{AssertSqlSafe, Executor};
@@ -33,6 +35,7 @@ pub enum WriteMode {
 pub enum BenchDb {
     Postgres { store: PgStore, names: Names },
     Sqlite { store: SqliteStore, names: Names },
+    MySql { store: MySqlStore, names: Names },
 }
 
 /// Qualified names of the outbox table and the benchmark's own tables.
@@ -88,7 +91,16 @@ impl BenchDb {
                 .with_context(|| format!("cannot open {shown}"))?;
             return Ok(Self::Sqlite { store, names });
         }
-        bail!("outbox bench runs on postgres://… or sqlite://PATH, not {shown}")
+        if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+            let crate::store::AnyStore::MySql(store) =
+                crate::store::AnyStore::open_sized(s, clients as u32 + 6).await?
+            else {
+                unreachable!("a MySQL URL opens the MySQL store")
+            };
+            let names = Names::new("", &store.config().table_prefix);
+            return Ok(Self::MySql { store, names });
+        }
+        bail!("outbox bench runs on postgres://…, mysql://… or sqlite://PATH, not {shown}")
     }
 
     pub fn claim_mode(&self) -> &'static str {
@@ -104,6 +116,7 @@ impl BenchDb {
         match self {
             Self::Postgres { .. } => "postgres",
             Self::Sqlite { .. } => "sqlite",
+            Self::MySql { .. } => "mysql",
         }
     }
 
@@ -111,6 +124,7 @@ impl BenchDb {
         match self {
             Self::Postgres { store, .. } => Arc::new(store.clone()),
             Self::Sqlite { store, .. } => Arc::new(store.clone()),
+            Self::MySql { store, .. } => Arc::new(store.clone()),
         }
     }
 
@@ -138,12 +152,23 @@ impl BenchDb {
                     .await?;
                 Arc::new(SqliteStore::with_config(pool, store.config().clone())?)
             }
+            Self::MySql { store, .. } => {
+                let options = store.pool().connect_options();
+                let pool = MySqlPoolOptions::new()
+                    .max_connections(connections)
+                    .acquire_timeout(timeout)
+                    .connect_with((*options).clone())
+                    .await?;
+                Arc::new(MySqlStore::with_config(pool, store.config().clone())?)
+            }
         })
     }
 
     fn names(&self) -> &Names {
         match self {
-            Self::Postgres { names, .. } | Self::Sqlite { names, .. } => names,
+            Self::Postgres { names, .. }
+            | Self::Sqlite { names, .. }
+            | Self::MySql { names, .. } => names,
         }
     }
 
@@ -183,6 +208,17 @@ impl BenchDb {
             .into_iter()
             .chain(self.sqlite_raw_ddl().await?)
             .collect(),
+            Self::MySql { .. } => vec![
+                format!("DROP TABLE IF EXISTS {}, {}", n.raw, n.orders),
+                format!("CREATE TABLE {} LIKE {}", n.raw, n.messages),
+                format!(
+                    "CREATE TABLE {} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, \
+                     customer VARCHAR(255) NOT NULL, amount DECIMAL(12,2) NOT NULL, \
+                     created_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)) \
+                     ENGINE = InnoDB",
+                    n.orders
+                ),
+            ],
         };
         for sql in statements {
             self.execute(&sql).await?;
@@ -233,6 +269,7 @@ impl BenchDb {
                     .await
             }
             Self::Sqlite { .. } => Ok(()),
+            Self::MySql { .. } => self.execute(&format!("ANALYZE TABLE {}", n.messages)).await,
         }
     }
 
@@ -242,6 +279,9 @@ impl BenchDb {
                 store.pool().execute(AssertSqlSafe(sql.to_owned())).await?;
             }
             Self::Sqlite { store, .. } => {
+                store.pool().execute(AssertSqlSafe(sql.to_owned())).await?;
+            }
+            Self::MySql { store, .. } => {
                 store.pool().execute(AssertSqlSafe(sql.to_owned())).await?;
             }
         }
@@ -289,6 +329,25 @@ impl BenchDb {
                     store.notify();
                 }
             }
+            Self::MySql { store, .. } => {
+                let mut tx = store.pool().begin().await?;
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO {} (customer, amount) VALUES (?, 12.50)",
+                    n.orders
+                )))
+                .bind(msg.key_ref().unwrap_or("anonymous"))
+                .execute(&mut *tx)
+                .await?;
+                match mode {
+                    WriteMode::Alone => {}
+                    WriteMode::Outbox => store.outbox().enqueue(&mut tx, msg).await?,
+                    WriteMode::RawRow => mysql_raw_insert(&mut tx, &n.raw, msg).await?,
+                }
+                tx.commit().await?;
+                if mode == WriteMode::Outbox {
+                    store.notify();
+                }
+            }
         }
         Ok(())
     }
@@ -306,6 +365,11 @@ impl BenchDb {
                 store.outbox().enqueue_batch(&mut tx, msgs).await?;
                 tx.commit().await?;
             }
+            Self::MySql { store, .. } => {
+                let mut tx = store.pool().begin().await?;
+                store.outbox().enqueue_batch(&mut tx, msgs).await?;
+                tx.commit().await?;
+            }
         }
         Ok(())
     }
@@ -319,6 +383,10 @@ impl BenchDb {
                     .await
             }
             Self::Sqlite { .. } => self.execute("ANALYZE").await,
+            Self::MySql { names, .. } => {
+                self.execute(&format!("ANALYZE TABLE {}", names.messages))
+                    .await
+            }
         }
     }
 
@@ -343,6 +411,19 @@ impl BenchDb {
                 ))
                 .await?;
                 self.execute("ANALYZE").await
+            }
+            Self::MySql { .. } => {
+                // The generated column is computed, never copied.
+                let columns = "seq, id, topic, type, msg_key, msg_partition, payload, \
+                     content_type, headers, created_at, available_at, status, attempts, \
+                     last_error, locked_by, delivered_at, dead_at";
+                self.execute(&format!(
+                    "INSERT INTO {} ({columns}) SELECT {columns} FROM {}",
+                    n.raw, n.messages
+                ))
+                .await?;
+                self.execute(&format!("ANALYZE TABLE {}, {}", n.raw, n.messages))
+                    .await
             }
         }
     }
@@ -371,6 +452,7 @@ impl BenchDb {
             .fetch_all(store.pool())
             .await?
             .len(),
+            Self::MySql { store, .. } => mysql_raw_drain(store, raw, limit).await?,
         };
         Ok(rows)
     }
@@ -420,4 +502,57 @@ async fn sqlite_raw_insert(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+async fn mysql_raw_insert(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    raw: &str,
+    msg: &NewMessage,
+) -> anyhow::Result<()> {
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {raw} (id, topic, type, msg_key, msg_partition, payload, content_type, \
+         headers, created_at, available_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, \
+         CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED), CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED))"
+    )))
+    .bind(msg.id().to_string())
+    .bind(msg.topic().to_owned())
+    .bind(msg.message_type().to_owned())
+    .bind(msg.key_ref().map(str::to_owned))
+    .bind(msg.partition())
+    .bind(msg.payload().to_vec())
+    .bind(msg.content_type().to_owned())
+    .bind(msg.headers_json())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// MySQL has no `DELETE … RETURNING`: the raw loop reads the oldest rows with their locks,
+/// every column to the client, and deletes them in the same transaction.
+async fn mysql_raw_drain(store: &MySqlStore, raw: &str, limit: usize) -> anyhow::Result<usize> {
+    use sqlx::Row;
+    let mut tx = store.pool().begin().await?;
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT * FROM {raw} WHERE ready_at <= CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED) \
+         ORDER BY ready_at, seq LIMIT ? FOR UPDATE SKIP LOCKED"
+    )))
+    .bind(limit as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    if !rows.is_empty() {
+        let seqs: Vec<i64> = rows
+            .iter()
+            .map(|r| r.try_get("seq"))
+            .collect::<Result<_, _>>()?;
+        let marks = vec!["?"; seqs.len()].join(", ");
+        let mut delete = sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {raw} WHERE seq IN ({marks})"
+        )));
+        for seq in seqs {
+            delete = delete.bind(seq);
+        }
+        delete.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(rows.len())
 }
