@@ -293,3 +293,51 @@ async fn mysql_client_transactions_decide_what_the_relay_sees() -> anyhow::Resul
     assert_eq!((s.pending, s.in_flight), (0, 0));
     db.drop().await
 }
+
+/// The README's Python example for MySQL, run as it is shown (with PyMySQL, which
+/// `scripts/test` installs) in a database of its own.
+#[tokio::test]
+async fn the_readmes_python_example_enqueues_with_the_order() -> anyhow::Result<()> {
+    let db = common::migrated().await?;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))?;
+    let example = readme
+        .split("```python\n")
+        .filter_map(|rest| rest.split("```").next())
+        .find(|block| block.contains("pymysql"))
+        .expect("a Python example for MySQL in the README");
+    sqlx::query("CREATE TABLE orders (id INT PRIMARY KEY, amount INT) ENGINE = InnoDB")
+        .execute(db.store.pool())
+        .await?;
+    let (host, port) = common::host_port();
+    let program = format!(
+        "import json, sys\nimport pymysql\nhost, port = sys.argv[1], int(sys.argv[2])\n\
+         user, password, database = 'root', '', sys.argv[3]\n\
+         _connect = pymysql.connect\n\
+         pymysql.connect = lambda **kw: _connect(port=port, **kw)\n\
+         order_id, amount = 7, 100\n{example}"
+    );
+    let out = Command::new("python3")
+        .args(["-c", &program, &host, &port, &db.name])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "the example failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(db.store.pool())
+        .await?;
+    assert_eq!(orders, 1);
+    let got = claim_all(&db.store).await?;
+    assert_eq!(got.len(), 1);
+    let m = &got[0];
+    assert_eq!(
+        (m.topic.as_str(), m.message_type.as_str(), m.key.as_deref()),
+        ("orders", "order.created", Some("7"))
+    );
+    assert_eq!(
+        m.json::<serde_json::Value>()?,
+        serde_json::json!({ "id": 7 })
+    );
+    db.drop().await
+}

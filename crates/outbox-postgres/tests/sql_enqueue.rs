@@ -338,9 +338,9 @@ async fn the_readmes_python_example_enqueues_with_the_order() -> anyhow::Result<
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))?;
     let example = readme
         .split("```python\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```").next())
-        .expect("a Python example in the README");
+        .filter_map(|rest| rest.split("```").next())
+        .find(|block| block.contains("psycopg"))
+        .expect("a Python example for PostgreSQL in the README");
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE {schema}.orders (id int PRIMARY KEY, amount int)"
     )))
