@@ -3,12 +3,14 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use outbox_mysql::MySqlStore;
 use outbox_postgres::PgStore;
 use outbox_sqlite::SqliteStore;
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{MySql, Postgres, Sqlite, Transaction};
 use uuid::Uuid;
 
-/// A database with an inbox: PostgreSQL ([`PgStore`]) or SQLite ([`SqliteStore`]). The store
+/// A database with an inbox: PostgreSQL ([`PgStore`]), MySQL or MariaDB ([`MySqlStore`]) or
+/// SQLite ([`SqliteStore`]). The store
 /// must be migrated (`Store::migrate`) before a consumer uses it.
 #[async_trait]
 pub trait InboxStore: Clone + Send + Sync + 'static {
@@ -64,6 +66,28 @@ impl InboxStore for SqliteStore {
     async fn record(
         &self,
         tx: &mut Transaction<'static, Sqlite>,
+        consumer: &str,
+        message_id: Uuid,
+    ) -> Result<bool, sqlx::Error> {
+        self.inbox().record(tx, consumer, message_id).await
+    }
+
+    async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64, sqlx::Error> {
+        self.inbox().purge(self.pool(), older_than, limit).await
+    }
+}
+
+#[async_trait]
+impl InboxStore for MySqlStore {
+    type Db = MySql;
+
+    async fn begin(&self) -> Result<Transaction<'static, MySql>, sqlx::Error> {
+        self.pool().begin().await
+    }
+
+    async fn record(
+        &self,
+        tx: &mut Transaction<'static, MySql>,
         consumer: &str,
         message_id: Uuid,
     ) -> Result<bool, sqlx::Error> {

@@ -135,6 +135,11 @@ async fn amqp_messages_take_effect_exactly_once_in_order_on_postgres() {
 }
 
 #[tokio::test]
+async fn amqp_messages_take_effect_exactly_once_in_order_on_mysql() {
+    exactly_once(mysql().await).await;
+}
+
+#[tokio::test]
 async fn amqp_messages_take_effect_exactly_once_in_order_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     exactly_once(sqlite(&dir).await).await;

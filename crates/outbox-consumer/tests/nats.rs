@@ -96,6 +96,11 @@ async fn nats_messages_take_effect_exactly_once_in_order_on_postgres() {
 }
 
 #[tokio::test]
+async fn nats_messages_take_effect_exactly_once_in_order_on_mysql() {
+    exactly_once(mysql().await).await;
+}
+
+#[tokio::test]
 async fn nats_messages_take_effect_exactly_once_in_order_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     exactly_once(sqlite(&dir).await).await;

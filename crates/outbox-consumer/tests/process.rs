@@ -1,4 +1,4 @@
-//! The processor on its own, against real PostgreSQL and SQLite: the verdicts a transport acts
+//! The processor on its own, against real PostgreSQL, MariaDB and SQLite: the verdicts a transport acts
 //! on, and the inbox retention.
 
 mod common;
@@ -54,4 +54,9 @@ async fn verdicts_and_retention_on_postgres() {
 async fn verdicts_and_retention_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     verdicts_and_retention(sqlite(&dir).await).await;
+}
+
+#[tokio::test]
+async fn verdicts_and_retention_on_mysql() {
+    verdicts_and_retention(mysql().await).await;
 }

@@ -1,4 +1,5 @@
-//! Fixtures: a fresh inbox database (a PostgreSQL schema or a SQLite file per test), an
+//! Fixtures: a fresh inbox database (a PostgreSQL schema, a MariaDB database or a SQLite file
+//! per test), an
 //! effects table the handler writes to, and keyed messages as the relay hands them over.
 
 #![allow(dead_code)]
@@ -11,9 +12,10 @@ use async_trait::async_trait;
 use chrono::Utc;
 use outbox_consumer::{ConsumerConfig, Handler, InboxStore, Processor};
 use outbox_core::{Message, SinkError, Status, Store};
+use outbox_mysql::MySqlStore;
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_sqlite::SqliteStore;
-use sqlx::{AssertSqlSafe, Postgres, Row, Sqlite, Transaction};
+use sqlx::{AssertSqlSafe, MySql, Postgres, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 pub fn unique(prefix: &str) -> String {
@@ -96,6 +98,34 @@ pub async fn sqlite(dir: &tempfile::TempDir) -> SqliteStore {
     store
 }
 
+/// A store in a new MariaDB database of its own (`OUTBOX_TEST_MYSQL_URL`, a server URL).
+pub async fn mysql() -> MySqlStore {
+    let server = std::env::var("OUTBOX_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+    let name = unique("c_");
+    let admin = sqlx::MySqlPool::connect(&server).await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(4)
+        .connect(&format!("{server}/{name}"))
+        .await
+        .unwrap();
+    let store = MySqlStore::new(pool);
+    store.migrate().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE effects (seq BIGINT AUTO_INCREMENT PRIMARY KEY, message_id TEXT NOT NULL, \
+         `key` TEXT NOT NULL, n BIGINT NOT NULL) ENGINE = InnoDB",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    store
+}
+
 fn to_effect<R: Row>(row: R) -> Effect
 where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
@@ -147,6 +177,32 @@ impl TestDb for SqliteStore {
         rows.into_iter().map(to_effect).collect()
     }
     async fn cleanup(&self) {}
+}
+
+#[async_trait]
+impl TestDb for MySqlStore {
+    fn effects_table(&self) -> String {
+        "effects".into()
+    }
+    async fn effects(&self) -> Vec<Effect> {
+        let rows = sqlx::query("SELECT message_id, `key`, n FROM effects ORDER BY seq")
+            .fetch_all(self.pool())
+            .await
+            .unwrap();
+        rows.into_iter().map(to_effect).collect()
+    }
+    async fn cleanup(&self) {
+        let name: Option<String> = sqlx::query_scalar("SELECT DATABASE()")
+            .fetch_one(self.pool())
+            .await
+            .unwrap();
+        if let Some(name) = name {
+            sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE {name}")))
+                .execute(self.pool())
+                .await
+                .unwrap();
+        }
+    }
 }
 
 /// Writes one effect row per message; every fourth message fails the first time, after
@@ -209,6 +265,10 @@ macro_rules! effects_handler {
 effects_handler!(
     Postgres,
     "INSERT INTO {} (message_id, key, n) VALUES ($1, $2, $3)"
+);
+effects_handler!(
+    MySql,
+    "INSERT INTO {} (message_id, `key`, n) VALUES (?, ?, ?)"
 );
 effects_handler!(
     Sqlite,
