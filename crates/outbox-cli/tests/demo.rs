@@ -1,4 +1,4 @@
-//! `outbox demo` end to end through HTTP: the real binary, real SQLite and PostgreSQL, the
+//! `outbox demo` end to end through HTTP: the real binary, real SQLite, PostgreSQL and MariaDB, the
 //! simulated gateway as its own process, workers killed with SIGKILL.
 
 use std::collections::{HashMap, HashSet};
@@ -28,6 +28,12 @@ struct Demo {
     dir: tempfile::TempDir,
     database_url: String,
     schema: Option<String>,
+    /// The MySQL database the demo has to itself.
+    database: Option<String>,
+}
+
+fn mysql_server() -> String {
+    std::env::var("OUTBOX_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
 }
 
 impl Demo {
@@ -38,6 +44,19 @@ impl Demo {
             dir,
             database_url,
             schema: None,
+            database: None,
+        }
+    }
+
+    /// A database of its own on the MariaDB server, created with the `mysql` client.
+    fn mysql() -> Self {
+        let name = format!("cli_{}", uuid::Uuid::now_v7().simple());
+        mysql_client(&format!("CREATE DATABASE {name}"));
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            database_url: format!("{}/{name}", mysql_server()),
+            schema: None,
+            database: Some(name),
         }
     }
 
@@ -47,6 +66,7 @@ impl Demo {
             dir: tempfile::tempdir().unwrap(),
             database_url: pg_url(),
             schema: Some(schema),
+            database: None,
         }
     }
 
@@ -109,7 +129,22 @@ impl Drop for Demo {
                 ])
                 .output();
         }
+        if let Some(name) = &self.database {
+            mysql_client(&format!("DROP DATABASE IF EXISTS {name}"));
+        }
     }
+}
+
+/// Runs one statement with the `mysql` client as root on the test server.
+fn mysql_client(sql: &str) {
+    let server = mysql_server();
+    let host_port = server.rsplit('@').next().unwrap_or("127.0.0.1:3306");
+    let (host, port) = host_port.split_once(':').unwrap_or((host_port, "3306"));
+    let out = Command::new("mysql")
+        .args(["-h", host, "-P", port, "-u", "root", "-e", sql])
+        .output()
+        .expect("run the mysql client");
+    assert!(out.status.success(), "{sql}: {out:?}");
 }
 
 fn purchase(n: usize) -> Value {
@@ -272,6 +307,11 @@ async fn concurrent_purchases(demo: Demo) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_purchases_settle_once_on_sqlite() {
     concurrent_purchases(Demo::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_purchases_settle_once_on_mysql() {
+    concurrent_purchases(Demo::mysql()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

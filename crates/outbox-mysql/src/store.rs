@@ -172,10 +172,11 @@ const RUN: &str = "(SELECT {columns}, \
     FROM {p}messages WHERE msg_key = ? AND seq > ? AND status IN ('pending', 'in_flight') \
     ORDER BY seq LIMIT ? OFFSET ? FOR UPDATE)";
 
-/// The dead letters an operator command selects (see `outbox_core::DeadFilter`); the fifth
+/// The dead letters an operator command selects (see `outbox_core::DeadFilter`), found through
+/// the index of `dead_at`, which only dead letters have; the fifth
 /// parameter is a lower-case `LIKE` pattern escaped with `\`. The id list is bound as a JSON
 /// array, so that the statement has one shape for any number of ids.
-const DEAD_FILTER: &str = "status = 'dead' \
+const DEAD_FILTER: &str = "dead_at IS NOT NULL AND status = 'dead' \
     AND (? IS NULL OR JSON_CONTAINS(?, JSON_QUOTE(id))) \
     AND (? IS NULL OR topic = ?) \
     AND (? IS NULL OR type = ?) \

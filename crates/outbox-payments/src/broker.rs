@@ -24,7 +24,7 @@ use outbox_consumer::{
 };
 use outbox_core::{Message, Relay, RelayConfig, SinkError, redact};
 use outbox_sinks::SinkUrl;
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{MySql, Postgres, Sqlite, Transaction};
 
 use crate::db::{Db, TOPIC, Tx};
 use crate::worker::Worker;
@@ -77,6 +77,7 @@ pub async fn consume(
     match db {
         Db::Postgres(store) => consume_on(store, handler, &broker, lease, stop).await,
         Db::Sqlite(store) => consume_on(store, handler, &broker, lease, stop).await,
+        Db::MySql(store) => consume_on(store, handler, &broker, lease, stop).await,
     }
 }
 
@@ -149,6 +150,17 @@ impl Handler<Sqlite> for BrokerWorker {
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Sqlite>,
+        m: &Message,
+    ) -> Result<(), SinkError> {
+        self.0.handle_in(&mut Tx::from(tx), m).await
+    }
+}
+
+#[async_trait]
+impl Handler<MySql> for BrokerWorker {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, MySql>,
         m: &Message,
     ) -> Result<(), SinkError> {
         self.0.handle_in(&mut Tx::from(tx), m).await

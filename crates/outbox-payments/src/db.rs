@@ -1,14 +1,15 @@
 //! The payment tables, written together with outbox messages in one transaction, on
-//! PostgreSQL or SQLite through the library's public API.
+//! PostgreSQL, MySQL/MariaDB or SQLite through the library's public API.
 
 use std::sync::Arc;
 
 use chrono::Utc;
 use outbox_core::{NewMessage, Store};
+use outbox_mysql::MySqlStore;
 use outbox_postgres::PgStore;
 use outbox_sqlite::SqliteStore;
 use serde::{Deserialize, Serialize};
-use sqlx::{AssertSqlSafe, Postgres, Row, Sqlite, Transaction};
+use sqlx::{AssertSqlSafe, MySql, Postgres, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 /// The database of the demo: the payments and their outbox.
@@ -16,6 +17,7 @@ use uuid::Uuid;
 pub enum Db {
     Postgres(PgStore),
     Sqlite(SqliteStore),
+    MySql(MySqlStore),
 }
 
 /// Runs the same code on either pool: the statements are the same, the types differ.
@@ -24,6 +26,7 @@ macro_rules! on_db {
         match $db {
             Db::Postgres($store) => $body,
             Db::Sqlite($store) => $body,
+            Db::MySql($store) => $body,
         }
     };
 }
@@ -34,6 +37,7 @@ macro_rules! on_db_tx {
         match ($db, $tx) {
             (Db::Postgres($store), Tx::Postgres($t)) => $body,
             (Db::Sqlite($store), Tx::Sqlite($t)) => $body,
+            (Db::MySql($store), Tx::MySql($t)) => $body,
             _ => anyhow::bail!("a transaction on another database than the payments"),
         }
     };
@@ -112,6 +116,55 @@ CREATE TABLE IF NOT EXISTS {s}payment_idempotency (
     payment_id TEXT NOT NULL
 );";
 
+/// The same tables on MySQL, which indexes no TEXT column whole and reserves `key`.
+const MYSQL_SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS payments (
+        id VARCHAR(36) PRIMARY KEY,
+        status VARCHAR(16) NOT NULL,
+        amount VARCHAR(32) NOT NULL,
+        currency VARCHAR(3) NOT NULL,
+        token_card TEXT NOT NULL,
+        card_holder_email TEXT NOT NULL,
+        card_holder_name TEXT NOT NULL,
+        attempts BIGINT NOT NULL DEFAULT 0,
+        last_decline_reason TEXT,
+        charge_id TEXT,
+        created_at VARCHAR(40) NOT NULL,
+        updated_at VARCHAR(40) NOT NULL
+    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",
+    "CREATE TABLE IF NOT EXISTS payment_idempotency (
+        `key` VARCHAR(255) PRIMARY KEY,
+        request TEXT NOT NULL,
+        payment_id VARCHAR(36) NOT NULL
+    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",
+];
+
+/// A statement written for PostgreSQL in MySQL's dialect: `?` placeholders (the statements
+/// number theirs in the order they appear), `key` quoted, and `INSERT IGNORE` for a conflict
+/// that does nothing.
+fn mysql_dialect(template: &str) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            while chars.peek().is_some_and(char::is_ascii_digit) {
+                chars.next();
+            }
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    let out = out
+        .replace("{s}", "")
+        .replace("(key,", "(`key`,")
+        .replace("WHERE key =", "WHERE `key` =");
+    match out.strip_suffix(" ON CONFLICT (key) DO NOTHING") {
+        Some(head) => head.replacen("INSERT INTO", "INSERT IGNORE INTO", 1),
+        None => out,
+    }
+}
+
 const COLUMNS: &str = "id, status, amount, currency, card_holder_email, card_holder_name, \
     attempts, last_decline_reason, created_at, updated_at";
 
@@ -125,6 +178,7 @@ impl Db {
         let text = match self {
             Db::Postgres(s) => template.replace("{s}", &format!("{}.", s.config().schema)),
             Db::Sqlite(_) => template.replace("{s}", "").replace('$', "?"),
+            Db::MySql(_) => mysql_dialect(template),
         };
         AssertSqlSafe(text)
     }
@@ -132,8 +186,22 @@ impl Db {
     /// Creates the outbox schema and the payment tables.
     pub async fn migrate(&self) -> anyhow::Result<()> {
         self.store().migrate().await?;
+        if let Db::MySql(s) = self {
+            for statement in MYSQL_SCHEMA {
+                sqlx::raw_sql(*statement).execute(s.pool()).await?;
+            }
+            return Ok(());
+        }
         on_db!(self, s => sqlx::raw_sql(self.sql(SCHEMA)).execute(s.pool()).await.map(drop))?;
         Ok(())
+    }
+
+    fn notify(&self) {
+        match self {
+            Db::Sqlite(s) => s.notify(),
+            Db::MySql(s) => s.notify(),
+            Db::Postgres(_) => {}
+        }
     }
 
     pub async fn ping(&self) -> bool {
@@ -177,18 +245,16 @@ impl Db {
             }
             sqlx::query(self.sql(
                 "INSERT INTO {s}payments (id, status, amount, currency, token_card, card_holder_email, \
-                 card_holder_name, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $7)"))
+                 card_holder_name, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8)"))
                 .bind(id.to_string()).bind(p.amount.to_string()).bind(&p.currency).bind(&p.token_card)
-                .bind(&p.card_holder_email).bind(&p.card_holder_name).bind(&now)
+                .bind(&p.card_holder_email).bind(&p.card_holder_name).bind(&now).bind(&now)
                 .execute(&mut *tx).await?;
             if with_event {
                 s.outbox().enqueue(&mut tx, &msg).await?;
             }
             tx.commit().await?;
         });
-        if let Db::Sqlite(s) = self {
-            s.notify();
-        }
+        self.notify();
         Ok(Created::New(id))
     }
 
@@ -215,10 +281,14 @@ impl Db {
     /// Counts a decline; returns the declines so far.
     pub async fn record_decline(&self, id: Uuid, reason: &str) -> anyhow::Result<i64> {
         let now = Utc::now().to_rfc3339();
-        let n = on_db!(self, s => sqlx::query(self.sql(
-            "UPDATE {s}payments SET attempts = attempts + 1, last_decline_reason = $2, updated_at = $3 \
-             WHERE id = $1 AND status = 'pending' RETURNING attempts"))
-            .bind(id.to_string()).bind(reason).bind(&now)
+        if let Db::MySql(s) = self {
+            let mut tx = s.pool().begin().await?;
+            let n = mysql_decline(&mut tx, id, reason, &now).await?;
+            tx.commit().await?;
+            return Ok(n.unwrap_or(0));
+        }
+        let n = on_db!(self, s => sqlx::query(self.sql(DECLINE))
+            .bind(reason).bind(&now).bind(id.to_string())
             .fetch_optional(s.pool()).await?
             .map(|r| r.try_get::<i64, _>(0)).transpose()?);
         Ok(n.unwrap_or(0))
@@ -241,9 +311,7 @@ impl Db {
             tx.commit().await?;
             finished
         });
-        if let Db::Sqlite(s) = self {
-            s.notify();
-        }
+        self.notify();
         Ok(finished)
     }
 
@@ -260,10 +328,11 @@ impl Db {
         let msg = NewMessage::json(TOPIC, &kind, event)?.key(event.payment_id.to_string());
         let finished = on_db_tx!(self, tx, (s, t) => {
             let n = sqlx::query(self.sql(
-                "UPDATE {s}payments SET status = $2, charge_id = $3, last_decline_reason = coalesce($4, last_decline_reason), \
-                 attempts = attempts + $5, updated_at = $6 WHERE id = $1 AND status = 'pending'"))
-                .bind(event.payment_id.to_string()).bind(status).bind(&event.charge_id)
+                "UPDATE {s}payments SET status = $1, charge_id = $2, last_decline_reason = coalesce($3, last_decline_reason), \
+                 attempts = attempts + $4, updated_at = $5 WHERE id = $6 AND status = 'pending'"))
+                .bind(status).bind(&event.charge_id)
                 .bind(&event.reason).bind(i64::from(counted_attempt)).bind(&now)
+                .bind(event.payment_id.to_string())
                 .execute(&mut ***t).await?.rows_affected();
             if n == 1 {
                 s.outbox().enqueue(t, &msg).await?;
@@ -296,11 +365,16 @@ impl Db {
         let msg = NewMessage::json(TOPIC, "payment.created", event)?
             .key(event.payment_id.to_string())
             .delay(retry_in);
+        if let (Db::MySql(s), Tx::MySql(t)) = (self, &mut *tx) {
+            let n = mysql_decline(t, event.payment_id, reason, &now).await?;
+            if n.is_some() {
+                s.outbox().enqueue(t, &msg).await?;
+            }
+            return Ok(n.unwrap_or(0));
+        }
         let n = on_db_tx!(self, tx, (s, t) => {
-            let n = sqlx::query(self.sql(
-                "UPDATE {s}payments SET attempts = attempts + 1, last_decline_reason = $2, updated_at = $3 \
-                 WHERE id = $1 AND status = 'pending' RETURNING attempts"))
-                .bind(event.payment_id.to_string()).bind(reason).bind(&now)
+            let n = sqlx::query(self.sql(DECLINE))
+                .bind(reason).bind(&now).bind(event.payment_id.to_string())
                 .fetch_optional(&mut ***t).await?
                 .map(|r| r.try_get::<i64, _>(0)).transpose()?;
             if n.is_some() {
@@ -317,6 +391,44 @@ impl Db {
 pub enum Tx<'a> {
     Postgres(&'a mut Transaction<'static, Postgres>),
     Sqlite(&'a mut Transaction<'static, Sqlite>),
+    MySql(&'a mut Transaction<'static, MySql>),
+}
+
+impl<'a> From<&'a mut Transaction<'static, MySql>> for Tx<'a> {
+    fn from(tx: &'a mut Transaction<'static, MySql>) -> Self {
+        Tx::MySql(tx)
+    }
+}
+
+/// Counts a decline of a pending payment; returns the declines so far, or `None` when the
+/// payment is not pending.
+const DECLINE: &str = "UPDATE {s}payments SET attempts = attempts + 1, last_decline_reason = $1, \
+     updated_at = $2 WHERE id = $3 AND status = 'pending' RETURNING attempts";
+
+/// [`DECLINE`] on MySQL, which has no `UPDATE … RETURNING`: the count is read back in the same
+/// transaction, under the row lock the update took.
+async fn mysql_decline(
+    tx: &mut Transaction<'static, MySql>,
+    id: Uuid,
+    reason: &str,
+    now: &str,
+) -> anyhow::Result<Option<i64>> {
+    let sql = mysql_dialect(DECLINE.trim_end_matches(" RETURNING attempts"));
+    let updated = sqlx::query(AssertSqlSafe(sql))
+        .bind(reason)
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    if updated == 0 {
+        return Ok(None);
+    }
+    let n = sqlx::query_scalar("SELECT attempts FROM payments WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(Some(n))
 }
 
 impl<'a> From<&'a mut Transaction<'static, Postgres>> for Tx<'a> {
@@ -351,4 +463,24 @@ where
         card_holder_email: r.try_get("card_holder_email")?,
         card_holder_name: r.try_get("card_holder_name")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mysql_dialect;
+
+    #[test]
+    fn statements_read_in_mysqls_dialect() {
+        assert_eq!(
+            mysql_dialect(
+                "INSERT INTO {s}payment_idempotency (key, request) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO NOTHING"
+            ),
+            "INSERT IGNORE INTO payment_idempotency (`key`, request) VALUES (?, ?)"
+        );
+        assert_eq!(
+            mysql_dialect("SELECT a FROM {s}t WHERE key = $1 AND b = $10"),
+            "SELECT a FROM t WHERE `key` = ? AND b = ?"
+        );
+    }
 }

@@ -38,8 +38,10 @@ use std::time::Duration;
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use outbox_core::{Relay, RelayMonitor};
+use outbox_mysql::MySqlStore;
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_sqlite::SqliteStore;
+use sqlx::mysql::MySqlPoolOptions;
 use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -108,7 +110,8 @@ pub struct DemoOptions {
     pub limits: ServerLimits,
 }
 
-/// Opens the demo's database: `postgres://…` or `sqlite://PATH` (created when missing).
+/// Opens the demo's database: `postgres://…`, `mysql://…` (or `mariadb://…`) or
+/// `sqlite://PATH` (created when missing).
 pub async fn open_db(url: &str, schema: Option<&str>) -> anyhow::Result<Db> {
     if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let pool = PgPoolOptions::new()
@@ -133,9 +136,18 @@ pub async fn open_db(url: &str, schema: Option<&str>) -> anyhow::Result<Db> {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {dir}"))?;
         }
         Ok(Db::Sqlite(SqliteStore::connect(url).await?))
+    } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+        let url = format!("mysql:{}", url.split_once(':').map_or("", |(_, rest)| rest));
+        let pool = MySqlPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&url)
+            .await
+            .context("cannot connect to MySQL")?;
+        Ok(Db::MySql(MySqlStore::new(pool)))
     } else {
         anyhow::bail!(
-            "the demo runs on postgres://… or sqlite://PATH, not {:?}",
+            "the demo runs on postgres://…, mysql://… or sqlite://PATH, not {:?}",
             outbox_core::redact(url)
         )
     }
