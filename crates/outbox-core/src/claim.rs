@@ -174,6 +174,27 @@ pub fn waves(batch: &[Message]) -> Vec<Range<usize>> {
     out
 }
 
+/// A claim's head as a store reads it: seq, key and payload size.
+pub type Head = (i64, Option<String>, i64);
+
+/// Keeps the heads, in seq order, whose payloads fit in `max_bytes` (always the first, as
+/// [`pick`] does); returns the bytes they hold. For stores that read heads before their rows.
+pub fn keep_within_budget(heads: &mut Vec<Head>, max_bytes: usize) -> usize {
+    heads.sort_by_key(|h| h.0);
+    let mut used = 0usize;
+    let mut keep = 0;
+    for (i, h) in heads.iter().enumerate() {
+        let next = used.saturating_add(usize::try_from(h.2).unwrap_or(0));
+        if i > 0 && next > max_bytes {
+            break;
+        }
+        used = next;
+        keep = i + 1;
+    }
+    heads.truncate(keep);
+    used
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

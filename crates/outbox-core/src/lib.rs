@@ -86,7 +86,7 @@ mod sink;
 mod store;
 pub mod trace;
 
-pub use claim::{Candidate, ClaimRequest, pick, waves};
+pub use claim::{Candidate, ClaimRequest, Head, keep_within_budget, pick, waves};
 pub use message::{
     DEFAULT_MAX_MESSAGE_BYTES, JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Refused,
     Status, check_batch, parse_headers,

@@ -6,9 +6,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, DeadFilter, Failure, Message, NewMessage,
-    PollingWaiter, RelaySeen, Retention, Status, StatusCounts, Store, StoreError, StoreResult,
-    TopicBacklog, Waiter, parse_headers, pick,
+    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, DeadFilter, Failure, Head, Message,
+    NewMessage, PollingWaiter, RelaySeen, Retention, Status, StatusCounts, Store, StoreError,
+    StoreResult, TopicBacklog, Waiter, keep_within_budget, parse_headers, pick,
 };
 use sqlx::mysql::{MySqlArguments, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, Connection, MySql, MySqlConnection, MySqlPool, Row, Transaction};
@@ -315,27 +315,6 @@ fn bind_ids(mut query: Query, ids: &[Uuid]) -> Query {
         query = query.bind(id.to_string());
     }
     query
-}
-
-/// A claim's head: seq, key and payload size.
-type Head = (i64, Option<String>, i64);
-
-/// Keeps the heads, in seq order, whose payloads fit in `max_bytes` (always the first, as
-/// `outbox_core::pick` does); returns the bytes they hold.
-fn keep_within_budget(heads: &mut Vec<Head>, max_bytes: usize) -> usize {
-    heads.sort_by_key(|h| h.0);
-    let mut used = 0usize;
-    let mut keep = 0;
-    for (i, h) in heads.iter().enumerate() {
-        let next = used.saturating_add(usize::try_from(h.2).unwrap_or(0));
-        if i > 0 && next > max_bytes {
-            break;
-        }
-        used = next;
-        keep = i + 1;
-    }
-    heads.truncate(keep);
-    used
 }
 
 /// The writer's handle: enqueues messages inside the caller's transaction.
