@@ -11,7 +11,10 @@
 //!   leased to another relay), so nothing overtakes it;
 //! - a message whose last delivery never finished (the relay died or lost its session during
 //!   it) is delivered alone, so that a message that kills its relay takes only itself down and
-//!   goes dead after `max_attempts`, while the rest of its old batch is delivered.
+//!   goes dead after `max_attempts`, while the rest of its old batch is delivered. It is
+//!   claimed only when nothing else is in delivery at the relay (never by a claim ahead), so
+//!   that a crash it causes counts against no innocent neighbour over and over: a message in
+//!   delivery beside it at most once, since after that it is interrupted too.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -87,15 +90,17 @@ pub fn pick(mut candidates: Vec<Candidate>, req: &ClaimRequest<'_>) -> Vec<Messa
     let mut stopped: HashSet<String> = HashSet::new();
     let mut kept: Vec<Candidate> = Vec::with_capacity(candidates.len());
     for c in candidates {
+        // A suspect waits for a claim with nothing else in delivery (see the module docs).
+        let due = c.due && !(c.interrupted && req.ahead);
         if let Some(key) = &c.message.key {
             if stopped.contains(key) {
                 continue;
             }
-            if !c.due || req.busy(key) {
+            if !due || req.busy(key) {
                 stopped.insert(key.clone());
                 continue;
             }
-        } else if !c.due {
+        } else if !due {
             continue;
         }
         kept.push(c);
@@ -279,6 +284,27 @@ mod tests {
             seqs(&pick(c, &ClaimRequest::new("r", 10, Duration::ZERO))),
             [2]
         );
+    }
+
+    #[test]
+    fn a_claim_ahead_leaves_interrupted_messages_and_their_keys() {
+        let interrupted = |seq, key| {
+            let mut c = cand(seq, key);
+            c.interrupted = true;
+            c
+        };
+        let c = vec![
+            interrupted(1, None),
+            interrupted(2, Some("a")),
+            cand(3, Some("a")),
+            cand(4, Some("b")),
+            cand(5, None),
+        ];
+        let req = ClaimRequest {
+            ahead: true,
+            ..ClaimRequest::new("r", 10, Duration::ZERO)
+        };
+        assert_eq!(seqs(&pick(c, &req)), [4, 5]);
     }
 
     #[test]

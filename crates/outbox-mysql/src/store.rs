@@ -1,5 +1,6 @@
 //! [`MySqlStore`] (the relay's side) and [`MySqlOutbox`] (the writer's side).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -558,7 +559,18 @@ impl MySqlStore {
     /// A claim in one transaction, holding the claim lock from its first read to its commit.
     /// `READ COMMITTED`: each statement sees the claims committed before it, and locking reads
     /// take no gap locks, so writers inserting new rows never wait for a claim.
+    ///
+    /// The transaction runs to its end in a task of its own, whatever happens to the caller: a
+    /// relay task dropped in the middle of a claim (aborted, or a shutdown that stops
+    /// waiting) could otherwise leave its connection halfway through a statement, its
+    /// rollback never sent, and the claim lock held against every other relay. What it
+    /// leased then comes back when the lease expires, as after a crash.
     async fn claim_locked(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
+        let (store, owned) = (self.clone(), OwnedClaim::from(req));
+        detached(async move { store.claim_in_tx(&owned.request()).await }).await
+    }
+
+    async fn claim_in_tx(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
         let mut conn = self.pool.acquire().await.map_err(db)?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             .execute(&mut *conn)
@@ -582,6 +594,25 @@ impl MySqlStore {
         }
         tx.commit().await.map_err(db)?;
         Ok(batch)
+    }
+
+    async fn fail_in_tx(&self, relay: &str, failures: &[Failure]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+
+        for f in failures {
+            let query = match f.retry_in {
+                Some(d) => q(self.sql().fail_retry.as_str()).bind(ms(d)),
+                None => q(self.sql().fail_dead.as_str()),
+            };
+            query
+                .bind(f.stored_error())
+                .bind(f.id.to_string())
+                .bind(relay.to_owned())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
     }
 
     async fn fetch_messages(&self, query: Query) -> StoreResult<Vec<Message>> {
@@ -698,21 +729,10 @@ impl Store for MySqlStore {
     }
 
     async fn fail(&self, relay: &str, failures: &[Failure]) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        for f in failures {
-            let query = match f.retry_in {
-                Some(d) => q(self.sql().fail_retry.as_str()).bind(ms(d)),
-                None => q(self.sql().fail_dead.as_str()),
-            };
-            query
-                .bind(f.stored_error())
-                .bind(f.id.to_string())
-                .bind(relay.to_owned())
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)
+        // Several statements under row locks: finished even if the caller goes away (see
+        // `claim_locked`).
+        let (store, relay, failures) = (self.clone(), relay.to_owned(), failures.to_vec());
+        detached(async move { store.fail_in_tx(&relay, &failures).await }).await
     }
 
     async fn release(&self, relay: &str, ids: &[Uuid]) -> StoreResult<()> {
@@ -907,6 +927,52 @@ impl Store for MySqlStore {
 
     async fn waiter(&self, _relay: &str) -> StoreResult<Box<dyn Waiter>> {
         Ok(Box::new(PollingWaiter::new(self.notify.clone())))
+    }
+}
+
+/// Runs `work` to its end in a task of its own: dropping the returned future no longer stops
+/// it in the middle of a transaction.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = StoreResult<T>> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| StoreError::database(std::io::Error::other(e.to_string())))?
+}
+
+/// A [`ClaimRequest`] that owns what it refers to, for a claim that outlives its caller.
+struct OwnedClaim {
+    relay: String,
+    limit: usize,
+    lease: Duration,
+    ahead: bool,
+    partitions: Option<Vec<bool>>,
+    busy_keys: Option<HashSet<String>>,
+    max_bytes: usize,
+}
+
+impl From<&ClaimRequest<'_>> for OwnedClaim {
+    fn from(r: &ClaimRequest<'_>) -> Self {
+        Self {
+            relay: r.relay.to_owned(),
+            limit: r.limit,
+            lease: r.lease,
+            ahead: r.ahead,
+            partitions: r.partitions.map(<[bool]>::to_vec),
+            busy_keys: r.busy_keys.cloned(),
+            max_bytes: r.max_bytes,
+        }
+    }
+}
+
+impl OwnedClaim {
+    fn request(&self) -> ClaimRequest<'_> {
+        let mut req = ClaimRequest::new(&self.relay, self.limit, self.lease);
+        req.ahead = self.ahead;
+        req.partitions = self.partitions.as_deref();
+        req.busy_keys = self.busy_keys.as_ref();
+        req.max_bytes = self.max_bytes;
+        req
     }
 }
 
