@@ -388,19 +388,26 @@ impl SqliteStore {
         Self::connect_with(url, SqliteConfig::default()).await
     }
 
+    /// [`SqliteStore::connect`] with the outbox's tables named by `config`.
     pub async fn connect_with(url: &str, config: SqliteConfig) -> StoreResult<Self> {
-        let options = SqliteConnectOptions::from_str(url)
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(Self::connect_options(url)?)
+            .await
+            .map_err(db)?;
+        Self::with_config(pool, config)
+    }
+
+    /// How the store opens `url` (`sqlite://PATH`), for a pool of one's own: the file created
+    /// when missing, write-ahead logging so that readers never block the writer, and a busy
+    /// timeout so that concurrent writers wait for each other instead of failing.
+    pub fn connect_options(url: &str) -> StoreResult<SqliteConnectOptions> {
+        Ok(SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("invalid SQLite URL {url:?}: {e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(db)?;
-        Self::with_config(pool, config)
+            .busy_timeout(Duration::from_secs(5)))
     }
 
     pub fn pool(&self) -> &SqlitePool {
