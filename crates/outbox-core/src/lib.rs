@@ -89,7 +89,7 @@ pub mod trace;
 pub use claim::{Candidate, ClaimRequest, Head, keep_within_budget, pick, waves};
 pub use message::{
     DEFAULT_MAX_MESSAGE_BYTES, JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Refused,
-    Status, check_batch, parse_headers,
+    Status, UnknownStatus, check_batch, parse_headers,
 };
 pub use ownership::{Assignment, Ownership, assign};
 pub use partition::{PARTITIONS, partition_for};

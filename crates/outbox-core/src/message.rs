@@ -293,6 +293,7 @@ impl Status {
         }
     }
 
+    /// The status named `s`, or `None` for a name this build does not know.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "pending" => Status::Pending,
@@ -301,6 +302,21 @@ impl Status {
             "dead" => Status::Dead,
             _ => return None,
         })
+    }
+}
+
+/// A status read back that this build does not know: corrupt data or a schema of a newer
+/// build. Stores report it as an error, never guess, since a guess of `pending` would put the
+/// message back in delivery.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown message status {0:?}")]
+pub struct UnknownStatus(pub String);
+
+impl std::str::FromStr for Status {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::parse(s).ok_or_else(|| UnknownStatus(s.to_owned()))
     }
 }
 

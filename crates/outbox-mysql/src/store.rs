@@ -635,12 +635,6 @@ fn decode(e: impl std::error::Error + Send + Sync + 'static) -> sqlx::Error {
     sqlx::Error::Decode(Box::new(e))
 }
 
-/// A status this build does not know is corrupt data or a newer schema: an error, never a
-/// guess.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown message status {0:?}")]
-struct UnknownStatus(String);
-
 fn message_from_row(row: &MySqlRow) -> Result<Message, sqlx::Error> {
     let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
@@ -659,7 +653,7 @@ fn message_from_row(row: &MySqlRow) -> Result<Message, sqlx::Error> {
         available_at: time(row.try_get("available_at")?),
         attempts: row.try_get("attempts")?,
         last_error: row.try_get("last_error")?,
-        status: Status::parse(&status).ok_or_else(|| decode(UnknownStatus(status)))?,
+        status: status.parse::<Status>().map_err(decode)?,
     })
 }
 

@@ -409,7 +409,9 @@ fn message_from_row(row: &PgRow) -> Result<Message, sqlx::Error> {
         available_at: row.try_get::<DateTime<Utc>, _>("available_at")?,
         attempts: row.try_get("attempts")?,
         last_error: row.try_get("last_error")?,
-        status: Status::parse(&status).unwrap_or(Status::Pending),
+        status: status
+            .parse::<Status>()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
     })
 }
 

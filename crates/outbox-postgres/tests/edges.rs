@@ -94,3 +94,41 @@ async fn a_sink_slower_than_the_lease_counts_attempts_and_goes_dead() -> anyhow:
     assert!(stopped, "the relay did not stop");
     Ok(())
 }
+
+/// A status this build does not know (corrupt data, or a schema written by a newer build) is
+/// an error naming it, never read back as `pending`, which would put the message in delivery.
+#[tokio::test]
+async fn an_unknown_status_read_back_is_an_error_not_pending() -> anyhow::Result<()> {
+    let store = common::fresh_store().await?;
+    store.migrate().await?;
+    let m = outbox_core::NewMessage::json("orders", "order.created", &serde_json::json!({}))?;
+    let mut tx = store.pool().begin().await?;
+    store.outbox().enqueue(&mut tx, &m).await?;
+    tx.commit().await?;
+    let table = format!("{}.outbox_messages", store.config().schema);
+    // The table's CHECK keeps the status to the known ones: only corruption gets past it.
+    let checks: Vec<String> = sqlx::query_scalar(
+        "SELECT conname::text FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'c'",
+    )
+    .bind(&table)
+    .fetch_all(store.pool())
+    .await?;
+    for check in checks {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE {table} DROP CONSTRAINT {check}"
+        )))
+        .execute(store.pool())
+        .await?;
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {table} SET status = 'archived' WHERE id = $1"
+    )))
+    .bind(m.id())
+    .execute(store.pool())
+    .await?;
+    let read = store.get_message(m.id()).await;
+    common::drop_schema(&store).await?;
+    let e = read.expect_err("a message of unknown status was read back");
+    assert!(e.to_string().contains("\"archived\""), "{e}");
+    Ok(())
+}

@@ -587,7 +587,9 @@ fn message_from_row(row: &SqliteRow) -> Result<Message, sqlx::Error> {
         available_at: time(row.try_get("available_at")?),
         attempts: row.try_get("attempts")?,
         last_error: row.try_get("last_error")?,
-        status: Status::parse(&status).unwrap_or(Status::Pending),
+        status: status
+            .parse::<Status>()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
     })
 }
 

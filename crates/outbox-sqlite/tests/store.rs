@@ -379,3 +379,29 @@ async fn connect_creates_the_file_in_wal_mode() -> R {
     store.pool().close().await;
     Ok(())
 }
+
+/// A status this build does not know (corrupt data, or a schema written by a newer build) is
+/// an error naming it, never read back as `pending`, which would put the message in delivery.
+#[tokio::test]
+async fn an_unknown_status_read_back_is_an_error_not_pending() -> R {
+    let f = migrated().await?;
+    let m = msg(1);
+    enqueue(&f.store, std::slice::from_ref(&m)).await?;
+    let mut conn = f.store.pool().acquire().await?;
+    // The table's CHECK keeps the status to the known ones: only corruption gets past it.
+    sqlx::query("PRAGMA ignore_check_constraints = ON")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE outbox_messages SET status = 'archived' WHERE id = ?1")
+        .bind(m.id().to_string())
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("PRAGMA ignore_check_constraints = OFF")
+        .execute(&mut *conn)
+        .await?;
+    drop(conn);
+    let read = f.store.get_message(m.id()).await;
+    let e = read.expect_err("a message of unknown status was read back");
+    assert!(e.to_string().contains("\"archived\""), "{e}");
+    Ok(())
+}
