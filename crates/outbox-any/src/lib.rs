@@ -52,8 +52,11 @@ pub use outbox_postgres::ClaimMode;
 const SCHEMES: &str = "postgres://…, mysql://… or sqlite://PATH";
 
 /// The database behind a store.
+///
+/// Deliberately exhaustive, like [`AnyStore`] and [`Tx`]: code that matches on them holds SQL
+/// in each database's dialect, and a new backend should stop it compiling until that SQL is
+/// written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
 pub enum Backend {
     /// PostgreSQL: `postgres://` or `postgresql://`.
     Postgres,
@@ -293,9 +296,9 @@ enqueue_error!(outbox_postgres);
 enqueue_error!(outbox_sqlite);
 enqueue_error!(outbox_mysql);
 
-/// The store a URL names. Cheap to clone: clones share the pool.
+/// The store a URL names. Cheap to clone: clones share the pool. Match on it for the
+/// backend's own store and pool (see [`Backend`] on why it is exhaustive).
 #[derive(Clone, Debug)]
-#[non_exhaustive]
 pub enum AnyStore {
     /// A PostgreSQL store.
     Postgres(PgStore),
@@ -427,7 +430,6 @@ pub struct AnyTx {
 
 /// The transaction of an [`AnyTx`], typed by its database, for statements of your own.
 #[derive(Debug)]
-#[non_exhaustive]
 pub enum Tx {
     /// On PostgreSQL.
     Postgres(Transaction<'static, Postgres>),

@@ -21,7 +21,7 @@ use crate::cli::{Cli, Command, DeadCommand, EnqueueArgs, RelayArgs};
 use crate::config::{
     FileConfig, RouteConfig, StoreSettings, relay_settings, sink_problems, store_settings,
 };
-use crate::store::AnyStore;
+use crate::store::{self, AnyStore};
 use crate::telemetry::{Telemetry, init_logging};
 
 pub async fn run(cli: Cli, telemetry: Option<&Telemetry>) -> anyhow::Result<ExitCode> {
@@ -61,7 +61,7 @@ pub async fn run(cli: Cli, telemetry: Option<&Telemetry>) -> anyhow::Result<Exit
 
 /// Opens and migrates the store, for the commands that need the schema to exist.
 async fn open_migrated(settings: &StoreSettings) -> anyhow::Result<AnyStore> {
-    let store = AnyStore::open(settings, true).await?;
+    let store = store::open(settings, true).await?;
     store.store().migrate().await?;
     Ok(store)
 }
@@ -232,9 +232,7 @@ async fn enqueue(
         None => {
             let msg = message_from_flags(args, max)?;
             let store = open_migrated(settings).await?;
-            store
-                .enqueue_stream(vec![msg], || Ok(Vec::new()), max)
-                .await?
+            store::enqueue_stream(&store, vec![msg], || Ok(Vec::new()), max).await?
         }
     };
     let mut out = std::io::stdout().lock();
@@ -256,9 +254,7 @@ async fn enqueue_lines(
     }
     let store = open_migrated(settings).await?;
     let max = reader.max_message;
-    store
-        .enqueue_stream(first, || reader.next_chunk(CHUNK), max)
-        .await
+    store::enqueue_stream(&store, first, || reader.next_chunk(CHUNK), max).await
 }
 
 async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> anyhow::Result<()> {
@@ -274,7 +270,7 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
     }
     let sink = build_sink(sink_url.as_deref(), &file.routes).await?;
     let claim = args.claim.or(file.claim);
-    let store = AnyStore::open_relay(settings, claim, config.in_flight_batches).await?;
+    let store = store::open_relay(settings, claim, config.in_flight_batches).await?;
     let store = store.store();
     let relay = Relay::with_config(store.clone(), sink, config);
     // Served from before the migration, so that probes see a database that is not up yet.
@@ -375,7 +371,7 @@ async fn check_relay(
     {
         problems.push(format!("{e:#}"));
     }
-    if let Err(e) = AnyStore::open_relay(settings, args.claim.or(file.claim), 2).await {
+    if let Err(e) = store::open_relay(settings, args.claim.or(file.claim), 2).await {
         problems.push(format!("{e:#}"));
     }
     if problems.is_empty() {

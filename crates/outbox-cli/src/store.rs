@@ -1,206 +1,105 @@
-//! Opens the store a database URL names.
+//! Opens the store a database URL names, through `outbox-any`, and says what went wrong in
+//! the words of the command's own flags.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use anyhow::{Context, bail};
-use outbox_core::{NewMessage, Store, redact};
-use outbox_mysql::{MySqlConfig, MySqlStore};
-use outbox_postgres::{PgConfig, PgStore};
-use outbox_sqlite::{SqliteConfig, SqliteStore};
-use sqlx::Connection;
-use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions};
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use anyhow::Context;
+use outbox_any::{Backend, OpenError, OpenOptions};
+use outbox_core::NewMessage;
 use uuid::Uuid;
 
 use crate::cli::ClaimArg;
 use crate::config::StoreSettings;
 
-/// Connects a pool, saying why when PostgreSQL cannot be reached. The pool retries a refused
-/// or unreachable server until its acquire timeout and then reports only "pool timed out";
-/// one direct connection attempt gives the reason (refused, unknown host, no such database).
-pub async fn connect_postgres(options: PgPoolOptions, url: &str) -> anyhow::Result<PgPool> {
-    match options.connect(url).await {
-        Err(sqlx::Error::PoolTimedOut) => bail!(unreachable::<PgConnection>(url).await),
-        connected => connected.with_context(|| format!("cannot connect to {}", redact(url))),
-    }
+pub use outbox_any::AnyStore;
+
+/// Opens the store. With `eager`, connects now so that a wrong URL or a stopped server is
+/// reported at once; the relay opens lazily and waits for the database instead.
+pub async fn open(s: &StoreSettings, eager: bool) -> anyhow::Result<AnyStore> {
+    open_with(s, options(s).lazy(!eager)).await
 }
 
-/// [`connect_postgres`] for MySQL and MariaDB.
-pub async fn connect_mysql(options: MySqlPoolOptions, url: &str) -> anyhow::Result<MySqlPool> {
-    match options.connect(url).await {
-        Err(sqlx::Error::PoolTimedOut) => bail!(unreachable::<MySqlConnection>(url).await),
-        connected => connected.with_context(|| format!("cannot connect to {}", redact(url))),
-    }
+/// Opens the store for a relay: a pool with a connection for each batch in delivery, and
+/// the claim mode asked for (PostgreSQL only; the other stores always lease).
+pub async fn open_relay(
+    s: &StoreSettings,
+    claim: Option<ClaimArg>,
+    in_flight_batches: usize,
+) -> anyhow::Result<AnyStore> {
+    let pool_size = u32::try_from(in_flight_batches + 2)
+        .unwrap_or(u32::MAX)
+        .max(4);
+    let opts = options(s)
+        .lazy(true)
+        .max_connections(pool_size)
+        .claim_mode(claim.map(Into::into));
+    open_with(s, opts).await
 }
 
-/// Why a pool could not connect to `url`, from one direct connection attempt.
-async fn unreachable<C: Connection>(url: &str) -> String {
-    let direct = tokio::time::timeout(Duration::from_secs(5), C::connect(url));
-    let why = match direct.await {
-        Ok(Err(e)) => e.to_string(),
-        Ok(Ok(conn)) => {
-            let _ = conn.close().await;
-            "no connection within the pool's timeout".to_owned()
-        }
-        Err(_) => "no answer within 5 s".to_owned(),
+/// Opens the store now, with a pool of `pool_size` connections and, on PostgreSQL, `claim`.
+pub async fn open_sized(
+    s: &StoreSettings,
+    pool_size: u32,
+    claim: ClaimArg,
+) -> anyhow::Result<AnyStore> {
+    let claim = match Backend::from_url(&s.database_url)? {
+        Backend::Postgres => Some(claim.into()),
+        _ => None,
     };
-    format!("cannot connect to {}: {why}", redact(url))
+    let opts = options(s)
+        .max_connections(pool_size)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .claim_mode(claim);
+    open_with(s, opts).await
 }
 
-/// The URL forms `open` accepts, for error messages.
-const SCHEMES: &str = "postgres://…, mysql://… or sqlite://PATH";
-
-/// A store of any kind, for the commands that need the writer's side too.
-#[derive(Clone)]
-pub enum AnyStore {
-    Postgres(PgStore),
-    Sqlite(SqliteStore),
-    MySql(MySqlStore),
+fn options(s: &StoreSettings) -> OpenOptions {
+    OpenOptions::new()
+        .schema(s.schema.clone())
+        .table_prefix(s.table_prefix.clone())
 }
 
-impl AnyStore {
-    /// Opens the store. With `eager`, connects now so that a wrong URL or a stopped server is
-    /// reported at once; the relay opens lazily and waits for the database instead.
-    pub async fn open(s: &StoreSettings, eager: bool) -> anyhow::Result<Self> {
-        Self::open_with(s, eager, 4).await
-    }
+async fn open_with(s: &StoreSettings, opts: OpenOptions) -> anyhow::Result<AnyStore> {
+    AnyStore::open(&s.database_url, &opts)
+        .await
+        .map_err(in_flags)
+}
 
-    /// Opens the store for a relay: a pool with a connection for each batch in delivery, and
-    /// the claim mode asked for (PostgreSQL only; SQLite always leases).
-    pub async fn open_relay(
-        s: &StoreSettings,
-        claim: Option<ClaimArg>,
-        in_flight_batches: usize,
-    ) -> anyhow::Result<Self> {
-        let pool_size = u32::try_from(in_flight_batches + 2)
-            .unwrap_or(u32::MAX)
-            .max(4);
-        match (Self::open_with(s, false, pool_size).await?, claim) {
-            (Self::Postgres(pg), Some(claim)) => {
-                Ok(Self::Postgres(pg.with_claim_mode(claim.into())))
-            }
-            (Self::Sqlite(_), Some(ClaimArg::Transaction)) => {
-                bail!("--claim transaction needs PostgreSQL; SQLite relays always use leases")
-            }
-            (Self::MySql(_), Some(ClaimArg::Transaction)) => {
-                bail!("--claim transaction needs PostgreSQL; MySQL relays always use leases")
-            }
-            (store, _) => Ok(store),
-        }
+/// The library's error, naming the flag that asked for what the database cannot do.
+fn in_flags(e: OpenError) -> anyhow::Error {
+    match e {
+        OpenError::SchemaNeedsPostgres {
+            backend: Backend::Sqlite,
+        } => anyhow::anyhow!("--schema applies to PostgreSQL only; use --table-prefix with SQLite"),
+        OpenError::SchemaNeedsPostgres { .. } => anyhow::anyhow!(
+            "--schema applies to PostgreSQL only; name the database in the URL and use \
+             --table-prefix with MySQL"
+        ),
+        OpenError::ClaimModeNeedsPostgres { backend } => anyhow::anyhow!(
+            "--claim transaction needs PostgreSQL; {backend} relays always use leases"
+        ),
+        other => other.into(),
     }
+}
 
-    /// Opens the store now, with a pool of `pool_size` connections.
-    pub async fn open_sized(s: &StoreSettings, pool_size: u32) -> anyhow::Result<Self> {
-        Self::open_with(s, true, pool_size).await
+/// Enqueues `first` and then every chunk `next` returns until an empty one, all in one
+/// transaction: all of them or none (an error from `next` rolls back what was written).
+/// The store refuses a message over `max_bytes` or with a reserved header.
+pub async fn enqueue_stream(
+    store: &AnyStore,
+    first: Vec<NewMessage>,
+    mut next: impl FnMut() -> anyhow::Result<Vec<NewMessage>>,
+    max_bytes: usize,
+) -> anyhow::Result<Vec<Uuid>> {
+    let store = store.clone().with_max_message_size(max_bytes);
+    let mut tx = store.begin().await.context("cannot begin a transaction")?;
+    let mut ids = Vec::new();
+    let mut chunk = first;
+    while !chunk.is_empty() {
+        tx.enqueue_batch(&chunk).await?;
+        ids.extend(chunk.iter().map(NewMessage::id));
+        chunk = next()?;
     }
-
-    async fn open_with(s: &StoreSettings, eager: bool, pool_size: u32) -> anyhow::Result<Self> {
-        let url = s.database_url.as_str();
-        let shown = redact(url);
-        let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
-        match scheme {
-            "postgres" | "postgresql" => {
-                let mut config = PgConfig::default();
-                if let Some(schema) = &s.schema {
-                    config.schema = schema.clone();
-                }
-                if let Some(prefix) = &s.table_prefix {
-                    config.table_prefix = prefix.clone();
-                }
-                let options = PgPoolOptions::new()
-                    .max_connections(pool_size)
-                    .acquire_timeout(Duration::from_secs(5));
-                let pool = if eager {
-                    connect_postgres(options, url).await?
-                } else {
-                    options
-                        .connect_lazy(url)
-                        .with_context(|| format!("invalid database URL {shown}"))?
-                };
-                Ok(Self::Postgres(PgStore::with_config(pool, config)?))
-            }
-            "sqlite" => {
-                if s.schema.is_some() {
-                    bail!("--schema applies to PostgreSQL only; use --table-prefix with SQLite");
-                }
-                let mut config = SqliteConfig::default();
-                if let Some(prefix) = &s.table_prefix {
-                    config.table_prefix = prefix.clone();
-                }
-                let store = SqliteStore::connect_with(url, config)
-                    .await
-                    .with_context(|| format!("cannot open {shown}"))?;
-                Ok(Self::Sqlite(store))
-            }
-            "mysql" | "mariadb" => {
-                if s.schema.is_some() {
-                    bail!(
-                        "--schema applies to PostgreSQL only; name the database in the URL and \
-                         use --table-prefix with MySQL"
-                    );
-                }
-                let mut config = MySqlConfig::default();
-                if let Some(prefix) = &s.table_prefix {
-                    config.table_prefix = prefix.clone();
-                }
-                // sqlx knows the scheme as mysql:// only.
-                let url = format!("mysql:{}", &url[scheme.len() + 1..]);
-                let options = MySqlPoolOptions::new()
-                    .max_connections(pool_size)
-                    .acquire_timeout(Duration::from_secs(5));
-                let pool = if eager {
-                    connect_mysql(options, &url).await?
-                } else {
-                    options
-                        .connect_lazy(&url)
-                        .with_context(|| format!("invalid database URL {shown}"))?
-                };
-                Ok(Self::MySql(MySqlStore::with_config(pool, config)?))
-            }
-            "" => bail!("database URL {shown:?} has no scheme; expected {SCHEMES}"),
-            other => bail!("unknown database URL scheme {other:?}; expected {SCHEMES}"),
-        }
-    }
-
-    pub fn store(&self) -> Arc<dyn Store> {
-        match self {
-            Self::Postgres(s) => Arc::new(s.clone()),
-            Self::Sqlite(s) => Arc::new(s.clone()),
-            Self::MySql(s) => Arc::new(s.clone()),
-        }
-    }
-
-    /// Enqueues `first` and then every chunk `next` returns until an empty one, all in one
-    /// transaction: all of them or none (an error from `next` rolls back what was written).
-    /// The store refuses a message over `max_bytes` or with a reserved header.
-    pub async fn enqueue_stream(
-        &self,
-        first: Vec<NewMessage>,
-        mut next: impl FnMut() -> anyhow::Result<Vec<NewMessage>>,
-        max_bytes: usize,
-    ) -> anyhow::Result<Vec<Uuid>> {
-        let mut ids = Vec::new();
-        let mut chunk = first;
-        macro_rules! stream {
-            ($s:expr) => {{
-                let outbox = $s.outbox().clone().with_max_message_size(max_bytes);
-                let mut tx = $s.pool().begin().await?;
-                while !chunk.is_empty() {
-                    outbox.enqueue_batch(&mut tx, &chunk).await?;
-                    ids.extend(chunk.iter().map(NewMessage::id));
-                    chunk = next()?;
-                }
-                tx.commit().await?;
-            }};
-        }
-        match self {
-            Self::Postgres(s) => stream!(s),
-            Self::Sqlite(s) => stream!(s),
-            Self::MySql(s) => stream!(s),
-        }
-        Ok(ids)
-    }
+    tx.commit().await?;
+    Ok(ids)
 }
 
 #[cfg(test)]

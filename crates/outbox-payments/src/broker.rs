@@ -28,6 +28,7 @@ use sqlx::{MySql, Postgres, Sqlite, Transaction};
 
 use crate::db::{Db, TOPIC, Tx};
 use crate::worker::Worker;
+use outbox_any::AnyStore;
 
 /// The worker's name in the inbox and on the broker.
 pub const CONSUMER: &str = "payments-worker";
@@ -74,10 +75,10 @@ pub async fn consume(
     let broker = broker_url(url)?;
     let db = worker.db.clone();
     let handler = BrokerWorker(Arc::new(worker));
-    match db {
-        Db::Postgres(store) => consume_on(store, handler, &broker, lease, stop).await,
-        Db::Sqlite(store) => consume_on(store, handler, &broker, lease, stop).await,
-        Db::MySql(store) => consume_on(store, handler, &broker, lease, stop).await,
+    match db.any().clone() {
+        AnyStore::Postgres(store) => consume_on(store, handler, &broker, lease, stop).await,
+        AnyStore::Sqlite(store) => consume_on(store, handler, &broker, lease, stop).await,
+        AnyStore::MySql(store) => consume_on(store, handler, &broker, lease, stop).await,
     }
 }
 

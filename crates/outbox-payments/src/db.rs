@@ -4,29 +4,24 @@
 use std::sync::Arc;
 
 use chrono::Utc;
+use outbox_any::AnyStore;
 use outbox_core::{NewMessage, Store};
-use outbox_mysql::MySqlStore;
-use outbox_postgres::PgStore;
-use outbox_sqlite::SqliteStore;
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, MySql, Postgres, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
-/// The database of the demo: the payments and their outbox.
+/// The database of the demo: the payments and their outbox, opened by URL.
 #[derive(Clone)]
-pub enum Db {
-    Postgres(PgStore),
-    Sqlite(SqliteStore),
-    MySql(MySqlStore),
-}
+pub struct Db(AnyStore);
 
-/// Runs the same code on either pool: the statements are the same, the types differ.
+/// Runs the same code on any backend's pool: the statements are the same (in the dialect
+/// [`Db::sql`] writes them in), the types differ.
 macro_rules! on_db {
     ($db:expr, $store:ident => $body:expr) => {
-        match $db {
-            Db::Postgres($store) => $body,
-            Db::Sqlite($store) => $body,
-            Db::MySql($store) => $body,
+        match &$db.0 {
+            AnyStore::Postgres($store) => $body,
+            AnyStore::Sqlite($store) => $body,
+            AnyStore::MySql($store) => $body,
         }
     };
 }
@@ -34,11 +29,22 @@ macro_rules! on_db {
 /// The same with a transaction of the same database as the store.
 macro_rules! on_db_tx {
     ($db:expr, $tx:expr, ($store:ident, $t:ident) => $body:expr) => {
-        match ($db, $tx) {
-            (Db::Postgres($store), Tx::Postgres($t)) => $body,
-            (Db::Sqlite($store), Tx::Sqlite($t)) => $body,
-            (Db::MySql($store), Tx::MySql($t)) => $body,
+        match (&$db.0, $tx) {
+            (AnyStore::Postgres($store), Tx::Postgres($t)) => $body,
+            (AnyStore::Sqlite($store), Tx::Sqlite($t)) => $body,
+            (AnyStore::MySql($store), Tx::MySql($t)) => $body,
             _ => anyhow::bail!("a transaction on another database than the payments"),
+        }
+    };
+}
+
+/// Runs the same code on the typed transaction of an [`outbox_any::AnyTx`].
+macro_rules! on_tx {
+    ($tx:expr, $t:ident => $body:expr) => {
+        match $tx.sql() {
+            outbox_any::Tx::Postgres($t) => $body,
+            outbox_any::Tx::Sqlite($t) => $body,
+            outbox_any::Tx::MySql($t) => $body,
         }
     };
 }
@@ -169,16 +175,26 @@ const COLUMNS: &str = "id, status, amount, currency, card_holder_email, card_hol
     attempts, last_decline_reason, created_at, updated_at";
 
 impl Db {
+    /// The demo's database in `store`.
+    pub fn new(store: AnyStore) -> Self {
+        Self(store)
+    }
+
+    /// The store, typed by its backend.
+    pub fn any(&self) -> &AnyStore {
+        &self.0
+    }
+
     pub fn store(&self) -> Arc<dyn Store> {
-        on_db!(self, s => Arc::new(s.clone()))
+        self.0.store()
     }
 
     /// SQL for this database: tables in the outbox's schema, `$n` or `?n` placeholders.
     fn sql(&self, template: &str) -> AssertSqlSafe<String> {
-        let text = match self {
-            Db::Postgres(s) => template.replace("{s}", &format!("{}.", s.config().schema)),
-            Db::Sqlite(_) => template.replace("{s}", "").replace('$', "?"),
-            Db::MySql(_) => mysql_dialect(template),
+        let text = match &self.0 {
+            AnyStore::Postgres(s) => template.replace("{s}", &format!("{}.", s.config().schema)),
+            AnyStore::Sqlite(_) => template.replace("{s}", "").replace('$', "?"),
+            AnyStore::MySql(_) => mysql_dialect(template),
         };
         AssertSqlSafe(text)
     }
@@ -186,7 +202,7 @@ impl Db {
     /// Creates the outbox schema and the payment tables.
     pub async fn migrate(&self) -> anyhow::Result<()> {
         self.store().migrate().await?;
-        if let Db::MySql(s) = self {
+        if let AnyStore::MySql(s) = &self.0 {
             for statement in MYSQL_SCHEMA {
                 sqlx::raw_sql(*statement).execute(s.pool()).await?;
             }
@@ -194,14 +210,6 @@ impl Db {
         }
         on_db!(self, s => sqlx::raw_sql(self.sql(SCHEMA)).execute(s.pool()).await.map(drop))?;
         Ok(())
-    }
-
-    fn notify(&self) {
-        match self {
-            Db::Sqlite(s) => s.notify(),
-            Db::MySql(s) => s.notify(),
-            Db::Postgres(_) => {}
-        }
     }
 
     pub async fn ping(&self) -> bool {
@@ -230,31 +238,32 @@ impl Db {
             charge_id: None,
         };
         let msg = NewMessage::json(TOPIC, "payment.created", &event)?.key(id.to_string());
-        on_db!(self, s => {
-            let mut tx = s.pool().begin().await?;
-            if let Some((key, request)) = idempotency {
-                let inserted = sqlx::query(self.sql(
-                    "INSERT INTO {s}payment_idempotency (key, request, payment_id) VALUES ($1, $2, $3) \
-                     ON CONFLICT (key) DO NOTHING"))
-                    .bind(key).bind(request).bind(id.to_string())
-                    .execute(&mut *tx).await?.rows_affected();
-                if inserted == 0 {
-                    tx.rollback().await?;
-                    return self.replay(key, request).await;
-                }
+        let mut tx = self.0.begin().await?;
+        if let Some((key, request)) = idempotency {
+            let claim_key = self.sql(
+                "INSERT INTO {s}payment_idempotency (key, request, payment_id) VALUES ($1, $2, $3) \
+                 ON CONFLICT (key) DO NOTHING",
+            );
+            let inserted = on_tx!(tx, t => sqlx::query(claim_key)
+                .bind(key).bind(request).bind(id.to_string())
+                .execute(&mut **t).await?.rows_affected());
+            if inserted == 0 {
+                tx.rollback().await?;
+                return self.replay(key, request).await;
             }
-            sqlx::query(self.sql(
-                "INSERT INTO {s}payments (id, status, amount, currency, token_card, card_holder_email, \
-                 card_holder_name, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8)"))
-                .bind(id.to_string()).bind(p.amount.to_string()).bind(&p.currency).bind(&p.token_card)
-                .bind(&p.card_holder_email).bind(&p.card_holder_name).bind(&now).bind(&now)
-                .execute(&mut *tx).await?;
-            if with_event {
-                s.outbox().enqueue(&mut tx, &msg).await?;
-            }
-            tx.commit().await?;
-        });
-        self.notify();
+        }
+        let insert = self.sql(
+            "INSERT INTO {s}payments (id, status, amount, currency, token_card, card_holder_email, \
+             card_holder_name, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8)",
+        );
+        on_tx!(tx, t => sqlx::query(insert)
+            .bind(id.to_string()).bind(p.amount.to_string()).bind(&p.currency).bind(&p.token_card)
+            .bind(&p.card_holder_email).bind(&p.card_holder_name).bind(&now).bind(&now)
+            .execute(&mut **t).await.map(drop)?);
+        if with_event {
+            tx.enqueue(&msg).await?;
+        }
+        tx.commit().await?;
         Ok(Created::New(id))
     }
 
@@ -281,7 +290,7 @@ impl Db {
     /// Counts a decline; returns the declines so far.
     pub async fn record_decline(&self, id: Uuid, reason: &str) -> anyhow::Result<i64> {
         let now = Utc::now().to_rfc3339();
-        if let Db::MySql(s) = self {
+        if let AnyStore::MySql(s) = &self.0 {
             let mut tx = s.pool().begin().await?;
             let n = mysql_decline(&mut tx, id, reason, &now).await?;
             tx.commit().await?;
@@ -303,15 +312,11 @@ impl Db {
         status: &str,
         counted_attempt: bool,
     ) -> anyhow::Result<bool> {
-        let finished = on_db!(self, s => {
-            let mut tx = s.pool().begin().await?;
-            let finished = self
-                .finish_in(&mut Tx::from(&mut tx), event, status, counted_attempt)
-                .await?;
-            tx.commit().await?;
-            finished
-        });
-        self.notify();
+        let mut tx = self.0.begin().await?;
+        let finished = self
+            .finish_in(&mut Tx::from(tx.sql()), event, status, counted_attempt)
+            .await?;
+        tx.commit().await?;
         Ok(finished)
     }
 
@@ -365,7 +370,7 @@ impl Db {
         let msg = NewMessage::json(TOPIC, "payment.created", event)?
             .key(event.payment_id.to_string())
             .delay(retry_in);
-        if let (Db::MySql(s), Tx::MySql(t)) = (self, &mut *tx) {
+        if let (AnyStore::MySql(s), Tx::MySql(t)) = (&self.0, &mut *tx) {
             let n = mysql_decline(t, event.payment_id, reason, &now).await?;
             if n.is_some() {
                 s.outbox().enqueue(t, &msg).await?;
@@ -392,6 +397,16 @@ pub enum Tx<'a> {
     Postgres(&'a mut Transaction<'static, Postgres>),
     Sqlite(&'a mut Transaction<'static, Sqlite>),
     MySql(&'a mut Transaction<'static, MySql>),
+}
+
+impl<'a> From<&'a mut outbox_any::Tx> for Tx<'a> {
+    fn from(tx: &'a mut outbox_any::Tx) -> Self {
+        match tx {
+            outbox_any::Tx::Postgres(t) => Tx::Postgres(t),
+            outbox_any::Tx::Sqlite(t) => Tx::Sqlite(t),
+            outbox_any::Tx::MySql(t) => Tx::MySql(t),
+        }
+    }
 }
 
 impl<'a> From<&'a mut Transaction<'static, MySql>> for Tx<'a> {

@@ -38,11 +38,6 @@ use std::time::Duration;
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use outbox_core::{Relay, RelayMonitor};
-use outbox_mysql::MySqlStore;
-use outbox_postgres::{PgConfig, PgStore};
-use outbox_sqlite::SqliteStore;
-use sqlx::mysql::MySqlPoolOptions;
-use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -113,44 +108,18 @@ pub struct DemoOptions {
 /// Opens the demo's database: `postgres://…`, `mysql://…` (or `mariadb://…`) or
 /// `sqlite://PATH` (created when missing).
 pub async fn open_db(url: &str, schema: Option<&str>) -> anyhow::Result<Db> {
-    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
-            .await
-            .context("cannot connect to PostgreSQL")?;
-        let mut config = PgConfig::default();
-        if let Some(s) = schema {
-            config.schema = s.to_owned();
-        }
-        Ok(Db::Postgres(PgStore::with_config(pool, config)?))
-    } else if url.starts_with("sqlite:") {
-        if let Some(dir) = url
-            .trim_start_matches("sqlite:")
-            .trim_start_matches("//")
-            .rsplit_once('/')
-            .map(|(d, _)| d)
-            .filter(|d| !d.is_empty())
-        {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {dir}"))?;
-        }
-        Ok(Db::Sqlite(SqliteStore::connect(url).await?))
-    } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
-        let url = format!("mysql:{}", url.split_once(':').map_or("", |(_, rest)| rest));
-        let pool = MySqlPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(&url)
-            .await
-            .context("cannot connect to MySQL")?;
-        Ok(Db::MySql(MySqlStore::new(pool)))
-    } else {
-        anyhow::bail!(
-            "the demo runs on postgres://…, mysql://… or sqlite://PATH, not {:?}",
-            outbox_core::redact(url)
-        )
-    }
+    use outbox_any::{AnyStore, Backend, OpenOptions};
+    // SQLite's writers take turns on one file: more connections would only wait.
+    let connections = match Backend::from_url(url)? {
+        Backend::Sqlite => 4,
+        _ => 16,
+    };
+    let opts = OpenOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .schema(schema.map(str::to_owned))
+        .create_dirs(true);
+    Ok(Db::new(AnyStore::open(url, &opts).await?))
 }
 
 /// The process-wide Prometheus recorder (installed once, shared by every server).

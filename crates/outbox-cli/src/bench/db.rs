@@ -1,23 +1,18 @@
-//! The database side of the benchmark: the outbox store plus the raw-SQL baselines, which run
-//! against tables of the outbox's own shape in the same database, so that every ratio compares
-//! like with like.
+//! The database side of the benchmark: the outbox store, opened and written through the
+//! library's API (`outbox-any`), plus the raw-SQL baselines, which run against tables of the
+//! outbox's own shape in the same database, so that every ratio compares like with like.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+use outbox_any::{AnyStore, Tx};
 use outbox_core::{NewMessage, Store};
 use outbox_mysql::MySqlStore;
-use outbox_postgres::{ClaimMode, PgConfig, PgStore};
-use outbox_sqlite::{SqliteConfig, SqliteStore};
-use sqlx::mysql::MySqlPoolOptions;
-use sqlx::postgres::PgPoolOptions;
-use sqlx::sqlite::SqlitePoolOptions;
+use outbox_postgres::ClaimMode;
 use sqlx::{AssertSqlSafe, Executor};
 
 use crate::cli::ClaimArg;
 use crate::config::StoreSettings;
-use outbox_core::redact;
 
 /// What a writer transaction holds besides the business row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,11 +26,11 @@ pub enum WriteMode {
     RawRow,
 }
 
+/// The store under test and the names of the tables beside it.
 #[derive(Clone)]
-pub enum BenchDb {
-    Postgres { store: PgStore, names: Names },
-    Sqlite { store: SqliteStore, names: Names },
-    MySql { store: MySqlStore, names: Names },
+pub struct BenchDb {
+    any: AnyStore,
+    names: Names,
 }
 
 /// Qualified names of the outbox table and the benchmark's own tables.
@@ -47,7 +42,12 @@ pub struct Names {
 }
 
 impl Names {
-    fn new(qualifier: &str, prefix: &str) -> Self {
+    fn of(any: &AnyStore) -> Self {
+        let (qualifier, prefix) = match any {
+            AnyStore::Postgres(s) => (format!("{}.", s.config().schema), &s.config().table_prefix),
+            AnyStore::Sqlite(s) => (String::new(), &s.config().table_prefix),
+            AnyStore::MySql(s) => (String::new(), &s.config().table_prefix),
+        };
         Self {
             messages: format!("{qualifier}{prefix}messages"),
             raw: format!("{qualifier}{prefix}bench_raw"),
@@ -57,55 +57,21 @@ impl Names {
 }
 
 impl BenchDb {
-    /// Opens the store with a pool large enough for `clients` writers plus the relay.
+    /// Opens the store with a pool large enough for `clients` writers plus the relay. SQLite
+    /// keeps the store's usual four connections: its writers take turns on one file anyway.
     pub async fn open(s: &StoreSettings, clients: usize, claim: ClaimArg) -> anyhow::Result<Self> {
-        let url = s.database_url.as_str();
-        let shown = redact(url);
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let mut config = PgConfig::default();
-            if let Some(schema) = &s.schema {
-                config.schema = schema.clone();
-            }
-            if let Some(prefix) = &s.table_prefix {
-                config.table_prefix = prefix.clone();
-            }
-            let options = PgPoolOptions::new()
-                .max_connections(clients as u32 + 6)
-                .acquire_timeout(Duration::from_secs(10));
-            let pool = crate::store::connect_postgres(options, url).await?;
-            let names = Names::new(&format!("{}.", config.schema), &config.table_prefix);
-            let store = PgStore::with_config(pool, config)?.with_claim_mode(claim.into());
-            return Ok(Self::Postgres { store, names });
-        }
-        if url.starts_with("sqlite:") {
-            if s.schema.is_some() {
-                bail!("--schema applies to PostgreSQL only; use --table-prefix with SQLite");
-            }
-            let mut config = SqliteConfig::default();
-            if let Some(prefix) = &s.table_prefix {
-                config.table_prefix = prefix.clone();
-            }
-            let names = Names::new("", &config.table_prefix);
-            let store = SqliteStore::connect_with(url, config)
-                .await
-                .with_context(|| format!("cannot open {shown}"))?;
-            return Ok(Self::Sqlite { store, names });
-        }
-        if url.starts_with("mysql:") || url.starts_with("mariadb:") {
-            let crate::store::AnyStore::MySql(store) =
-                crate::store::AnyStore::open_sized(s, clients as u32 + 6).await?
-            else {
-                unreachable!("a MySQL URL opens the MySQL store")
-            };
-            let names = Names::new("", &store.config().table_prefix);
-            return Ok(Self::MySql { store, names });
-        }
-        bail!("outbox bench runs on postgres://…, mysql://… or sqlite://PATH, not {shown}")
+        let pool_size = match outbox_any::Backend::from_url(&s.database_url)? {
+            outbox_any::Backend::Sqlite => 4,
+            _ => u32::try_from(clients + 6).unwrap_or(u32::MAX),
+        };
+        let any = crate::store::open_sized(s, pool_size, claim).await?;
+        let names = Names::of(&any);
+        Ok(Self { any, names })
     }
 
     pub fn claim_mode(&self) -> &'static str {
-        match self {
-            Self::Postgres { store, .. } if store.claim_mode() == ClaimMode::Transaction => {
+        match &self.any {
+            AnyStore::Postgres(store) if store.claim_mode() == ClaimMode::Transaction => {
                 "transaction"
             }
             _ => "lease",
@@ -113,63 +79,21 @@ impl BenchDb {
     }
 
     pub fn backend(&self) -> &'static str {
-        match self {
-            Self::Postgres { .. } => "postgres",
-            Self::Sqlite { .. } => "sqlite",
-            Self::MySql { .. } => "mysql",
-        }
+        self.any.backend().name()
     }
 
     pub fn store(&self) -> Arc<dyn Store> {
-        match self {
-            Self::Postgres { store, .. } => Arc::new(store.clone()),
-            Self::Sqlite { store, .. } => Arc::new(store.clone()),
-            Self::MySql { store, .. } => Arc::new(store.clone()),
-        }
+        self.any.store()
     }
 
     /// A store of the same outbox on a pool of its own, `connections` large: what a relay in
     /// another process would have, so that relays of one run do not queue for one pool.
     pub async fn separate_store(&self, connections: u32) -> anyhow::Result<Arc<dyn Store>> {
-        let timeout = Duration::from_secs(10);
-        Ok(match self {
-            Self::Postgres { store, .. } => {
-                let options = store.pool().connect_options();
-                let pool = PgPoolOptions::new()
-                    .max_connections(connections)
-                    .acquire_timeout(timeout)
-                    .connect_with((*options).clone())
-                    .await?;
-                let separate = PgStore::with_config(pool, store.config().clone())?;
-                Arc::new(separate.with_claim_mode(store.claim_mode()))
-            }
-            Self::Sqlite { store, .. } => {
-                let options = store.pool().connect_options();
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(connections)
-                    .acquire_timeout(timeout)
-                    .connect_with((*options).clone())
-                    .await?;
-                Arc::new(SqliteStore::with_config(pool, store.config().clone())?)
-            }
-            Self::MySql { store, .. } => {
-                let options = store.pool().connect_options();
-                let pool = MySqlPoolOptions::new()
-                    .max_connections(connections)
-                    .acquire_timeout(timeout)
-                    .connect_with((*options).clone())
-                    .await?;
-                Arc::new(MySqlStore::with_config(pool, store.config().clone())?)
-            }
-        })
+        Ok(self.any.separate(connections).await?.store())
     }
 
     fn names(&self) -> &Names {
-        match self {
-            Self::Postgres { names, .. }
-            | Self::Sqlite { names, .. }
-            | Self::MySql { names, .. } => names,
-        }
+        &self.names
     }
 
     /// Migrates, refuses an outbox that holds anything (the benchmark deletes what it drains),
@@ -185,8 +109,8 @@ impl BenchDb {
             );
         }
         let n = self.names().clone();
-        let statements = match self {
-            Self::Postgres { .. } => vec![
+        let statements = match &self.any {
+            AnyStore::Postgres(_) => vec![
                 format!("DROP TABLE IF EXISTS {}, {}", n.raw, n.orders),
                 format!("CREATE TABLE {} (LIKE {} INCLUDING ALL)", n.raw, n.messages),
                 format!(
@@ -196,7 +120,7 @@ impl BenchDb {
                     n.orders
                 ),
             ],
-            Self::Sqlite { .. } => vec![
+            AnyStore::Sqlite(_) => vec![
                 format!("DROP TABLE IF EXISTS {}", n.raw),
                 format!("DROP TABLE IF EXISTS {}", n.orders),
                 format!(
@@ -208,7 +132,7 @@ impl BenchDb {
             .into_iter()
             .chain(self.sqlite_raw_ddl().await?)
             .collect(),
-            Self::MySql { .. } => vec![
+            AnyStore::MySql(_) => vec![
                 format!("DROP TABLE IF EXISTS {}, {}", n.raw, n.orders),
                 format!("CREATE TABLE {} LIKE {}", n.raw, n.messages),
                 format!(
@@ -229,9 +153,10 @@ impl BenchDb {
     /// SQLite has no `CREATE TABLE … LIKE`: the raw table and its indexes are the outbox's own
     /// DDL, renamed.
     async fn sqlite_raw_ddl(&self) -> anyhow::Result<Vec<String>> {
-        let Self::Sqlite { store, names } = self else {
+        let AnyStore::Sqlite(store) = &self.any else {
             unreachable!("SQLite only")
         };
+        let names = self.names();
         let ddl: Vec<String> = sqlx::query_scalar(
             "SELECT sql FROM sqlite_master WHERE tbl_name = ?1 AND sql IS NOT NULL \
              ORDER BY type = 'index'",
@@ -263,27 +188,22 @@ impl BenchDb {
         }
         // The next scenario starts from the state autovacuum keeps a queue table in, not from
         // the dead rows of the last one.
-        match self {
-            Self::Postgres { .. } => {
+        match &self.any {
+            AnyStore::Postgres(_) => {
                 self.execute(&format!("VACUUM ANALYZE {}", n.messages))
                     .await
             }
-            Self::Sqlite { .. } => Ok(()),
-            Self::MySql { .. } => self.execute(&format!("ANALYZE TABLE {}", n.messages)).await,
+            AnyStore::Sqlite(_) => Ok(()),
+            AnyStore::MySql(_) => self.execute(&format!("ANALYZE TABLE {}", n.messages)).await,
         }
     }
 
     async fn execute(&self, sql: &str) -> anyhow::Result<()> {
-        match self {
-            Self::Postgres { store, .. } => {
-                store.pool().execute(AssertSqlSafe(sql.to_owned())).await?;
-            }
-            Self::Sqlite { store, .. } => {
-                store.pool().execute(AssertSqlSafe(sql.to_owned())).await?;
-            }
-            Self::MySql { store, .. } => {
-                store.pool().execute(AssertSqlSafe(sql.to_owned())).await?;
-            }
+        let sql = AssertSqlSafe(sql.to_owned());
+        match &self.any {
+            AnyStore::Postgres(store) => drop(store.pool().execute(sql).await?),
+            AnyStore::Sqlite(store) => drop(store.pool().execute(sql).await?),
+            AnyStore::MySql(store) => drop(store.pool().execute(sql).await?),
         }
         Ok(())
     }
@@ -291,100 +211,74 @@ impl BenchDb {
     /// One writer transaction: a business row, and per `mode` an outbox message.
     pub async fn write(&self, mode: WriteMode, msg: &NewMessage) -> anyhow::Result<()> {
         let n = self.names();
-        match self {
-            Self::Postgres { store, .. } => {
-                let mut tx = store.pool().begin().await?;
+        let customer = msg.key_ref().unwrap_or("anonymous");
+        let mut tx = self.any.begin().await?;
+        match tx.sql() {
+            Tx::Postgres(t) => {
                 sqlx::query(AssertSqlSafe(format!(
                     "INSERT INTO {} (customer, amount) VALUES ($1, $2::numeric)",
                     n.orders
                 )))
-                .bind(msg.key_ref().unwrap_or("anonymous"))
+                .bind(customer)
                 .bind("12.50")
-                .execute(&mut *tx)
+                .execute(&mut **t)
                 .await?;
-                match mode {
-                    WriteMode::Alone => {}
-                    WriteMode::Outbox => store.outbox().enqueue(&mut tx, msg).await?,
-                    WriteMode::RawRow => pg_raw_insert(&mut tx, &n.raw, msg).await?,
+                if mode == WriteMode::RawRow {
+                    pg_raw_insert(t, &n.raw, msg).await?;
                 }
-                tx.commit().await?;
             }
-            Self::Sqlite { store, .. } => {
-                let mut tx = store.pool().begin().await?;
+            Tx::Sqlite(t) => {
                 sqlx::query(AssertSqlSafe(format!(
                     "INSERT INTO {} (customer, amount, created_at) VALUES (?1, '12.50', ?2)",
                     n.orders
                 )))
-                .bind(msg.key_ref().unwrap_or("anonymous"))
+                .bind(customer)
                 .bind(chrono::Utc::now().timestamp_millis())
-                .execute(&mut *tx)
+                .execute(&mut **t)
                 .await?;
-                match mode {
-                    WriteMode::Alone => {}
-                    WriteMode::Outbox => store.outbox().enqueue(&mut tx, msg).await?,
-                    WriteMode::RawRow => sqlite_raw_insert(&mut tx, &n.raw, msg).await?,
-                }
-                tx.commit().await?;
-                if mode == WriteMode::Outbox {
-                    store.notify();
+                if mode == WriteMode::RawRow {
+                    sqlite_raw_insert(t, &n.raw, msg).await?;
                 }
             }
-            Self::MySql { store, .. } => {
-                let mut tx = store.pool().begin().await?;
+            Tx::MySql(t) => {
                 sqlx::query(AssertSqlSafe(format!(
                     "INSERT INTO {} (customer, amount) VALUES (?, 12.50)",
                     n.orders
                 )))
-                .bind(msg.key_ref().unwrap_or("anonymous"))
-                .execute(&mut *tx)
+                .bind(customer)
+                .execute(&mut **t)
                 .await?;
-                match mode {
-                    WriteMode::Alone => {}
-                    WriteMode::Outbox => store.outbox().enqueue(&mut tx, msg).await?,
-                    WriteMode::RawRow => mysql_raw_insert(&mut tx, &n.raw, msg).await?,
-                }
-                tx.commit().await?;
-                if mode == WriteMode::Outbox {
-                    store.notify();
+                if mode == WriteMode::RawRow {
+                    mysql_raw_insert(t, &n.raw, msg).await?;
                 }
             }
         }
+        if mode == WriteMode::Outbox {
+            tx.enqueue(msg).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
     /// Enqueues a batch in one transaction (prefill).
     pub async fn enqueue_batch(&self, msgs: &[NewMessage]) -> anyhow::Result<()> {
-        match self {
-            Self::Postgres { store, .. } => {
-                let mut tx = store.pool().begin().await?;
-                store.outbox().enqueue_batch(&mut tx, msgs).await?;
-                tx.commit().await?;
-            }
-            Self::Sqlite { store, .. } => {
-                let mut tx = store.pool().begin().await?;
-                store.outbox().enqueue_batch(&mut tx, msgs).await?;
-                tx.commit().await?;
-            }
-            Self::MySql { store, .. } => {
-                let mut tx = store.pool().begin().await?;
-                store.outbox().enqueue_batch(&mut tx, msgs).await?;
-                tx.commit().await?;
-            }
-        }
+        let mut tx = self.any.begin().await?;
+        tx.enqueue_batch(msgs).await?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// Refreshes the outbox's statistics after a prefill, as [`Self::copy_to_raw`] does, so
     /// that every drain of a run starts from the same kind of plan.
     pub async fn analyze(&self) -> anyhow::Result<()> {
-        match self {
-            Self::Postgres { names, .. } => {
-                self.execute(&format!("VACUUM ANALYZE {}", names.messages))
+        match &self.any {
+            AnyStore::Postgres(_) => {
+                self.execute(&format!("VACUUM ANALYZE {}", self.names.messages))
                     .await
             }
-            Self::Sqlite { .. } => self.execute("ANALYZE").await,
-            Self::MySql { names, .. } => {
-                self.execute(&format!("ANALYZE TABLE {}", names.messages))
+            AnyStore::Sqlite(_) => self.execute("ANALYZE").await,
+            AnyStore::MySql(_) => {
+                self.execute(&format!("ANALYZE TABLE {}", self.names.messages))
                     .await
             }
         }
@@ -394,8 +288,8 @@ impl BenchDb {
     /// so that neither drain starts from a worse plan than the other.
     pub async fn copy_to_raw(&self) -> anyhow::Result<()> {
         let n = self.names().clone();
-        match self {
-            Self::Postgres { .. } => {
+        match &self.any {
+            AnyStore::Postgres(_) => {
                 self.execute(&format!(
                     "INSERT INTO {} OVERRIDING SYSTEM VALUE SELECT * FROM {}",
                     n.raw, n.messages
@@ -404,7 +298,7 @@ impl BenchDb {
                 self.execute(&format!("VACUUM ANALYZE {}, {}", n.raw, n.messages))
                     .await
             }
-            Self::Sqlite { .. } => {
+            AnyStore::Sqlite(_) => {
                 self.execute(&format!(
                     "INSERT INTO {} SELECT * FROM {}",
                     n.raw, n.messages
@@ -412,7 +306,7 @@ impl BenchDb {
                 .await?;
                 self.execute("ANALYZE").await
             }
-            Self::MySql { .. } => {
+            AnyStore::MySql(_) => {
                 // The generated column is computed, never copied.
                 let columns = "seq, id, topic, type, msg_key, msg_partition, payload, \
                      content_type, headers, created_at, available_at, status, attempts, \
@@ -432,8 +326,8 @@ impl BenchDb {
     /// statement, returning every column to the client. Returns how many rows it took.
     pub async fn raw_drain_batch(&self, limit: usize) -> anyhow::Result<usize> {
         let raw = &self.names().raw;
-        let rows = match self {
-            Self::Postgres { store, .. } => sqlx::query(AssertSqlSafe(format!(
+        let rows = match &self.any {
+            AnyStore::Postgres(store) => sqlx::query(AssertSqlSafe(format!(
                 "DELETE FROM {raw} WHERE seq IN (SELECT seq FROM {raw} \
                  WHERE status IN ('pending', 'in_flight') AND available_at <= now() \
                  ORDER BY available_at, seq LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING *"
@@ -442,7 +336,7 @@ impl BenchDb {
             .fetch_all(store.pool())
             .await?
             .len(),
-            Self::Sqlite { store, .. } => sqlx::query(AssertSqlSafe(format!(
+            AnyStore::Sqlite(store) => sqlx::query(AssertSqlSafe(format!(
                 "DELETE FROM {raw} WHERE seq IN (SELECT seq FROM {raw} \
                  WHERE status IN ('pending', 'in_flight') AND available_at <= ?2 \
                  ORDER BY available_at, seq LIMIT ?1) RETURNING *"
@@ -452,7 +346,7 @@ impl BenchDb {
             .fetch_all(store.pool())
             .await?
             .len(),
-            Self::MySql { store, .. } => mysql_raw_drain(store, raw, limit).await?,
+            AnyStore::MySql(store) => mysql_raw_drain(store, raw, limit).await?,
         };
         Ok(rows)
     }
