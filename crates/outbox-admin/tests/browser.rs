@@ -223,11 +223,9 @@ async fn screenshot(admin: &Admin, browser: &Browser, path: &str) -> R {
         Ok(())
     })
     .concurrency(1);
-    let config = outbox_core::RelayConfig {
-        relay_id: "relay".into(),
-        batch_size: 20,
-        ..outbox_core::RelayConfig::default()
-    };
+    let config = outbox_core::RelayConfig::default()
+        .relay_id("relay")
+        .batch_size(20);
     let relay =
         outbox_core::Relay::with_config(admin.dyn_store(), std::sync::Arc::new(sink), config);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

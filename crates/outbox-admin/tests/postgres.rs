@@ -30,10 +30,7 @@ async fn dead_letters_and_paused_topics_over_postgres() -> R {
         .connect(&url())
         .await?;
     let schema = format!("admin_{}", uuid::Uuid::now_v7().simple());
-    let config = PgConfig {
-        schema: schema.clone(),
-        ..PgConfig::default()
-    };
+    let config = PgConfig::default().schema(schema.clone());
     let store = PgStore::with_config(pool.clone(), config)?;
     store.migrate().await?;
     let state = outbox_admin::AdminState::new(Arc::new(store.clone()));

@@ -182,52 +182,54 @@ pub fn relay_settings(
         bail!("lease must be at least 100ms, got {lease:?}");
     }
     let retention = duration(args.retention, &file.retention, "retention", Duration::ZERO)?;
-    let config = RelayConfig {
-        relay_id: args
-            .relay_id
-            .clone()
-            .or(file.relay_id.clone())
-            .unwrap_or_else(|| RelayConfig::default().relay_id),
-        batch_size,
-        max_batch_bytes,
-        in_flight_batches,
-        lease,
-        poll_interval: duration(
-            args.poll_interval,
-            &file.poll_interval,
-            "poll_interval",
-            defaults.poll_interval,
-        )?
-        .max(Duration::from_millis(10)),
-        retry: RetryPolicy {
-            max_attempts,
-            base_delay: duration(
-                args.retry_base,
-                &file.retry_base,
-                "retry_base",
-                retry_defaults.base_delay,
-            )?,
-            max_delay: duration(
-                args.retry_max,
-                &file.retry_max,
-                "retry_max",
-                retry_defaults.max_delay,
-            )?,
-        },
-        retention: if retention.is_zero() {
-            Retention::Delete
-        } else {
-            Retention::Keep(retention)
-        },
-        shutdown_timeout: duration(
-            args.shutdown_timeout,
-            &file.shutdown_timeout,
-            "shutdown_timeout",
-            defaults.shutdown_timeout,
-        )?,
-        exit_when_idle: args.exit_when_idle,
-        ..defaults
+    let relay_id = args
+        .relay_id
+        .clone()
+        .or(file.relay_id.clone())
+        .unwrap_or_else(|| RelayConfig::default().relay_id);
+    let poll_interval = duration(
+        args.poll_interval,
+        &file.poll_interval,
+        "poll_interval",
+        defaults.poll_interval,
+    )?
+    .max(Duration::from_millis(10));
+    let retry = RetryPolicy::default()
+        .max_attempts(max_attempts)
+        .base_delay(duration(
+            args.retry_base,
+            &file.retry_base,
+            "retry_base",
+            retry_defaults.base_delay,
+        )?)
+        .max_delay(duration(
+            args.retry_max,
+            &file.retry_max,
+            "retry_max",
+            retry_defaults.max_delay,
+        )?);
+    let retention = if retention.is_zero() {
+        Retention::Delete
+    } else {
+        Retention::Keep(retention)
     };
+    let shutdown_timeout = duration(
+        args.shutdown_timeout,
+        &file.shutdown_timeout,
+        "shutdown_timeout",
+        defaults.shutdown_timeout,
+    )?;
+    let config = defaults
+        .relay_id(relay_id)
+        .batch_size(batch_size)
+        .max_batch_bytes(max_batch_bytes)
+        .in_flight_batches(in_flight_batches)
+        .lease(lease)
+        .poll_interval(poll_interval)
+        .retry(retry)
+        .retention(retention)
+        .shutdown_timeout(shutdown_timeout)
+        .exit_when_idle(args.exit_when_idle);
     Ok((sink, config))
 }
 

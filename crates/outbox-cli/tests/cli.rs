@@ -621,10 +621,7 @@ fn a_relay_without_migrations_refuses_an_older_schema_at_start() {
     let db = Db::postgres();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let config = outbox_postgres::PgConfig {
-            schema: db.schema.clone().unwrap(),
-            ..Default::default()
-        };
+        let config = outbox_postgres::PgConfig::default().schema(db.schema.clone().unwrap());
         let store = outbox_postgres::PgStore::connect(&db.url, config)
             .await
             .unwrap();

@@ -34,6 +34,7 @@ use crate::wire::Received;
 
 /// Where and how to consume.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct AmqpConfig {
     /// The topic exchange the relay publishes to (`outbox` unless `?exchange=` said otherwise).
     pub exchange: String,
@@ -48,6 +49,7 @@ pub struct AmqpConfig {
 }
 
 impl AmqpConfig {
+    /// The durable queue `queue`, bound with the pattern `binding` to the `outbox` exchange.
     pub fn new(queue: impl Into<String>, binding: impl Into<String>) -> Self {
         Self {
             exchange: "outbox".into(),
@@ -56,6 +58,36 @@ impl AmqpConfig {
             prefetch: 1,
             dead_letter_exchange: None,
         }
+    }
+
+    /// Sets [`AmqpConfig::exchange`].
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.exchange = exchange.into();
+        self
+    }
+
+    /// Sets [`AmqpConfig::queue`].
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Sets [`AmqpConfig::binding`].
+    pub fn binding(mut self, binding: impl Into<String>) -> Self {
+        self.binding = binding.into();
+        self
+    }
+
+    /// Sets [`AmqpConfig::prefetch`].
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Sets [`AmqpConfig::dead_letter_exchange`].
+    pub fn dead_letter_exchange(mut self, dead_letter_exchange: Option<String>) -> Self {
+        self.dead_letter_exchange = dead_letter_exchange;
+        self
     }
 }
 

@@ -25,6 +25,7 @@ use crate::wire::Received;
 
 /// Where and how to consume.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct KafkaConfig {
     /// `host:port[,host:port]`.
     pub bootstrap: String,
@@ -34,6 +35,47 @@ pub struct KafkaConfig {
     pub topics: Vec<String>,
     /// Further librdkafka properties (security, session timeouts, `debug`…).
     pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// Members of the group `group_id` reading `topics` from the brokers at `bootstrap`, with
+    /// no further properties.
+    pub fn new(
+        bootstrap: impl Into<String>,
+        group_id: impl Into<String>,
+        topics: Vec<String>,
+    ) -> Self {
+        Self {
+            bootstrap: bootstrap.into(),
+            group_id: group_id.into(),
+            topics,
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// Sets [`KafkaConfig::bootstrap`].
+    pub fn bootstrap(mut self, bootstrap: impl Into<String>) -> Self {
+        self.bootstrap = bootstrap.into();
+        self
+    }
+
+    /// Sets [`KafkaConfig::group_id`].
+    pub fn group_id(mut self, group_id: impl Into<String>) -> Self {
+        self.group_id = group_id.into();
+        self
+    }
+
+    /// Sets [`KafkaConfig::topics`].
+    pub fn topics(mut self, topics: Vec<String>) -> Self {
+        self.topics = topics;
+        self
+    }
+
+    /// Sets [`KafkaConfig::properties`].
+    pub fn properties(mut self, properties: BTreeMap<String, String>) -> Self {
+        self.properties = properties;
+        self
+    }
 }
 
 pub struct KafkaConsumer<S: InboxStore, H> {

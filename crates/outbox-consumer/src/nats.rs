@@ -26,9 +26,11 @@ use crate::wire::Received;
 
 /// Where and how to consume.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct NatsConfig {
     /// The stream to read; created with `subjects` when missing.
     pub stream: String,
+    /// The subjects the stream captures when this consumer creates it.
     pub subjects: Vec<String>,
     /// The durable consumer's name: its position survives restarts.
     pub durable: String,
@@ -44,6 +46,8 @@ pub struct NatsConfig {
 }
 
 impl NatsConfig {
+    /// The durable consumer `durable` of `stream` (created capturing `subjects` when missing),
+    /// with the defaults for the rest.
     pub fn new(
         stream: impl Into<String>,
         subjects: Vec<String>,
@@ -58,6 +62,48 @@ impl NatsConfig {
             ack_wait: Duration::from_secs(30),
             max_deliver: -1,
         }
+    }
+
+    /// Sets [`NatsConfig::stream`].
+    pub fn stream(mut self, stream: impl Into<String>) -> Self {
+        self.stream = stream.into();
+        self
+    }
+
+    /// Sets [`NatsConfig::subjects`].
+    pub fn subjects(mut self, subjects: Vec<String>) -> Self {
+        self.subjects = subjects;
+        self
+    }
+
+    /// Sets [`NatsConfig::durable`].
+    pub fn durable(mut self, durable: impl Into<String>) -> Self {
+        self.durable = durable.into();
+        self
+    }
+
+    /// Sets [`NatsConfig::filter_subject`].
+    pub fn filter_subject(mut self, filter_subject: impl Into<String>) -> Self {
+        self.filter_subject = filter_subject.into();
+        self
+    }
+
+    /// Sets [`NatsConfig::max_ack_pending`].
+    pub fn max_ack_pending(mut self, max_ack_pending: i64) -> Self {
+        self.max_ack_pending = max_ack_pending;
+        self
+    }
+
+    /// Sets [`NatsConfig::ack_wait`].
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
+    }
+
+    /// Sets [`NatsConfig::max_deliver`].
+    pub fn max_deliver(mut self, max_deliver: i64) -> Self {
+        self.max_deliver = max_deliver;
+        self
     }
 }
 

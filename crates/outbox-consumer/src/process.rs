@@ -58,6 +58,7 @@ impl Outcome {
 
 /// Settings every transport shares.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConsumerConfig {
     /// The inbox's name for this consumer: each name processes each message once. Consumers
     /// of different services (or purposes) need different names.
@@ -72,6 +73,7 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    /// A consumer named `name` (see [`ConsumerConfig::name`]) with the default delays.
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -79,6 +81,30 @@ impl ConsumerConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             purge_interval: Duration::from_secs(3600),
         }
+    }
+
+    /// Sets [`ConsumerConfig::name`].
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets [`ConsumerConfig::retry_delay`].
+    pub fn retry_delay(mut self, retry_delay: Duration) -> Self {
+        self.retry_delay = retry_delay;
+        self
+    }
+
+    /// Sets [`ConsumerConfig::retention`].
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Sets [`ConsumerConfig::purge_interval`].
+    pub fn purge_interval(mut self, purge_interval: Duration) -> Self {
+        self.purge_interval = purge_interval;
+        self
     }
 }
 
@@ -142,7 +168,8 @@ impl<S: InboxStore, H: Handler<S::Db>> Processor<S, H> {
                 reason: message,
                 after: retry_after.unwrap_or(self.config.retry_delay),
             },
-            Err(e @ Failed::Db(_)) => Outcome::Retry {
+            // A database failure, or a kind of handler failure this crate does not know.
+            Err(e @ (Failed::Db(_) | Failed::Handler(_))) => Outcome::Retry {
                 reason: e.to_string(),
                 after: self.config.retry_delay,
             },

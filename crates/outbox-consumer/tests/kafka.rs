@@ -65,14 +65,14 @@ where
     let cluster = MockCluster::new(1).unwrap();
     let topic = unique("orders_");
     cluster.create_topic(&topic, 3, 1).unwrap();
-    let config = KafkaConfig {
-        bootstrap: cluster.bootstrap_servers(),
-        group_id: unique("group_"),
-        topics: vec![topic.clone()],
-        // The mock cluster's coordinator lets a rebalance run for the session timeout before it
-        // admits the next member: keep it short so the restart below is quick.
-        properties: [("session.timeout.ms".to_owned(), "6000".to_owned())].into(),
-    };
+    let config = KafkaConfig::new(
+        cluster.bootstrap_servers(),
+        unique("group_"),
+        vec![topic.clone()],
+    )
+    // The mock cluster's coordinator lets a rebalance run for the session timeout before it
+    // admits the next member: keep it short so the restart below is quick.
+    .properties([("session.timeout.ms".to_owned(), "6000".to_owned())].into());
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap)
         .create()

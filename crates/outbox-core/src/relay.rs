@@ -27,8 +27,10 @@ use crate::retry::RetryPolicy;
 use crate::sink::{Circuit, Delivery, Sink, SinkError, one_outcome_each};
 use crate::store::{Failure, HeldBatch, Retention, Store, StoreError, Waiter};
 
-/// How a relay behaves. `Default` gives production settings.
+/// How a relay behaves. `Default` gives production settings; change what you need with the
+/// builder methods, e.g. `RelayConfig::default().batch_size(500).lease(Duration::from_secs(60))`.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RelayConfig {
     /// Names this relay in leases, logs and `locked_by`. The relay appends a suffix unique to
     /// the process (see [`Relay::id`]), so replicas started from one shared configuration
@@ -49,7 +51,9 @@ pub struct RelayConfig {
     pub lease: Duration,
     /// The polling fallback when no wake-up arrives; an idle relay queries about once per interval.
     pub poll_interval: Duration,
+    /// When a failed message is tried again, and when it goes dead.
     pub retry: RetryPolicy,
+    /// What an acked message leaves behind: deleted at once, or kept for a while.
     pub retention: Retention,
     /// How often kept, delivered messages past the retention window are removed.
     pub purge_interval: Duration,
@@ -68,6 +72,90 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
+    /// Sets [`RelayConfig::relay_id`].
+    pub fn relay_id(mut self, relay_id: impl Into<String>) -> Self {
+        self.relay_id = relay_id.into();
+        self
+    }
+
+    /// Sets [`RelayConfig::batch_size`].
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// Sets [`RelayConfig::max_batch_bytes`].
+    pub fn max_batch_bytes(mut self, max_batch_bytes: usize) -> Self {
+        self.max_batch_bytes = max_batch_bytes;
+        self
+    }
+
+    /// Sets [`RelayConfig::in_flight_batches`].
+    pub fn in_flight_batches(mut self, in_flight_batches: usize) -> Self {
+        self.in_flight_batches = in_flight_batches;
+        self
+    }
+
+    /// Sets [`RelayConfig::lease`].
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Sets [`RelayConfig::poll_interval`].
+    pub fn poll_interval(mut self, poll_interval: Duration) -> Self {
+        self.poll_interval = poll_interval;
+        self
+    }
+
+    /// Sets [`RelayConfig::retry`].
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sets [`RelayConfig::retention`].
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Sets [`RelayConfig::purge_interval`].
+    pub fn purge_interval(mut self, purge_interval: Duration) -> Self {
+        self.purge_interval = purge_interval;
+        self
+    }
+
+    /// Sets [`RelayConfig::purge_batch`].
+    pub fn purge_batch(mut self, purge_batch: usize) -> Self {
+        self.purge_batch = purge_batch;
+        self
+    }
+
+    /// Sets [`RelayConfig::shutdown_timeout`].
+    pub fn shutdown_timeout(mut self, shutdown_timeout: Duration) -> Self {
+        self.shutdown_timeout = shutdown_timeout;
+        self
+    }
+
+    /// Sets [`RelayConfig::exit_when_idle`].
+    pub fn exit_when_idle(mut self, exit_when_idle: bool) -> Self {
+        self.exit_when_idle = exit_when_idle;
+        self
+    }
+
+    /// Sets [`RelayConfig::rebalance_interval`].
+    pub fn rebalance_interval(mut self, rebalance_interval: Duration) -> Self {
+        self.rebalance_interval = rebalance_interval;
+        self
+    }
+
+    /// Sets [`RelayConfig::recover_interval`].
+    pub fn recover_interval(mut self, recover_interval: Duration) -> Self {
+        self.recover_interval = recover_interval;
+        self
+    }
+
     /// How long one batch may take in the sink before its unfinished messages count a failed
     /// attempt: four fifths of the lease, leaving the rest to record the outcome.
     pub fn delivery_deadline(&self) -> Duration {
@@ -1177,7 +1265,36 @@ impl Health {
 
 #[cfg(test)]
 mod tests {
-    use super::Pipeline;
+    use std::time::Duration;
+
+    use super::{Pipeline, RelayConfig, Retention, RetryPolicy};
+
+    #[test]
+    fn builder_methods_set_what_they_name_and_leave_the_rest() {
+        let base = RelayConfig::default();
+        let config = RelayConfig::default()
+            .batch_size(7)
+            .lease(Duration::from_secs(3))
+            .relay_id("billing")
+            .retention(Retention::Keep(Duration::from_secs(60)))
+            .retry(RetryPolicy::default().max_attempts(2));
+        assert_eq!(config.batch_size, 7);
+        assert_eq!(config.lease, Duration::from_secs(3));
+        assert_eq!(config.relay_id, "billing");
+        assert_eq!(config.retention, Retention::Keep(Duration::from_secs(60)));
+        assert_eq!(config.retry.max_attempts, 2);
+        assert_eq!(config.max_batch_bytes, base.max_batch_bytes);
+        assert_eq!(config.in_flight_batches, base.in_flight_batches);
+        assert_eq!(config.poll_interval, base.poll_interval);
+        assert_eq!(config.purge_interval, base.purge_interval);
+        assert_eq!(config.purge_batch, base.purge_batch);
+        assert_eq!(config.shutdown_timeout, base.shutdown_timeout);
+        assert_eq!(config.exit_when_idle, base.exit_when_idle);
+        assert_eq!(config.rebalance_interval, base.rebalance_interval);
+        assert_eq!(config.recover_interval, base.recover_interval);
+        // The deadline follows the lease it was derived from.
+        assert_eq!(config.delivery_deadline(), Duration::from_millis(2400));
+    }
 
     #[test]
     fn empty_claims_ahead_pause_pipelining_for_longer_each_time() {

@@ -8,6 +8,7 @@ use crate::sink::SinkError;
 
 /// When to try a failed message again, and when to give up.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// Attempts before a message goes dead (the first delivery counts).
     pub max_attempts: i32,
@@ -28,6 +29,24 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Sets [`RetryPolicy::max_attempts`].
+    pub fn max_attempts(mut self, max_attempts: i32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// Sets [`RetryPolicy::base_delay`].
+    pub fn base_delay(mut self, base_delay: Duration) -> Self {
+        self.base_delay = base_delay;
+        self
+    }
+
+    /// Sets [`RetryPolicy::max_delay`].
+    pub fn max_delay(mut self, max_delay: Duration) -> Self {
+        self.max_delay = max_delay;
+        self
+    }
+
     /// The backoff after `attempts` failed attempts: "equal jitter", half fixed and half random,
     /// so retries of many messages that failed together spread out but never come back early.
     pub fn backoff(&self, attempts: i32) -> Duration {
@@ -100,5 +119,22 @@ mod tests {
             retry_after: Some(Duration::from_secs(3600)),
         };
         assert_eq!(p.decide(1, &e), Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn builder_methods_set_what_they_name_and_leave_the_rest() {
+        let p = RetryPolicy::default()
+            .max_attempts(3)
+            .base_delay(Duration::from_millis(50));
+        assert_eq!(p.max_attempts, 3);
+        assert_eq!(p.base_delay, Duration::from_millis(50));
+        assert_eq!(p.max_delay, RetryPolicy::default().max_delay);
+        assert_eq!(
+            RetryPolicy::default().max_delay(Duration::from_secs(5)),
+            RetryPolicy {
+                max_delay: Duration::from_secs(5),
+                ..RetryPolicy::default()
+            }
+        );
     }
 }

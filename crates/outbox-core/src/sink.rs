@@ -11,6 +11,7 @@ use crate::message::Message;
 
 /// Why one message was not delivered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SinkError {
     /// Worth retrying later (broker down, timeout, 5xx). `retry_after` overrides the backoff
     /// when the other side said how long to wait.

@@ -25,6 +25,7 @@ pub(crate) const NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
 
 /// Where the outbox lives in the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MySqlConfig {
     /// Prefix of every table and index name.
     pub table_prefix: String,
@@ -39,6 +40,12 @@ impl Default for MySqlConfig {
 }
 
 impl MySqlConfig {
+    /// Sets [`MySqlConfig::table_prefix`].
+    pub fn table_prefix(mut self, table_prefix: impl Into<String>) -> Self {
+        self.table_prefix = table_prefix.into();
+        self
+    }
+
     /// The prefix is spliced into SQL, so only plain lower-case identifiers are accepted.
     pub fn validate(&self) -> StoreResult<()> {
         outbox_core::check_identifier("table prefix", &self.table_prefix)

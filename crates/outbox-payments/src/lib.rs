@@ -129,12 +129,10 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// The relay's settings: the worker's retry policy with the demo's poll interval and lease.
 fn relay_config(opts: &DemoOptions) -> outbox_core::RelayConfig {
-    outbox_core::RelayConfig {
-        poll_interval: opts.poll_interval,
-        lease: opts.lease,
-        shutdown_timeout: opts.limits.shutdown_timeout,
-        ..worker::Worker::relay_config()
-    }
+    worker::Worker::relay_config()
+        .poll_interval(opts.poll_interval)
+        .lease(opts.lease)
+        .shutdown_timeout(opts.limits.shutdown_timeout)
 }
 
 /// What a started demo serves.

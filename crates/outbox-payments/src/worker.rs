@@ -37,14 +37,12 @@ impl Worker {
     /// Retries quickly (declines are part of the flow) and long enough to ride out a gateway
     /// restart before a message is set aside as dead.
     pub fn relay_config() -> RelayConfig {
-        RelayConfig {
-            retry: RetryPolicy {
-                max_attempts: 50,
-                base_delay: std::time::Duration::from_millis(200),
-                max_delay: std::time::Duration::from_secs(10),
-            },
-            ..RelayConfig::default()
-        }
+        RelayConfig::default().retry(
+            RetryPolicy::default()
+                .max_attempts(50)
+                .base_delay(std::time::Duration::from_millis(200))
+                .max_delay(std::time::Duration::from_secs(10)),
+        )
     }
 
     async fn handle(&self, m: Message) -> Delivery {

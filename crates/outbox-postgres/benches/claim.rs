@@ -30,10 +30,7 @@ async fn store() -> anyhow::Result<PgStore> {
         .max_connections(2)
         .connect(&url)
         .await?;
-    let config = PgConfig {
-        schema: format!("bench_{}", uuid::Uuid::now_v7().simple()),
-        ..PgConfig::default()
-    };
+    let config = PgConfig::default().schema(format!("bench_{}", uuid::Uuid::now_v7().simple()));
     let store = PgStore::with_config(pool, config)?;
     store.migrate().await?;
     Ok(store)

@@ -6,6 +6,7 @@ use outbox_core::StoreError;
 
 /// Where the outbox lives: a schema and a table prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PgConfig {
     /// Schema holding the outbox tables (created by `migrate` when missing).
     pub schema: String,
@@ -23,6 +24,18 @@ impl Default for PgConfig {
 }
 
 impl PgConfig {
+    /// Sets [`PgConfig::schema`].
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Sets [`PgConfig::table_prefix`].
+    pub fn table_prefix(mut self, table_prefix: impl Into<String>) -> Self {
+        self.table_prefix = table_prefix.into();
+        self
+    }
+
     /// Names are spliced into SQL, so only plain lower-case identifiers are accepted.
     pub fn validate(&self) -> Result<(), StoreError> {
         outbox_core::check_identifier("schema", &self.schema)?;

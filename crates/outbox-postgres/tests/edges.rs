@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use outbox_core::{HandlerSink, Message, Relay, RelayConfig, RetryPolicy, Store};
+use outbox_core::{HandlerSink, Message, Relay, RetryPolicy, Store};
 use outbox_testkit::{drain_config, msg};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout};
@@ -43,18 +43,17 @@ async fn a_sink_slower_than_the_lease_counts_attempts_and_goes_dead() -> anyhow:
             Ok(())
         }
     });
-    let config = RelayConfig {
-        relay_id: "slow".into(),
-        lease: LEASE,
-        exit_when_idle: false,
-        shutdown_timeout: Duration::from_millis(100),
-        retry: RetryPolicy {
-            max_attempts: 3,
-            base_delay: Duration::ZERO,
-            max_delay: Duration::ZERO,
-        },
-        ..drain_config()
-    };
+    let config = drain_config()
+        .relay_id("slow")
+        .lease(LEASE)
+        .exit_when_idle(false)
+        .shutdown_timeout(Duration::from_millis(100))
+        .retry(
+            RetryPolicy::default()
+                .max_attempts(3)
+                .base_delay(Duration::ZERO)
+                .max_delay(Duration::ZERO),
+        );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let relay = Relay::with_config(Arc::new(store.clone()), Arc::new(sink), config);
     let relay = tokio::spawn(relay.run(async move {

@@ -76,10 +76,9 @@ async fn refuses_a_schema_newer_than_the_build() -> anyhow::Result<()> {
 #[tokio::test]
 async fn table_prefix_keeps_outboxes_apart() -> anyhow::Result<()> {
     let a = common::fresh_store().await?;
-    let config = PgConfig {
-        schema: a.config().schema.clone(),
-        table_prefix: "billing_".into(),
-    };
+    let config = PgConfig::default()
+        .schema(a.config().schema.clone())
+        .table_prefix("billing_");
     let b = PgStore::with_config(a.pool().clone(), config)?;
     a.migrate().await?;
     b.migrate().await?;
@@ -100,10 +99,7 @@ fn rejects_names_that_are_not_plain_identifiers() {
         ("public", "Outbox"),
         ("", "o_"),
     ] {
-        let config = PgConfig {
-            schema: schema.into(),
-            table_prefix: prefix.into(),
-        };
+        let config = PgConfig::default().schema(schema).table_prefix(prefix);
         assert!(
             matches!(config.validate(), Err(StoreError::Config(_))),
             "{schema:?} {prefix:?}"

@@ -19,10 +19,9 @@ async fn longest_names_wake_a_parked_relay() {
         .connect(&common::url())
         .await
         .unwrap();
-    let config = PgConfig {
-        schema: longest_name("t"),
-        table_prefix: longest_name("p"),
-    };
+    let config = PgConfig::default()
+        .schema(longest_name("t"))
+        .table_prefix(longest_name("p"));
     assert!(config.channel().len() <= 63, "{}", config.channel());
     let store = PgStore::with_config(pool, config).unwrap();
     let fixture = common::fixture_for(store).await.unwrap();

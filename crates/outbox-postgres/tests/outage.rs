@@ -84,10 +84,7 @@ async fn relay_backs_off_while_the_database_is_unreachable_and_resumes() -> anyh
             Ok(())
         }
     });
-    let config = RelayConfig {
-        poll_interval: Duration::from_millis(100),
-        ..RelayConfig::default()
-    };
+    let config = RelayConfig::default().poll_interval(Duration::from_millis(100));
     let relay = Relay::with_config(Arc::new(via_proxy), Arc::new(sink), config);
     let mut state = relay.state();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -56,21 +56,20 @@ async fn enqueue(store: &PgStore, from: usize, n: usize) -> anyhow::Result<Vec<(
 }
 
 fn relay_config() -> RelayConfig {
-    RelayConfig {
-        batch_size: 10,
-        poll_interval: Duration::from_millis(50),
-        lease: LEASE,
-        retry: RetryPolicy {
-            // Only the partition fails anything here: nothing may run out of attempts.
-            max_attempts: 1000,
-            base_delay: Duration::from_millis(20),
-            max_delay: Duration::from_millis(200),
-        },
-        rebalance_interval: Duration::from_millis(200),
-        recover_interval: Duration::from_millis(500),
-        shutdown_timeout: Duration::from_secs(2),
-        ..RelayConfig::default()
-    }
+    RelayConfig::default()
+        .batch_size(10)
+        .poll_interval(Duration::from_millis(50))
+        .lease(LEASE)
+        // Only the partition fails anything here: nothing may run out of attempts.
+        .retry(
+            RetryPolicy::default()
+                .max_attempts(1000)
+                .base_delay(Duration::from_millis(20))
+                .max_delay(Duration::from_millis(200)),
+        )
+        .rebalance_interval(Duration::from_millis(200))
+        .recover_interval(Duration::from_millis(500))
+        .shutdown_timeout(Duration::from_secs(2))
 }
 
 /// Per key, the ids in order of first arrival are the ids in enqueue order, all there.

@@ -29,10 +29,7 @@ async fn a_merged_router_is_served_beside_health_and_a_stopped_relay_fails_both_
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
     let sink = HandlerSink::new(|_m: Message| async { Ok(()) });
-    let config = RelayConfig {
-        exit_when_idle: true,
-        ..RelayConfig::default()
-    };
+    let config = RelayConfig::default().exit_when_idle(true);
     let relay = Relay::with_config(store.clone(), Arc::new(sink), config);
     let extra = Router::new().route("/admin/api/hello", routing::get(|| async { "hello" }));
     let surface = Surface::new()

@@ -79,19 +79,18 @@ impl Outbox {
 }
 
 fn relay_config() -> RelayConfig {
-    RelayConfig {
-        batch_size: 8,
-        poll_interval: Duration::from_millis(50),
-        lease: Duration::from_secs(20),
-        retry: RetryPolicy {
-            // Only an outage fails deliveries here: none may run out of attempts.
-            max_attempts: 100_000,
-            base_delay: Duration::from_millis(50),
-            max_delay: Duration::from_millis(500),
-        },
-        shutdown_timeout: Duration::from_secs(5),
-        ..RelayConfig::default()
-    }
+    RelayConfig::default()
+        .batch_size(8)
+        .poll_interval(Duration::from_millis(50))
+        .lease(Duration::from_secs(20))
+        // Only an outage fails deliveries here: none may run out of attempts.
+        .retry(
+            RetryPolicy::default()
+                .max_attempts(100_000)
+                .base_delay(Duration::from_millis(50))
+                .max_delay(Duration::from_millis(500)),
+        )
+        .shutdown_timeout(Duration::from_secs(5))
 }
 
 /// Collects arrivals until `done` holds for the distinct ids seen.

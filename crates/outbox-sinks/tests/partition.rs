@@ -102,20 +102,19 @@ impl Outbox {
 }
 
 fn relay_config() -> RelayConfig {
-    RelayConfig {
-        batch_size: 8,
-        poll_interval: Duration::from_millis(50),
-        lease: LEASE,
-        retention: Retention::Keep(Duration::from_secs(3600)),
-        retry: RetryPolicy {
-            // Only the partition fails anything here: nothing may run out of attempts.
-            max_attempts: 100_000,
-            base_delay: Duration::from_millis(50),
-            max_delay: Duration::from_millis(500),
-        },
-        shutdown_timeout: Duration::from_secs(5),
-        ..RelayConfig::default()
-    }
+    RelayConfig::default()
+        .batch_size(8)
+        .poll_interval(Duration::from_millis(50))
+        .lease(LEASE)
+        .retention(Retention::Keep(Duration::from_secs(3600)))
+        // Only the partition fails anything here: nothing may run out of attempts.
+        .retry(
+            RetryPolicy::default()
+                .max_attempts(100_000)
+                .base_delay(Duration::from_millis(50))
+                .max_delay(Duration::from_millis(500)),
+        )
+        .shutdown_timeout(Duration::from_secs(5))
 }
 
 /// Every row marked delivered is at the broker. Nothing passes the frozen proxy, so a row

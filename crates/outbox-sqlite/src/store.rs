@@ -24,6 +24,7 @@ use crate::migrate::{LATEST_VERSION, migrate_to};
 
 /// Where the outbox lives in the database file.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SqliteConfig {
     /// Prefix of every table and index name.
     pub table_prefix: String,
@@ -38,6 +39,12 @@ impl Default for SqliteConfig {
 }
 
 impl SqliteConfig {
+    /// Sets [`SqliteConfig::table_prefix`].
+    pub fn table_prefix(mut self, table_prefix: impl Into<String>) -> Self {
+        self.table_prefix = table_prefix.into();
+        self
+    }
+
     /// The prefix is spliced into SQL, so only plain lower-case identifiers are accepted.
     pub fn validate(&self) -> StoreResult<()> {
         outbox_core::check_identifier("table prefix", &self.table_prefix)

@@ -100,9 +100,7 @@ async fn the_schema_check_names_the_versions_and_writes_nothing() -> anyhow::Res
 #[tokio::test]
 async fn table_prefix_keeps_outboxes_apart() -> anyhow::Result<()> {
     let f = common::fresh().await?;
-    let config = SqliteConfig {
-        table_prefix: "billing_".into(),
-    };
+    let config = SqliteConfig::default().table_prefix("billing_");
     let b = SqliteStore::with_config(f.store.pool().clone(), config)?;
     f.store.migrate().await?;
     b.migrate().await?;
@@ -134,9 +132,7 @@ async fn a_batch_larger_than_one_statement_allows_keeps_its_order() -> anyhow::R
 #[test]
 fn rejects_prefixes_that_are_not_plain_identifiers() {
     for prefix in ["x; drop table y", "Outbox", ""] {
-        let config = SqliteConfig {
-            table_prefix: prefix.into(),
-        };
+        let config = SqliteConfig::default().table_prefix(prefix);
         assert!(
             matches!(config.validate(), Err(StoreError::Config(_))),
             "{prefix:?}"

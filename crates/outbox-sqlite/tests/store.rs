@@ -349,16 +349,12 @@ async fn migrate_to_stops_at_the_version_asked_for() -> R {
 async fn invalid_prefixes_are_rejected_by_the_constructor() -> R {
     let f = common::fresh().await?;
     for bad in ["", "Outbox_", "1outbox", "out-box", "o x", "outbox;drop"] {
-        let config = SqliteConfig {
-            table_prefix: bad.into(),
-        };
+        let config = SqliteConfig::default().table_prefix(bad);
         let err = SqliteStore::with_config(f.store.pool().clone(), config).unwrap_err();
         assert!(matches!(err, StoreError::Config(_)), "{bad:?}: {err}");
     }
     for good in ["_", "app_outbox_", "o2_"] {
-        let config = SqliteConfig {
-            table_prefix: good.into(),
-        };
+        let config = SqliteConfig::default().table_prefix(good);
         assert!(SqliteStore::with_config(f.store.pool().clone(), config).is_ok());
     }
     Ok(())

@@ -199,11 +199,7 @@ pub async fn dead_letters_are_retried_and_purged_by_selection(f: &dyn Fixture) -
 
 pub async fn relays_report_their_state_until_they_stop(f: &dyn Fixture) -> R {
     let store = f.store();
-    let config = outbox_core::RelayConfig {
-        exit_when_idle: false,
-        relay_id: "watched".into(),
-        ..drain_config()
-    };
+    let config = drain_config().exit_when_idle(false).relay_id("watched");
     let relay = Relay::with_config(
         store.clone(),
         std::sync::Arc::new(outbox_core::HandlerSink::new(|_| async { Ok(()) })),
@@ -301,12 +297,10 @@ pub async fn resuming_a_topic_wakes_an_idle_relay(f: &dyn Fixture) -> R {
             Ok(())
         }
     });
-    let config = outbox_core::RelayConfig {
-        exit_when_idle: false,
+    let config = drain_config()
+        .exit_when_idle(false)
         // Only a wake-up can deliver within the test's bound.
-        poll_interval: Duration::from_secs(600),
-        ..drain_config()
-    };
+        .poll_interval(Duration::from_secs(600));
     let relay = Relay::with_config(store.clone(), std::sync::Arc::new(sink), config);
     let mut state = relay.state();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -214,17 +214,16 @@ impl Recorder {
 
 /// Relay settings for tests: short timings, drain mode.
 pub fn drain_config() -> RelayConfig {
-    RelayConfig {
-        batch_size: 50,
-        poll_interval: Duration::from_millis(50),
-        exit_when_idle: true,
-        retry: RetryPolicy {
-            max_attempts: 3,
-            base_delay: Duration::ZERO,
-            max_delay: Duration::ZERO,
-        },
-        ..RelayConfig::default()
-    }
+    RelayConfig::default()
+        .batch_size(50)
+        .poll_interval(Duration::from_millis(50))
+        .exit_when_idle(true)
+        .retry(
+            RetryPolicy::default()
+                .max_attempts(3)
+                .base_delay(Duration::ZERO)
+                .max_delay(Duration::ZERO),
+        )
 }
 
 /// Runs a drain-mode relay that records and acks everything.
@@ -407,11 +406,7 @@ pub mod tests {
         enqueue(f, &msgs).await?;
         let relays: Vec<_> = (0..4)
             .map(|i| {
-                let config = RelayConfig {
-                    relay_id: format!("relay-{i}"),
-                    batch_size: 25,
-                    ..drain_config()
-                };
+                let config = drain_config().relay_id(format!("relay-{i}")).batch_size(25);
                 tokio::spawn(drain(f.store(), config))
             })
             .collect();
@@ -499,14 +494,12 @@ pub mod tests {
         let m = msg("t", 1);
         enqueue(f, std::slice::from_ref(&m)).await?;
         // A long backoff: after the first failure the message waits, not claimable.
-        let slow = RelayConfig {
-            retry: RetryPolicy {
-                max_attempts: 3,
-                base_delay: Duration::from_secs(3600),
-                max_delay: Duration::from_secs(3600),
-            },
-            ..drain_config()
-        };
+        let slow = drain_config().retry(
+            RetryPolicy::default()
+                .max_attempts(3)
+                .base_delay(Duration::from_secs(3600))
+                .max_delay(Duration::from_secs(3600)),
+        );
         let attempts = Arc::new(Mutex::new(HashMap::new()));
         let sink = Arc::new(failing_sink(
             attempts.clone(),
@@ -587,10 +580,7 @@ pub mod tests {
     /// A `relay_id` from a configuration shared by replicas must not make them one relay in
     /// the store's eyes: each would ack, release and renew the other's claims.
     pub async fn replicas_sharing_a_configured_id_claim_under_distinct_ids(f: &dyn Fixture) -> R {
-        let config = RelayConfig {
-            relay_id: "orders".into(),
-            ..drain_config()
-        };
+        let config = drain_config().relay_id("orders");
         let ids: Vec<String> = (0..2)
             .map(|_| {
                 let sink = HandlerSink::new(|_: Message| async { Ok(()) });
@@ -688,14 +678,12 @@ pub mod tests {
                 Ok(())
             }
         });
-        let config = RelayConfig {
-            retry: RetryPolicy {
-                max_attempts: 5,
-                base_delay: Duration::from_secs(3600),
-                max_delay: Duration::from_secs(3600),
-            },
-            ..drain_config()
-        };
+        let config = drain_config().retry(
+            RetryPolicy::default()
+                .max_attempts(5)
+                .base_delay(Duration::from_secs(3600))
+                .max_delay(Duration::from_secs(3600)),
+        );
         Relay::with_config(f.store(), Arc::new(sink), config)
             .run(futures::future::pending())
             .await;
@@ -739,17 +727,16 @@ pub mod tests {
                 Ok(())
             }
         });
-        let config = RelayConfig {
-            batch_size: 4,
-            exit_when_idle: false,
-            poll_interval: Duration::from_millis(20),
-            retry: RetryPolicy {
-                max_attempts: 5,
-                base_delay: Duration::from_millis(50),
-                max_delay: Duration::from_millis(50),
-            },
-            ..drain_config()
-        };
+        let config = drain_config()
+            .batch_size(4)
+            .exit_when_idle(false)
+            .poll_interval(Duration::from_millis(20))
+            .retry(
+                RetryPolicy::default()
+                    .max_attempts(5)
+                    .base_delay(Duration::from_millis(50))
+                    .max_delay(Duration::from_millis(50)),
+            );
         let finished = tokio::time::timeout(
             Duration::from_secs(30),
             Relay::with_config(f.store(), Arc::new(sink), config)
@@ -800,10 +787,7 @@ pub mod tests {
     pub async fn retention_keeps_then_purges_delivered(f: &dyn Fixture) -> R {
         let msgs: Vec<_> = (0..5).map(|n| msg("t", n)).collect();
         enqueue(f, &msgs).await?;
-        let config = RelayConfig {
-            retention: Retention::Keep(Duration::from_secs(3600)),
-            ..drain_config()
-        };
+        let config = drain_config().retention(Retention::Keep(Duration::from_secs(3600)));
         let rec = drain(f.store(), config).await;
         ensure!(rec.ids().len() == 5);
         let s = f.store().status().await?;
@@ -961,11 +945,7 @@ pub mod tests {
                 Ok(())
             }
         });
-        let config = RelayConfig {
-            exit_when_idle: false,
-            batch_size: 5,
-            ..drain_config()
-        };
+        let config = drain_config().exit_when_idle(false).batch_size(5);
         let report = Relay::with_config(f.store(), Arc::new(sink), config)
             .run(async move {
                 started_rx.recv().await;
@@ -995,11 +975,9 @@ pub mod tests {
                 std::future::pending::<outbox_core::Delivery>().await
             }
         });
-        let config = RelayConfig {
-            exit_when_idle: false,
-            shutdown_timeout: Duration::from_millis(50),
-            ..drain_config()
-        };
+        let config = drain_config()
+            .exit_when_idle(false)
+            .shutdown_timeout(Duration::from_millis(50));
         let mut started_rx = started_rx;
         let report = Relay::with_config(f.store(), Arc::new(sink), config)
             .run(async move {
@@ -1025,11 +1003,9 @@ pub mod tests {
             }
         });
         // Polling alone would take an hour: only a wake-up delivers within the test's bound.
-        let config = RelayConfig {
-            exit_when_idle: false,
-            poll_interval: Duration::from_secs(3600),
-            ..drain_config()
-        };
+        let config = drain_config()
+            .exit_when_idle(false)
+            .poll_interval(Duration::from_secs(3600));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let relay = Relay::with_config(f.store(), Arc::new(sink), config);
         let mut state = relay.state();

@@ -144,16 +144,14 @@ fn spawn_relay(
 }
 
 fn live(relay_id: &str) -> RelayConfig {
-    RelayConfig {
-        relay_id: relay_id.into(),
-        exit_when_idle: false,
-        batch_size: 25,
-        lease: Duration::from_secs(2),
-        poll_interval: Duration::from_millis(20),
-        rebalance_interval: Duration::from_millis(50),
-        recover_interval: Duration::from_millis(50),
-        ..drain_config()
-    }
+    drain_config()
+        .relay_id(relay_id)
+        .exit_when_idle(false)
+        .batch_size(25)
+        .lease(Duration::from_secs(2))
+        .poll_interval(Duration::from_millis(20))
+        .rebalance_interval(Duration::from_millis(50))
+        .recover_interval(Duration::from_millis(50))
 }
 
 /// Waits for `check` to hold, testing it every 20 ms.
@@ -207,10 +205,7 @@ pub async fn hot_keys_go_out_in_runs_and_in_order(f: &dyn Fixture) -> R {
     let ids: Vec<Uuid> = claimed.iter().map(|m| m.id).collect();
     f.store().release("probe", &ids).await?;
     let check = OrderCheck::default();
-    let config = RelayConfig {
-        batch_size: 100,
-        ..drain_config()
-    };
+    let config = drain_config().batch_size(100);
     Relay::with_config(f.store(), check.sink(), config)
         .run(futures::future::pending())
         .await;
@@ -267,10 +262,7 @@ pub async fn a_sink_slower_than_the_lease_counts_attempts_and_goes_dead(f: &dyn 
             std::future::pending::<outbox_core::Delivery>().await
         }
     });
-    let config = RelayConfig {
-        lease: Duration::from_millis(600),
-        ..live("slow")
-    };
+    let config = live("slow").lease(Duration::from_millis(600));
     let (relay, stop) = spawn_relay(f, Arc::new(sink), config);
     let store = f.store();
     eventually(
@@ -324,14 +316,12 @@ pub async fn a_message_that_kills_its_relay_goes_dead_alone(f: &dyn Fixture) -> 
                 Ok(())
             }
         });
-        let config = RelayConfig {
-            retry: RetryPolicy {
-                max_attempts,
-                base_delay: Duration::ZERO,
-                max_delay: Duration::ZERO,
-            },
-            ..live("victim")
-        };
+        let config = live("victim").retry(
+            RetryPolicy::default()
+                .max_attempts(max_attempts)
+                .base_delay(Duration::ZERO)
+                .max_delay(Duration::ZERO),
+        );
         let (relay, stop) = spawn_relay(f, Arc::new(sink), config);
         let store = f.store();
         let done = async {

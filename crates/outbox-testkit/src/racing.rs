@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox_core::{HandlerSink, Message, Relay, RelayConfig, Sink, Store};
+use outbox_core::{HandlerSink, Message, Relay, Sink, Store};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout};
 use uuid::Uuid;
@@ -111,12 +111,10 @@ pub async fn racing_writers_never_put_two_messages_of_a_key_in_delivery(
     let (open_tx, open_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     // One batch in delivery at a time: while B is held, relay 1 claims nothing more itself.
-    let config1 = RelayConfig {
-        relay_id: "r1".into(),
-        exit_when_idle: false,
-        in_flight_batches: 1,
-        ..drain_config()
-    };
+    let config1 = drain_config()
+        .relay_id("r1")
+        .exit_when_idle(false)
+        .in_flight_batches(1);
     let sink1 = tracking_sink("r1", tracker.clone(), Some((b.id(), started_tx, open_rx)));
     let relay1 = Relay::with_config(store.clone(), sink1, config1);
     let relay1 = tokio::spawn(relay1.run(async move {
@@ -133,10 +131,7 @@ pub async fn racing_writers_never_put_two_messages_of_a_key_in_delivery(
     f.committed();
 
     // Relay 2 drains while B is still held in relay 1's sink.
-    let config2 = RelayConfig {
-        relay_id: "r2".into(),
-        ..drain_config()
-    };
+    let config2 = drain_config().relay_id("r2");
     let sink2 = tracking_sink("r2", tracker.clone(), None);
     let relay2 = Relay::with_config(store.clone(), sink2, config2);
     let relay2_done = timeout(DEADLINE, relay2.run(futures::future::pending()))

@@ -201,9 +201,15 @@ impl BenchDb {
     async fn execute(&self, sql: &str) -> anyhow::Result<()> {
         let sql = AssertSqlSafe(sql.to_owned());
         match &self.any {
-            AnyStore::Postgres(store) => drop(store.pool().execute(sql).await?),
-            AnyStore::Sqlite(store) => drop(store.pool().execute(sql).await?),
-            AnyStore::MySql(store) => drop(store.pool().execute(sql).await?),
+            AnyStore::Postgres(store) => {
+                store.pool().execute(sql).await?;
+            }
+            AnyStore::Sqlite(store) => {
+                store.pool().execute(sql).await?;
+            }
+            AnyStore::MySql(store) => {
+                store.pool().execute(sql).await?;
+            }
         }
         Ok(())
     }

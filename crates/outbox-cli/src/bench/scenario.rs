@@ -223,11 +223,9 @@ async fn relay_drain_with(
     what: &str,
     served: bool,
 ) -> anyhow::Result<(f64, Progress)> {
-    let config = RelayConfig {
-        batch_size: opts.batch_size,
-        exit_when_idle: true,
-        ..RelayConfig::default()
-    };
+    let config = RelayConfig::default()
+        .batch_size(opts.batch_size)
+        .exit_when_idle(true);
     let relay = Relay::with_config(db.store(), sink, config);
     let _serving = match served {
         true => Some(Served::start(db, &relay).await?),
@@ -488,11 +486,9 @@ async fn bench_relay(
     i: usize,
     check: Arc<OrderCheck>,
 ) -> anyhow::Result<Relay> {
-    let config = RelayConfig {
-        relay_id: format!("bench-{}-{i}", std::process::id()),
-        batch_size: opts.batch_size,
-        ..RelayConfig::default()
-    };
+    let config = RelayConfig::default()
+        .relay_id(format!("bench-{}-{i}", std::process::id()))
+        .batch_size(opts.batch_size);
     // One connection per batch in delivery, one for LISTEN, one to spare.
     let connections = config.in_flight_batches as u32 + 2;
     let store = db.separate_store(connections).await?;
@@ -636,11 +632,9 @@ async fn latency_run(
     what: &str,
 ) -> anyhow::Result<Vec<f64>> {
     let sink = Arc::new(ArrivalSink::default());
-    let config = RelayConfig {
-        batch_size: opts.batch_size,
-        poll_interval: opts.poll_interval,
-        ..RelayConfig::default()
-    };
+    let config = RelayConfig::default()
+        .batch_size(opts.batch_size)
+        .poll_interval(opts.poll_interval);
     let relay = Relay::with_config(store, sink.clone(), config);
     let stop = Arc::new(Notify::new());
     let relay_task = {

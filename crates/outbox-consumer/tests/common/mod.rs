@@ -68,10 +68,7 @@ pub async fn postgres() -> PgStore {
         .connect(&url)
         .await
         .unwrap();
-    let config = PgConfig {
-        schema: unique("c_"),
-        ..PgConfig::default()
-    };
+    let config = PgConfig::default().schema(unique("c_"));
     let store = PgStore::with_config(pool, config).unwrap();
     store.migrate().await.unwrap();
     let sql = format!(

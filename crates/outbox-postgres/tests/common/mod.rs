@@ -28,10 +28,7 @@ pub async fn fresh_store() -> anyhow::Result<PgStore> {
         .max_connections(16)
         .connect(&url())
         .await?;
-    let config = PgConfig {
-        schema: schema_name(),
-        ..PgConfig::default()
-    };
+    let config = PgConfig::default().schema(schema_name());
     Ok(PgStore::with_config(pool, config)?)
 }
 
