@@ -29,7 +29,7 @@
 //!   the writes beside it.
 //! - **Errors say why once.** A refused or unreachable server is reported with the reason of
 //!   one direct connection attempt (the pool alone would say only that it timed out), and every
-//!   URL in an error is shown with its password replaced ([`outbox_core::redact`]).
+//!   URL in an error is shown with its password replaced ([`outbox_core::redact()`]).
 //! - **Nothing is written by opening.** [`AnyStore::open`] connects (unless asked to connect
 //!   lazily) but neither migrates nor checks the schema; call [`outbox_core::Store::migrate`]
 //!   or [`outbox_core::Store::check_schema`] for that.
