@@ -52,7 +52,7 @@ pub struct DeadEntry {
     pub payload: serde_json::Value,
     /// The message's headers.
     pub headers: BTreeMap<String, String>,
-    /// When the message was enqueued, by the database's clock.
+    /// When the message was enqueued.
     pub created_at: DateTime<Utc>,
 }
 

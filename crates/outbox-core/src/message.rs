@@ -375,10 +375,10 @@ pub struct Message {
     pub content_type: String,
     /// Headers as enqueued, trace context included when there was one.
     pub headers: BTreeMap<String, String>,
-    /// When the message was enqueued, by the database's clock.
+    /// When the message was enqueued.
     pub created_at: DateTime<Utc>,
-    /// The earliest time the message may be delivered: its delay, or the backoff after a failed
-    /// attempt.
+    /// The earliest time the message may be claimed: after its delay or a failed attempt's
+    /// backoff; while a lease holds it, when the lease expires.
     pub available_at: DateTime<Utc>,
     /// Delivery attempts so far, the current one included once claimed.
     pub attempts: i32,

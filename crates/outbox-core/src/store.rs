@@ -234,7 +234,7 @@ pub struct RelaySeen {
     pub id: String,
     /// `working`, `idle`, `database_down`, `starting` or `stopped`.
     pub state: String,
-    /// When the relay last reported, by the database's clock.
+    /// When the relay last reported.
     pub last_seen: chrono::DateTime<chrono::Utc>,
     /// Seconds since `last_seen`, by the database's clock.
     pub age_seconds: f64,

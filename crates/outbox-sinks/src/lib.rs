@@ -425,7 +425,7 @@ pub struct Line<'a> {
     pub attempt: i32,
     /// Position in the outbox: the per-key delivery order.
     pub seq: i64,
-    /// When the message was enqueued, by the database's clock.
+    /// When the message was enqueued.
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
