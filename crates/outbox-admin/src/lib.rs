@@ -66,6 +66,7 @@ pub struct AdminState {
 }
 
 impl AdminState {
+    /// Admin state over `store`, with no token and no relay counters.
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
@@ -88,6 +89,7 @@ impl AdminState {
         self
     }
 
+    /// The store the admin operations act on.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -97,13 +99,16 @@ impl AdminState {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The store failed; the API answers 503, or 501 when the store cannot do the operation.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// No dead letter has this id: it does not exist, or it is not dead.
     #[error("no dead message with id {0}")]
     NotFound(Uuid),
     /// The request names nothing sensible; the text says what to change.
     #[error("{0}")]
     BadRequest(String),
+    /// The admin API would be served on a non-loopback address (given here) without a token.
     #[error(
         "refusing to serve the admin API on {0} without a token: set OUTBOX_ADMIN_TOKEN, or listen on a loopback address such as 127.0.0.1"
     )]

@@ -34,19 +34,30 @@ pub fn status_text(s: &StatusCounts) -> String {
 /// it is JSON.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeadEntry {
+    /// The message's id.
     pub id: Uuid,
+    /// The message's topic.
     pub topic: String,
+    /// The message type.
     #[serde(rename = "type")]
     pub message_type: String,
+    /// The ordering key, if the message has one.
     pub key: Option<String>,
+    /// Delivery attempts made before it went dead.
     pub attempts: i32,
+    /// The error of the last attempt, credentials removed.
     pub last_error: Option<String>,
+    /// The payload: JSON as is when the content type is JSON, else the bytes as (lossy UTF-8)
+    /// text.
     pub payload: serde_json::Value,
+    /// The message's headers.
     pub headers: BTreeMap<String, String>,
+    /// When the message was enqueued.
     pub created_at: DateTime<Utc>,
 }
 
 impl DeadEntry {
+    /// The operator's view of the dead message `m`.
     pub fn new(m: &Message) -> Self {
         Self {
             id: m.id,
@@ -79,7 +90,9 @@ impl DeadEntry {
 /// A page of dead letters; `next` is the `after` of the following page, `None` on the last.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeadPage {
+    /// The dead letters of this page, oldest first.
     pub items: Vec<DeadEntry>,
+    /// The `after` that fetches the next page; `None` on the last one.
     pub next: Option<Uuid>,
 }
 
@@ -119,8 +132,11 @@ pub async fn dead_show(store: &dyn Store, id: Uuid) -> Result<DeadEntry, Error> 
 /// explicitly, so that a forgotten filter cannot empty the dead-letter table.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Selection {
+    /// Every dead letter.
     All,
+    /// The dead letters with these ids; ids that are not dead are skipped.
     Ids(Vec<Uuid>),
+    /// The dead letters that match the filter.
     Matching(DeadFilter),
 }
 
@@ -138,9 +154,12 @@ impl Selection {
 /// notes on the order of their keys.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Retried {
+    /// How many messages are pending again.
     pub retried: u64,
     /// How many ids the selection named (`None`: a filter or all).
     pub asked: Option<usize>,
+    /// Warnings for keys whose later messages were delivered while a retried one was dead: it now
+    /// goes out after them.
     pub notes: Vec<String>,
 }
 

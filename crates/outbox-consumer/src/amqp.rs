@@ -91,6 +91,9 @@ impl AmqpConfig {
     }
 }
 
+/// Consumes a durable RabbitMQ queue with manual acks, each delivery processed through the
+/// inbox and then acked (see the module docs). Made with [`AmqpConsumer::connect`], then
+/// [`AmqpConsumer::run`].
 pub struct AmqpConsumer<S: InboxStore, H> {
     processor: Arc<Processor<S, H>>,
     connection: Connection,

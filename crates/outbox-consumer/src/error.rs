@@ -3,10 +3,23 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConsumerError {
+    /// The broker could not be reached at start.
     #[error("cannot connect to {url}: {reason}")]
-    Connect { url: String, reason: String },
+    Connect {
+        /// The broker's URL, credentials removed.
+        url: String,
+        /// The client's error, credentials removed.
+        reason: String,
+    },
+    /// The broker refused to declare or subscribe what the consumer needs.
     #[error("cannot set up {what}: {reason}")]
-    Setup { what: String, reason: String },
+    Setup {
+        /// What could not be set up (`stream orders`, `queue payments`, …).
+        what: String,
+        /// The broker's or client's error, credentials removed.
+        reason: String,
+    },
+    /// The stream of deliveries failed or ended while the consumer ran.
     #[error("receiving failed: {0}")]
     Receive(String),
 }

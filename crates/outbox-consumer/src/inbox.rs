@@ -14,6 +14,8 @@ use uuid::Uuid;
 /// must be migrated (`Store::migrate`) before a consumer uses it.
 #[async_trait]
 pub trait InboxStore: Clone + Send + Sync + 'static {
+    /// The sqlx database of the store's transactions (`Postgres`, `MySql` or `Sqlite`), which the
+    /// handler's effects are written through.
     type Db: sqlx::Database;
 
     /// Opens the transaction the inbox record and the handler's effects share.

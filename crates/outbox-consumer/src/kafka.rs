@@ -78,6 +78,9 @@ impl KafkaConfig {
     }
 }
 
+/// A Kafka consumer group member that commits a record's offset only after its inbox
+/// transaction committed (see the module docs). Made with [`KafkaConsumer::connect`], then
+/// [`KafkaConsumer::run`].
 pub struct KafkaConsumer<S: InboxStore, H> {
     processor: Arc<Processor<S, H>>,
     consumer: StreamConsumer,

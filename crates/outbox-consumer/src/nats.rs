@@ -107,6 +107,9 @@ impl NatsConfig {
     }
 }
 
+/// Consumes a JetStream stream through a durable pull consumer, each message processed
+/// through the inbox and then acked (see the module docs). Made with [`NatsConsumer::connect`],
+/// then [`NatsConsumer::run`].
 pub struct NatsConsumer<S: InboxStore, H> {
     processor: Arc<Processor<S, H>>,
     consumer: PullConsumer,

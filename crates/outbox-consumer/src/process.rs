@@ -18,6 +18,9 @@ use crate::inbox::InboxStore;
 /// never be processed (it is set aside: dead-lettered or dropped with a log, per transport).
 #[async_trait]
 pub trait Handler<Db: sqlx::Database>: Send + Sync + 'static {
+    /// Applies the effects of `message` inside `tx`, the transaction that also records it in the
+    /// inbox. Do not commit: the processor commits once this returns `Ok`, and rolls everything
+    /// back (the inbox record included) on an error.
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Db>,
@@ -44,7 +47,12 @@ pub enum Outcome {
     /// Processed before (a redelivery): nothing committed, ack.
     Duplicate,
     /// Not processed, worth another try: negative-ack for redelivery after `after`.
-    Retry { reason: String, after: Duration },
+    Retry {
+        /// Why it failed: the handler's message or the inbox database's error.
+        reason: String,
+        /// How long to wait before the redelivery.
+        after: Duration,
+    },
     /// Can never be processed: dead-letter (or drop) without retrying.
     Reject(String),
 }
@@ -124,6 +132,8 @@ enum Failed {
 }
 
 impl<S: InboxStore, H: Handler<S::Db>> Processor<S, H> {
+    /// A processor recording messages in `store`'s inbox under `config.name` and handing them to
+    /// `handler`.
     pub fn new(store: S, handler: H, config: ConsumerConfig) -> Self {
         Self {
             store,
@@ -132,10 +142,12 @@ impl<S: InboxStore, H: Handler<S::Db>> Processor<S, H> {
         }
     }
 
+    /// The settings this processor runs with.
     pub fn config(&self) -> &ConsumerConfig {
         &self.config
     }
 
+    /// The settings, to change before the processor is handed to a transport.
     pub fn config_mut(&mut self) -> &mut ConsumerConfig {
         &mut self.config
     }

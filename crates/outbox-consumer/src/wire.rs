@@ -11,10 +11,13 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum WireError {
+    /// Neither the transport's id field nor the `ce-id` header carries an id.
     #[error("no message id (Nats-Msg-Id, message_id or ce-id)")]
     MissingId,
+    /// The id found (given here) is not a UUID, so it cannot be the outbox's message id.
     #[error("message id {0:?} is not a UUID")]
     BadId(String),
+    /// Neither `ce-type` nor the transport's type field names the message type.
     #[error("no message type (ce-type or the AMQP type property)")]
     MissingType,
 }
@@ -30,8 +33,11 @@ pub struct Received {
     pub message_type: Option<String>,
     /// The record key (Kafka), when the transport has one.
     pub key: Option<String>,
+    /// The transport's content type, when it carries one.
     pub content_type: Option<String>,
+    /// Every header or property the transport delivered, CloudEvents attributes included.
     pub headers: BTreeMap<String, String>,
+    /// The message body as received.
     pub payload: Vec<u8>,
     /// Delivery attempts so far, this one included, as far as the transport counts them.
     pub attempt: i32,

@@ -75,6 +75,7 @@ impl<'a> ClaimRequest<'a> {
 /// One row a claim query returned.
 #[derive(Debug, Clone)]
 pub struct Candidate {
+    /// The message as the store read it.
     pub message: Message,
     /// Deliverable now (by the store's clock): not delayed, not backing off, not leased.
     pub due: bool,

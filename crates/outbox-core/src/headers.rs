@@ -39,19 +39,30 @@ const RESERVED_PREFIXES: &[&str] = &["nats-", "webhook-", "ce-"];
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HeaderError {
+    /// The name (given here) is one a transport sets itself; see the module docs.
     #[error("header {0:?} is reserved: the transports set it themselves")]
     Reserved(String),
+    /// The header name is empty.
     #[error("header name must not be empty")]
     EmptyName,
+    /// The name is longer than [`MAX_HEADER_NAME_LEN`] bytes.
     #[error("header name {0:?} is longer than {MAX_HEADER_NAME_LEN} bytes")]
     NameTooLong(String),
+    /// The name holds a character outside the HTTP token set, which some transport cannot carry.
     #[error(
         "header name {name:?} contains {found:?}, which not every transport can carry \
          (use letters, digits and !#$%&'*+-.^_`|~)"
     )]
-    BadName { name: String, found: char },
+    BadName {
+        /// The header name.
+        name: String,
+        /// The first character in it that is not allowed.
+        found: char,
+    },
+    /// The value of the named header holds CR, LF or NUL, which would split an HTTP header.
     #[error("header {0:?} has a CR, LF or NUL in its value")]
     BadValue(String),
+    /// A `traceparent` or `tracestate` value that does not follow W3C Trace Context.
     #[error("header {0:?} is not in the W3C Trace Context format")]
     BadTraceContext(String),
 }

@@ -12,14 +12,26 @@ use chrono::Utc;
 use crate::message::Message;
 use crate::relay::RelayState;
 
+/// Counter of messages delivered and acked, labelled `topic` and `sink`.
 pub const DELIVERED: &str = "outbox_messages_delivered_total";
+/// Counter of failed deliveries, labelled `topic`, `sink` and `kind` (`transient` or
+/// `permanent`).
 pub const FAILED: &str = "outbox_messages_failed_total";
+/// Counter of messages that became dead letters, labelled `topic` and `sink`.
 pub const DEAD: &str = "outbox_messages_dead_total";
+/// Counter of claimed messages given back without an attempt counted, labelled `topic` and
+/// `sink`.
 pub const RELEASED: &str = "outbox_messages_released_total";
+/// Histogram of claim round trips, in seconds.
 pub const CLAIM: &str = "outbox_claim_duration_seconds";
+/// Histogram of one batch's delivery to the sink, in seconds, labelled `sink`.
 pub const PUBLISH: &str = "outbox_publish_duration_seconds";
+/// Histogram of recording a batch's outcomes in the store, in seconds.
 pub const SETTLE: &str = "outbox_settle_duration_seconds";
+/// Histogram of the time from a message's enqueue to its delivery, in seconds, labelled
+/// `topic`.
 pub const LAG: &str = "outbox_delivery_lag_seconds";
+/// Gauge that is 1 for the relay's current state and 0 for the others, labelled `state`.
 pub const STATE: &str = "outbox_relay_state";
 
 /// Every state the gauge reports, so that a scrape sees each at 0 or 1.
@@ -39,14 +51,17 @@ pub fn state(now: RelayState) {
     }
 }
 
+/// Records one claim's duration into [`CLAIM`].
 pub fn claim_took(d: Duration) {
     metrics::histogram!(CLAIM).record(d.as_secs_f64());
 }
 
+/// Records how long `sink` took to publish one batch, into [`PUBLISH`].
 pub fn publish_took(sink: &str, d: Duration) {
     metrics::histogram!(PUBLISH, "sink" => sink.to_owned()).record(d.as_secs_f64());
 }
 
+/// Records how long recording one batch's outcomes took, into [`SETTLE`].
 pub fn settle_took(d: Duration) {
     metrics::histogram!(SETTLE).record(d.as_secs_f64());
 }
@@ -71,6 +86,7 @@ impl PerTopic {
         }
     }
 
+    /// The tally of `msgs` by topic.
     pub fn of<'a>(msgs: impl IntoIterator<Item = &'a Message>) -> Self {
         let mut per = Self::default();
         for m in msgs {
@@ -79,6 +95,7 @@ impl PerTopic {
         per
     }
 
+    /// True when nothing was counted.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -99,10 +116,15 @@ impl PerTopic {
 /// What one batch's outcomes come to, emitted once its outcome is recorded.
 #[derive(Debug, Default)]
 pub struct Tally {
+    /// Messages the sink delivered.
     pub delivered: PerTopic,
+    /// Failures worth retrying (they go back to pending unless out of attempts).
     pub transient: PerTopic,
+    /// Failures the sink called permanent.
     pub permanent: PerTopic,
+    /// Messages that became dead letters, from either kind of failure.
     pub dead: PerTopic,
+    /// Messages given back without an attempt counted.
     pub released: PerTopic,
     /// Commit time of each delivered message, with its topic's index in `delivered`, for
     /// the lag (no string per message).
@@ -133,6 +155,7 @@ impl Tally {
         self.dead.count(DEAD, sink, &[]);
     }
 
+    /// Emits the released messages to [`RELEASED`].
     pub fn released(&self, sink: &str) {
         self.released.count(RELEASED, sink, &[]);
     }

@@ -42,16 +42,34 @@ pub struct NewMessage {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum MessageError {
+    /// A required name (`topic`, `type`) is empty or only whitespace.
     #[error("{field} must not be empty")]
-    Empty { field: &'static str },
+    Empty {
+        /// The name that is empty.
+        field: &'static str,
+    },
+    /// A name is longer than stores and brokers accept ([`MAX_TOPIC_LEN`] bytes).
     #[error("{field} is longer than {max} bytes")]
-    TooLong { field: &'static str, max: usize },
+    TooLong {
+        /// The name that is too long.
+        field: &'static str,
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// The value given to [`NewMessage::json`] could not be serialised.
     #[error("payload is not valid JSON: {0}")]
     Json(String),
+    /// A header is reserved by a transport or cannot be carried by one.
     #[error(transparent)]
     Header(#[from] HeaderError),
+    /// Payload and headers together exceed the store's maximum message size.
     #[error("message is {size} bytes, over the limit of {max} bytes (payload and headers)")]
-    TooLarge { size: usize, max: usize },
+    TooLarge {
+        /// The message's size: payload plus header names and values, in bytes.
+        size: usize,
+        /// The store's limit, in bytes.
+        max: usize,
+    },
 }
 
 impl NewMessage {
@@ -143,24 +161,32 @@ impl NewMessage {
         self
     }
 
+    /// The message's id, a UUIDv7 unless [`NewMessage::with_id`] set one; consumers deduplicate
+    /// redeliveries by it.
     pub fn id(&self) -> Uuid {
         self.id
     }
+    /// The topic, which routing matches and brokers publish to.
     pub fn topic(&self) -> &str {
         &self.topic
     }
+    /// The message type: what happened, for the consumer to dispatch on (`payment.created`, …).
     pub fn message_type(&self) -> &str {
         &self.message_type
     }
+    /// The ordering key set with [`NewMessage::key`], if any.
     pub fn key_ref(&self) -> Option<&str> {
         self.key.as_deref()
     }
+    /// The payload bytes as they will be stored and delivered.
     pub fn payload(&self) -> &[u8] {
         &self.payload
     }
+    /// The payload's content type (`application/json` for [`NewMessage::json`]).
     pub fn content_type(&self) -> &str {
         &self.content_type
     }
+    /// The headers set so far, without the trace context that enqueue may still add.
     pub fn header_map(&self) -> &BTreeMap<String, String> {
         &self.headers
     }
@@ -242,7 +268,9 @@ impl NewMessage {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("outbox message {id} refused: {error}")]
 pub struct Refused {
+    /// The message the batch was refused at (the batch's first bad one).
     pub id: Uuid,
+    /// What is wrong with it.
     pub error: MessageError,
 }
 
@@ -284,6 +312,8 @@ pub enum Status {
 }
 
 impl Status {
+    /// The name stores write and operator commands print: `pending`, `in_flight`, `delivered` or
+    /// `dead`.
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Pending => "pending",
@@ -323,24 +353,38 @@ impl std::str::FromStr for Status {
 /// A stored message, as a relay claims it or an operator lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
+    /// The id given at enqueue (a UUIDv7 unless the writer chose one); the same on every
+    /// redelivery, so consumers deduplicate by it.
     pub id: Uuid,
     /// Position in the outbox: the per-key delivery order.
     pub seq: i64,
+    /// The topic the writer gave; sinks and routes use it to pick a destination.
     pub topic: String,
+    /// The message type: what happened, for the consumer to dispatch on.
     #[serde(rename = "type")]
     pub message_type: String,
+    /// The ordering key: messages with the same key are delivered one at a time, in `seq` order.
     pub key: Option<String>,
+    /// The partition (`0..PARTITIONS`) the key (or, without a key, the id) hashes to; relays
+    /// lease partitions to share the outbox.
     pub partition: i32,
     /// Shared, not copied, when the message is cloned (a router hands it to several sinks).
     #[serde(with = "payload_serde")]
     pub payload: Bytes,
+    /// The payload's content type, as given at enqueue.
     pub content_type: String,
+    /// Headers as enqueued, trace context included when there was one.
     pub headers: BTreeMap<String, String>,
+    /// When the message was enqueued.
     pub created_at: DateTime<Utc>,
+    /// The earliest time the message may be claimed: after its delay or a failed attempt's
+    /// backoff; while a lease holds it, when the lease expires.
     pub available_at: DateTime<Utc>,
     /// Delivery attempts so far, the current one included once claimed.
     pub attempts: i32,
+    /// The error of the last failed attempt, as the store keeps it (see `storable_error`).
     pub last_error: Option<String>,
+    /// Where the message is in its life.
     pub status: Status,
 }
 

@@ -216,10 +216,16 @@ pub struct RelayStats {
 /// What a finished run did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RelayReport {
+    /// Messages claimed from the store.
     pub claimed: u64,
+    /// Messages the sink took and the store acked.
     pub delivered: u64,
+    /// Failed deliveries put back to pending, to be retried after their backoff.
     pub retried: u64,
+    /// Messages that became dead letters (a permanent failure, or out of attempts).
     pub dead: u64,
+    /// Claimed messages given back without counting an attempt: unfinished at the shutdown
+    /// timeout, or held back behind an earlier failure of their key.
     pub released: u64,
 }
 
@@ -241,6 +247,7 @@ impl RelayStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RelayState {
+    /// Created, or run but not yet claiming (recovering what a dead relay left unfinished).
     Starting,
     /// Claiming and delivering.
     Working,
@@ -248,6 +255,7 @@ pub enum RelayState {
     Idle,
     /// The database does not answer; backing off.
     DatabaseDown,
+    /// Shut down: the loop returned and holds no claims.
     Stopped,
 }
 
@@ -278,6 +286,7 @@ impl RelayMonitor {
         &self.shared.config.relay_id
     }
 
+    /// What the relay is doing now.
     pub fn state(&self) -> RelayState {
         *self.shared.state.borrow()
     }
@@ -311,6 +320,7 @@ impl RelayMonitor {
         self.shared.sink.name()
     }
 
+    /// The relay's counts so far, as [`RelayStats::report`] gives them.
     pub fn report(&self) -> RelayReport {
         self.shared.stats.report()
     }
@@ -385,10 +395,14 @@ impl InFlight {
 type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
 
 impl Relay {
+    /// A relay with the default [`RelayConfig`].
     pub fn new(store: Arc<dyn Store>, sink: Arc<dyn Sink>) -> Self {
         Self::with_config(store, sink, RelayConfig::default())
     }
 
+    /// A relay delivering from `store` to `sink`. The configured `relay_id` gets a suffix unique to
+    /// this process and relay (see [`Relay::id`]), so several relays started with one name never
+    /// share claims.
     pub fn with_config(store: Arc<dyn Store>, sink: Arc<dyn Sink>, config: RelayConfig) -> Self {
         let config = RelayConfig {
             relay_id: unique_relay_id(&config.relay_id),
@@ -410,6 +424,7 @@ impl Relay {
         }
     }
 
+    /// The configuration the relay runs with, its `relay_id` already made unique.
     pub fn config(&self) -> &RelayConfig {
         &self.shared.config
     }
@@ -419,6 +434,7 @@ impl Relay {
         &self.shared.config.relay_id
     }
 
+    /// Live counters, shared with the running relay, readable from other tasks.
     pub fn stats(&self) -> Arc<RelayStats> {
         self.shared.stats.clone()
     }

@@ -26,6 +26,7 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// A failure worth retrying, after the retry policy's backoff.
     pub fn transient(message: impl Into<String>) -> Self {
         SinkError::Transient {
             message: message.into(),
@@ -33,10 +34,12 @@ impl SinkError {
         }
     }
 
+    /// A failure that retrying cannot fix: the message goes dead at once.
     pub fn permanent(message: impl Into<String>) -> Self {
         SinkError::Permanent(message.into())
     }
 
+    /// True for [`SinkError::Permanent`]: the message goes dead without another attempt.
     pub fn is_permanent(&self) -> bool {
         matches!(self, SinkError::Permanent(_))
     }
@@ -80,6 +83,8 @@ pub struct Circuit {
 /// next, and a crash in between only causes a redelivery with the same id.
 #[async_trait]
 pub trait Sink: Send + Sync {
+    /// Delivers `batch` and returns one outcome per message, in the batch's order (see the trait
+    /// docs for the contract).
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery>;
 
     /// A short name for logs and metrics (`file`, `nats`, …).
@@ -131,6 +136,8 @@ where
     F: Fn(Message) -> Fut + Send + Sync,
     Fut: Future<Output = Delivery> + Send,
 {
+    /// A sink that calls `handler` for each message, up to 16 at a time (see
+    /// [`HandlerSink::concurrency`]).
     pub fn new(handler: F) -> Self {
         Self {
             handler,

@@ -18,16 +18,37 @@ use crate::ownership::Ownership;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// The driver failed: connection lost, query refused, timeout. The driver's error is the
+    /// source.
     #[error("database error: {0}")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A schema migration step failed.
     #[error("migration {version} failed: {reason}")]
-    Migration { version: i64, reason: String },
+    Migration {
+        /// The schema version the failed step would have reached.
+        version: i64,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A newer build migrated the database; this build must not write to it.
     #[error(
         "the database schema is at version {found}, newer than this build knows ({known}); upgrade outbox"
     )]
-    SchemaTooNew { found: i64, known: i64 },
+    SchemaTooNew {
+        /// The version the database is at.
+        found: i64,
+        /// The latest version this build knows.
+        known: i64,
+    },
+    /// The database needs migrating (`outbox migrate`) before this build can use it.
     #[error("the database schema is at version {found}, older than this build needs ({needed})")]
-    SchemaTooOld { found: i64, needed: i64 },
+    SchemaTooOld {
+        /// The version the database is at (0 for no schema).
+        found: i64,
+        /// The version this build works with.
+        needed: i64,
+    },
+    /// A setting is invalid, or the store does not support the operation asked of it.
     #[error("invalid configuration: {0}")]
     Config(String),
 }
@@ -51,11 +72,13 @@ pub fn check_identifier(what: &str, name: &str) -> Result<(), StoreError> {
 }
 
 impl StoreError {
+    /// Wraps a driver's error as [`StoreError::Database`], keeping it as the source.
     pub fn database(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         StoreError::Database(Box::new(e))
     }
 }
 
+/// The result of every [`Store`] operation.
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// What [`Store::check_schema`] concludes from the version the database is at (`found`, 0 for
@@ -110,7 +133,10 @@ impl Failure {
 /// What happens to a message whose delivery failed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
+    /// The message that failed (one the relay holds).
     pub id: Uuid,
+    /// Why it failed, as the sink said; stores keep it cut to [`MAX_ERROR_LEN`] bytes (see
+    /// [`Failure::stored_error`]).
     pub error: String,
     /// `Some(delay)`: back to pending, deliverable again after `delay` (store clock).
     /// `None`: dead.
@@ -131,9 +157,13 @@ pub enum Retention {
 /// Counts for `outbox status`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusCounts {
+    /// Messages waiting for delivery, delayed and backing-off ones included.
     pub pending: i64,
+    /// Messages claimed by a relay and not settled yet.
     pub in_flight: i64,
+    /// Delivered messages still kept under [`Retention::Keep`].
     pub delivered: i64,
+    /// Dead letters, waiting for an operator to retry or purge them.
     pub dead: i64,
     /// Age of the oldest pending message (delayed ones included), in seconds.
     pub oldest_pending_age_seconds: Option<f64>,
@@ -142,10 +172,15 @@ pub struct StatusCounts {
 /// The backlog of one topic, for metrics: [`Store::backlog`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TopicBacklog {
+    /// The topic these counts are for.
     pub topic: String,
+    /// The topic's messages waiting for delivery, delayed ones included.
     pub pending: i64,
+    /// The topic's messages claimed and not settled yet.
     pub in_flight: i64,
+    /// The topic's delivered messages still kept under [`Retention::Keep`].
     pub delivered: i64,
+    /// The topic's dead letters.
     pub dead: i64,
     /// Age of the topic's oldest pending message (delayed ones included), in seconds.
     pub oldest_pending_age_seconds: Option<f64>,
@@ -157,9 +192,12 @@ pub struct TopicBacklog {
 pub struct DeadFilter {
     /// Only these messages.
     pub ids: Option<Vec<Uuid>>,
+    /// Only messages of this topic (exact match).
     pub topic: Option<String>,
+    /// Only messages of this type (exact match).
     #[serde(rename = "type")]
     pub message_type: Option<String>,
+    /// Only messages with this ordering key (exact match).
     pub key: Option<String>,
     /// A substring of the last error, matched case-insensitively.
     pub error: Option<String>,
@@ -192,9 +230,11 @@ impl DeadFilter {
 /// What a relay last reported about itself (see [`Store::heartbeat`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RelaySeen {
+    /// The relay's unique id (see `Relay::id`).
     pub id: String,
     /// `working`, `idle`, `database_down`, `starting` or `stopped`.
     pub state: String,
+    /// When the relay last reported.
     pub last_seen: chrono::DateTime<chrono::Utc>,
     /// Seconds since `last_seen`, by the database's clock.
     pub age_seconds: f64,
@@ -284,6 +324,7 @@ pub trait Store: Send + Sync {
     /// Removes up to `limit` delivered messages older than `older_than`; returns how many.
     async fn purge_delivered(&self, older_than: Duration, limit: usize) -> StoreResult<u64>;
 
+    /// Counts the messages in each status, for `outbox status` and readiness checks.
     async fn status(&self) -> StoreResult<StatusCounts>;
 
     /// The counts of [`Store::status`] per topic, in one query, ordered by topic. Topics with
@@ -438,6 +479,7 @@ pub struct PollingWaiter {
 }
 
 impl PollingWaiter {
+    /// A waiter that wakes on `notify` or after the poll timeout, whichever comes first.
     pub fn new(notify: std::sync::Arc<tokio::sync::Notify>) -> Self {
         Self { notify }
     }

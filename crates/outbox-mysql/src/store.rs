@@ -406,6 +406,8 @@ impl MySqlStore {
         Self::with_config(pool, MySqlConfig::default()).expect("default names are valid")
     }
 
+    /// A store with the tables named by `config` on an existing pool. Fails with
+    /// [`StoreError::Config`] when the table prefix is not a plain lower-case identifier.
     pub fn with_config(pool: MySqlPool, config: MySqlConfig) -> StoreResult<Self> {
         config.validate()?;
         let sql = Arc::new(Sql::new(&config.table_prefix));
@@ -431,10 +433,12 @@ impl MySqlStore {
         Ok(Self::new(pool))
     }
 
+    /// The pool the store runs on, for the caller's own transactions (`enqueue` takes one).
     pub fn pool(&self) -> &MySqlPool {
         &self.pool
     }
 
+    /// The table prefix the store uses.
     pub fn config(&self) -> &MySqlConfig {
         &self.config
     }

@@ -22,8 +22,10 @@ use crate::validate::{FieldError, RawPayment, validate};
 /// Largest accepted request body.
 pub const BODY_LIMIT: usize = 16 * 1024;
 
+/// What the payment API's handlers share.
 #[derive(Clone)]
 pub struct ApiState {
+    /// The payments and their outbox.
     pub db: Db,
     /// False only to measure the API without its outbox write (a benchmark baseline).
     pub write_events: bool,

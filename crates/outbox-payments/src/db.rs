@@ -52,16 +52,26 @@ macro_rules! on_tx {
 /// A payment as stored and as `GET /api/payments/{id}` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Payment {
+    /// The payment's id, also the key of its events and the gateway's idempotency key.
     pub payment_id: Uuid,
+    /// `pending`, `paid` or `rejected`.
     pub status: String,
+    /// The amount as a decimal string, exactly as accepted (never a float).
     pub amount: String,
+    /// The ISO 4217 currency code, upper case.
     pub currency: String,
+    /// Charge attempts counted so far (declines, and the final attempt).
     pub attempts: i64,
+    /// Why the gateway declined the last attempt, if it did.
     pub last_decline_reason: Option<String>,
+    /// When the payment was accepted (RFC 3339).
     pub created_at: String,
+    /// When the payment last changed (RFC 3339).
     pub updated_at: String,
+    /// Where the e-mails about the payment go; not shown by the API.
     #[serde(skip)]
     pub card_holder_email: String,
+    /// The card holder's name for the e-mails; not shown by the API.
     #[serde(skip)]
     pub card_holder_name: String,
 }
@@ -69,29 +79,43 @@ pub struct Payment {
 /// A validated purchase.
 #[derive(Debug, Clone, Serialize)]
 pub struct NewPayment {
+    /// The card token the gateway charges.
     pub token_card: String,
+    /// The amount, positive, in the currency's units, with no more decimals than it has.
     pub amount: rust_decimal::Decimal,
+    /// The ISO 4217 currency code, upper case.
     pub currency: String,
+    /// Where the e-mails about the payment go.
     pub card_holder_email: String,
+    /// The card holder's name.
     pub card_holder_name: String,
 }
 
 /// The event payload of `payment.created`, `payment.paid` and `payment.rejected`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PaymentEvent {
+    /// The payment this event is about.
     pub payment_id: Uuid,
+    /// The amount as a decimal string.
     pub amount: String,
+    /// The ISO 4217 currency code.
     pub currency: String,
+    /// The card token, for the worker to charge.
     pub token_card: String,
+    /// Where the e-mail about the outcome goes.
     pub card_holder_email: String,
+    /// The card holder's name, for the e-mail.
     pub card_holder_name: String,
+    /// Why the payment was rejected (`payment.rejected` only).
     pub reason: Option<String>,
+    /// The gateway's charge id (`payment.paid` only).
     pub charge_id: Option<String>,
 }
 
 /// What `create` did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Created {
+    /// A new payment with this id was written, with its `payment.created` event.
     New(Uuid),
     /// The idempotency key was used before with the same request.
     Replay(Uuid),
@@ -99,6 +123,7 @@ pub enum Created {
     KeyReused,
 }
 
+/// The outbox topic of every payment event.
 pub const TOPIC: &str = "payments";
 
 const SCHEMA: &str = "
@@ -185,6 +210,7 @@ impl Db {
         &self.0
     }
 
+    /// The outbox store, for relays and operator commands.
     pub fn store(&self) -> Arc<dyn Store> {
         self.0.store()
     }
@@ -212,6 +238,7 @@ impl Db {
         Ok(())
     }
 
+    /// Whether the database answers a trivial query.
     pub async fn ping(&self) -> bool {
         on_db!(self, s => sqlx::query("SELECT 1").execute(s.pool()).await.is_ok())
     }
@@ -279,6 +306,7 @@ impl Db {
         })
     }
 
+    /// The payment with this id, or `None` when there is none.
     pub async fn get(&self, id: Uuid) -> anyhow::Result<Option<Payment>> {
         let sql = format!("SELECT {COLUMNS} FROM {{s}}payments WHERE id = $1");
         let row = on_db!(self, s => sqlx::query(self.sql(&sql)).bind(id.to_string())
@@ -394,8 +422,11 @@ impl Db {
 /// A transaction on the demo's database opened by someone else: the consumer's inbox
 /// transaction, so the payment's changes commit together with the inbox record.
 pub enum Tx<'a> {
+    /// A PostgreSQL transaction.
     Postgres(&'a mut Transaction<'static, Postgres>),
+    /// A SQLite transaction.
     Sqlite(&'a mut Transaction<'static, Sqlite>),
+    /// A MySQL or MariaDB transaction.
     MySql(&'a mut Transaction<'static, MySql>),
 }
 

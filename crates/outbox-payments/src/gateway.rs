@@ -39,16 +39,24 @@ impl Default for GatewayConfig {
 /// One approved charge.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Charge {
+    /// The gateway's id of the charge (`ch_…`).
     pub charge_id: String,
+    /// The key the charge was made under: the payment id.
     pub idempotency_key: String,
+    /// The amount charged, as a decimal string.
     pub amount: String,
+    /// The currency charged in.
     pub currency: String,
 }
 
+/// The body of `POST /charges`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChargeRequest {
+    /// The amount to charge, as a decimal string.
     pub amount: String,
+    /// The ISO 4217 currency code.
     pub currency: String,
+    /// The card token to charge.
     pub token_card: String,
 }
 
@@ -126,8 +134,16 @@ async fn ledger(State(state): State<GatewayState>) -> Json<Vec<Charge>> {
 /// What the gateway said about a charge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeOutcome {
-    Approved { charge_id: String },
-    Declined { reason: String },
+    /// The card was charged; asking again with the same key returns the same charge.
+    Approved {
+        /// The gateway's id of the charge.
+        charge_id: String,
+    },
+    /// The card was declined; a later attempt may succeed.
+    Declined {
+        /// The gateway's reason (`insufficient_funds`, `do_not_honor`, …).
+        reason: String,
+    },
 }
 
 /// The gateway could not give an answer: retry later, this says nothing about the card.
@@ -143,6 +159,7 @@ pub struct GatewayClient {
 }
 
 impl GatewayClient {
+    /// A client for the gateway at `base_url` (its `/charges` route), each request bounded to 10 s.
     pub fn new(base_url: &str) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))

@@ -48,11 +48,16 @@ pub use outbox_server::ServerLimits;
 /// Which parts of the system this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// Everything in one process: API, worker, gateway (unless `gateway_url` is set) and, with a
+    /// broker, the relay.
     All,
+    /// Only the payment API, writing payments and their events.
     Api,
     /// Publishes the outbox to the broker (with `--broker` only).
     Relay,
+    /// Only the worker: charges the gateway and e-mails the card holder.
     Worker,
+    /// Only the simulated payment gateway.
     Gateway,
 }
 
@@ -74,24 +79,36 @@ impl FromStr for Role {
     }
 }
 
+/// How `outbox demo` runs: the database, the parts to run, their addresses and their
+/// settings.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
+    /// The database URL (`postgres://`, `mysql://` or `sqlite://`) of the payments and their
+    /// outbox.
     pub database_url: String,
     /// PostgreSQL schema for the payment and outbox tables.
     pub schema: Option<String>,
+    /// The parts this process runs.
     pub role: Role,
     /// Address of the payment API (with health and metrics).
     pub listen: SocketAddr,
     /// Where a process without the API (`--role worker` or `relay`) serves health and
     /// metrics; `None`: it serves nothing.
     pub operations_listen: Option<SocketAddr>,
+    /// Where the simulated gateway listens, when this process starts it.
     pub gateway_listen: SocketAddr,
     /// Use this gateway instead of starting the simulated one.
     pub gateway_url: Option<String>,
+    /// How the simulated gateway behaves.
     pub gateway: GatewayConfig,
+    /// The folder the worker writes e-mails to as `.eml` files when there is no `smtp_url`.
     pub mail_dir: PathBuf,
+    /// Send e-mails to this SMTP server (`smtp://host:port`) instead of writing them to
+    /// `mail_dir`.
     pub smtp_url: Option<String>,
+    /// Charge attempts before a payment is rejected (the seed: 4).
     pub max_declines: i64,
+    /// The relay's polling fallback when no wake-up arrives.
     pub poll_interval: Duration,
     /// How long the worker holds a claimed event before another worker may take it over.
     pub lease: Duration,
@@ -138,7 +155,9 @@ fn relay_config(opts: &DemoOptions) -> outbox_core::RelayConfig {
 /// What a started demo serves.
 #[derive(Debug, Clone, Default)]
 pub struct Urls {
+    /// The payment API's base URL, when this process serves it.
     pub api: Option<String>,
+    /// The simulated gateway's base URL, when this process runs it.
     pub gateway: Option<String>,
     /// Health and metrics of a process that runs a relay or worker without the API (the API
     /// serves them itself).

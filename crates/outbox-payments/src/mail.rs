@@ -10,13 +10,17 @@ use uuid::Uuid;
 
 use crate::db::PaymentEvent;
 
+/// Where the worker sends the e-mail about a finished payment.
 pub enum Mailer {
     /// Writes `{payment_id}-{type}.eml`; a redelivery rewrites the same file.
     Folder(PathBuf),
+    /// Sends over SMTP, in plain text (the demo does not do TLS).
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
 }
 
 impl Mailer {
+    /// A mailer over SMTP when `smtp_url` (`smtp://host:port`) is given, else writing into
+    /// `folder`, created when missing.
     pub fn new(smtp_url: Option<&str>, folder: PathBuf) -> anyhow::Result<Self> {
         Ok(match smtp_url {
             Some(url) => Self::Smtp(smtp_transport(url)?),

@@ -11,18 +11,25 @@ use crate::db::NewPayment;
 /// A request body as sent: every field optional so that each problem can be named.
 #[derive(Debug, Deserialize)]
 pub struct RawPayment<'a> {
+    /// The amount as its raw JSON text, so it is parsed as a decimal and never through a float.
     #[serde(borrow)]
     pub amount: Option<&'a RawValue>,
+    /// The ISO 4217 currency code.
     pub currency: Option<serde_json::Value>,
+    /// The card token.
     pub token_card: Option<serde_json::Value>,
+    /// The card holder's e-mail address.
     pub card_holder_email: Option<serde_json::Value>,
+    /// The card holder's name.
     pub card_holder_name: Option<serde_json::Value>,
 }
 
 /// One invalid field, as listed in a 422 answer.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct FieldError {
+    /// The request field that is wrong, as the client named it (`amount`, `currency`, …).
     pub field: &'static str,
+    /// What is wrong with it.
     pub detail: String,
 }
 

@@ -14,9 +14,13 @@ use crate::db::{Db, PaymentEvent, Tx};
 use crate::gateway::{ChargeOutcome, ChargeRequest, GatewayClient};
 use crate::mail::Mailer;
 
+/// The handlers of the payment events; [`Worker::relay`] runs them on a relay.
 pub struct Worker {
+    /// The payments and their outbox.
     pub db: Db,
+    /// The gateway charged for each `payment.created`.
     pub gateway: GatewayClient,
+    /// Where the e-mails to the card holder go.
     pub mailer: Mailer,
     /// Charge attempts before a payment is rejected (the seed: 4).
     pub max_declines: i64,

@@ -14,6 +14,9 @@ use uuid::Uuid;
 
 use crate::sql::PgConfig;
 
+/// The inbox table of one database, shared by every consumer of it: a handle got from the
+/// store's `inbox()`, cheap to clone. Use it inside the transaction that applies a message's
+/// effects (see the module docs).
 #[derive(Debug, Clone)]
 pub struct PgInbox {
     record: Arc<str>,

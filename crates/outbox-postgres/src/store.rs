@@ -245,6 +245,8 @@ impl PgStore {
         self
     }
 
+    /// The bound on each operation set by [`PgStore::with_query_timeout`] (default
+    /// [`PgStore::DEFAULT_QUERY_TIMEOUT`]).
     pub fn query_timeout(&self) -> Duration {
         self.query_timeout
     }
@@ -262,6 +264,7 @@ impl PgStore {
         self
     }
 
+    /// How relays on this store hold their claims: row locks in an open transaction, or leases.
     pub fn claim_mode(&self) -> ClaimMode {
         self.claim_mode
     }
@@ -276,10 +279,12 @@ impl PgStore {
         Self::with_config(pool, config)
     }
 
+    /// The pool the store runs on, for the caller's own transactions (`enqueue` takes one).
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
+    /// The schema and table prefix the store uses.
     pub fn config(&self) -> &PgConfig {
         &self.config
     }

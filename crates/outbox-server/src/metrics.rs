@@ -14,13 +14,24 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use outbox_core::{RelayMonitor, Store, instrument};
 
+/// Gauge of messages in the outbox, labelled `topic` and `status`; a topic that empties is
+/// set to 0 rather than dropped.
 pub const BACKLOG: &str = "outbox_backlog_messages";
+/// Gauge of the age of each topic's oldest pending message, in seconds (0 when none),
+/// labelled `topic`.
 pub const OLDEST_PENDING: &str = "outbox_oldest_pending_age_seconds";
+/// Gauge that is 1 when the last backlog query succeeded, else 0.
 pub const DATABASE_UP: &str = "outbox_database_up";
+/// Gauge of how long the last backlog query took, in seconds.
 pub const REFRESH_DURATION: &str = "outbox_backlog_refresh_duration_seconds";
+/// Counter of backlog queries that failed or timed out.
 pub const REFRESH_ERRORS: &str = "outbox_backlog_refresh_errors_total";
+/// Gauge that is 1 while a sink's circuit breaker is open, labelled `sink`.
 pub const CIRCUIT_OPEN: &str = "outbox_sink_circuit_open";
+/// Gauge of the batches in a row that failed entirely at a sink, labelled `sink`.
 pub const FAILURE_STREAK: &str = "outbox_sink_failure_streak";
+/// Gauge of the seconds since the relay's loop last made progress; a value that keeps
+/// growing means a stuck relay.
 pub const SINCE_PROGRESS: &str = "outbox_relay_since_progress_seconds";
 
 /// Histogram buckets of every `_seconds` histogram: from a millisecond (a claim on an idle

@@ -16,6 +16,8 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// A problem with `status`, a `title` that is the same for every occurrence of its kind, and
+    /// the `detail` of this one.
     pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
         Self {
             status,
@@ -31,6 +33,7 @@ impl Problem {
         self
     }
 
+    /// The HTTP status the response carries.
     pub fn status(&self) -> StatusCode {
         self.status
     }

@@ -25,6 +25,8 @@ use crate::cloudevents;
 /// The longest wait for a connection; a shorter confirm timeout shortens it too.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Publishes to a RabbitMQ topic exchange with publisher confirms (see the module docs); made
+/// with [`AmqpSink::connect`] or from an `amqp://` URL.
 pub struct AmqpSink {
     uri: String,
     exchange: String,

@@ -60,6 +60,7 @@ impl FileSink {
         })
     }
 
+    /// The file this sink appends to.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -142,6 +143,7 @@ pub struct StdoutSink {
 }
 
 impl StdoutSink {
+    /// A sink writing to this process's standard output.
     pub fn new() -> Self {
         Self {
             out: Mutex::new(tokio::io::stdout()),

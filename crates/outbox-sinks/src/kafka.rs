@@ -15,6 +15,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::cloudevents;
 
+/// Produces to Kafka with an idempotent, `acks=all` producer, one record per message keyed by
+/// the message key (see the module docs); made with [`KafkaSink::new`] or from a `kafka://` URL.
 pub struct KafkaSink {
     producer: FutureProducer,
     prefix: String,

@@ -66,23 +66,41 @@ pub use webhook::{WebhookSink, decode_secret, sign};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SinkUrlError {
+    /// The URL (given here, credentials removed) has no `scheme:`.
     #[error("sink {0:?} has no scheme; expected one of {schemes}", schemes = schemes())]
     NoScheme(String),
+    /// No sink of this build or any feature handles the scheme (given here).
     #[error("sink scheme {0:?} is not supported by this build; supported: {schemes}", schemes = schemes())]
     Unsupported(String),
+    /// The scheme's sink exists but was left out of this build.
     #[error(
         "sink scheme {scheme:?} needs the cargo feature {feature:?} (build with --features {feature})"
     )]
     NeedsFeature {
+        /// The scheme asked for.
         scheme: String,
+        /// The cargo feature of `outbox-sinks` that builds its sink.
         feature: &'static str,
     },
+    /// An option is wrong, or the sink could not be set up (bad address, client error).
     #[error("sink {url}: {reason}")]
-    Invalid { url: String, reason: String },
+    Invalid {
+        /// The URL, credentials removed.
+        url: String,
+        /// What is wrong, credentials removed.
+        reason: String,
+    },
+    /// A `file:` URL (given here) without a path.
     #[error("sink {0:?} needs a path, as in file:/var/lib/outbox/events.jsonl")]
     MissingPath(String),
+    /// The file of a `file:` sink could not be opened for appending.
     #[error("cannot open sink file {path}: {reason}")]
-    Open { path: String, reason: String },
+    Open {
+        /// The file's path.
+        path: String,
+        /// The operating system's error.
+        reason: String,
+    },
 }
 
 /// The schemes this build delivers to.
@@ -165,6 +183,9 @@ pub struct SinkUrl<'a> {
 }
 
 impl<'a> SinkUrl<'a> {
+    /// Splits `url` and checks its options against its scheme. Fails when there is no scheme, the
+    /// scheme is unknown or not built in, a `file:` URL has no path, or an option is unknown or
+    /// not a whole number where one is needed. Errors quote the URL with its credentials removed.
     pub fn parse(url: &'a str) -> Result<Self, SinkUrlError> {
         let (scheme, rest) = url
             .split_once(':')
@@ -243,6 +264,7 @@ impl<'a> SinkUrl<'a> {
         }
     }
 
+    /// The scheme, without `:` (`nats`, `https`, …).
     pub fn scheme(&self) -> &'a str {
         self.scheme
     }
@@ -383,16 +405,27 @@ impl Sink for NullSink {
 /// The JSON line written for each delivered message.
 #[derive(Debug, Serialize)]
 pub struct Line<'a> {
+    /// The message id; consumers deduplicate by it.
     pub id: uuid::Uuid,
+    /// The message's topic.
     pub topic: &'a str,
+    /// The message type.
     #[serde(rename = "type")]
     pub message_type: &'a str,
+    /// The ordering key, if the message has one.
     pub key: Option<&'a str>,
+    /// The payload: JSON as is when the content type is JSON, else the bytes as (lossy UTF-8)
+    /// text.
     pub payload: serde_json::Value,
+    /// The payload's content type.
     pub content_type: &'a str,
+    /// The message's headers.
     pub headers: &'a std::collections::BTreeMap<String, String>,
+    /// This delivery's attempt number, from 1.
     pub attempt: i32,
+    /// Position in the outbox: the per-key delivery order.
     pub seq: i64,
+    /// When the message was enqueued.
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 

@@ -45,6 +45,8 @@ impl Pending {
     }
 }
 
+/// Publishes to an MQTT 5 broker with QoS 1, a message delivered once its PUBACK arrives (see
+/// the module docs); made with [`MqttSink::connect`] or from an `mqtt://` URL.
 pub struct MqttSink {
     client: AsyncClient,
     pending: Arc<Mutex<Pending>>,

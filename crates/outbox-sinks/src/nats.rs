@@ -17,6 +17,9 @@ use outbox_core::{Delivery, Message, Sink, SinkError};
 
 use crate::cloudevents;
 
+/// Publishes to NATS JetStream with `Nats-Msg-Id` set to the message id, a message delivered
+/// once its stream acks it (see the module docs); made with [`NatsSink::connect`] or from a
+/// `nats://` URL.
 pub struct NatsSink {
     client: async_nats::Client,
     js: Context,

@@ -13,6 +13,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::cloudevents;
 
+/// Appends to Redis Streams with `XADD`, one stream per topic (see the module docs); made with
+/// [`RedisSink::connect`] or from a `redis://` URL.
 pub struct RedisSink {
     conn: ConnectionManager,
     stream_prefix: String,

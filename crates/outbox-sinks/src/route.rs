@@ -19,6 +19,8 @@ pub struct Route {
 }
 
 impl Route {
+    /// A route from `pattern` (`*` and `?` wildcards, matched against the message type or the
+    /// topic) to `sinks`, which all receive each matching message.
     pub fn new(pattern: &str, sinks: Vec<Arc<dyn Sink>>) -> Self {
         Self {
             pattern: WildMatch::new(pattern),
@@ -45,6 +47,8 @@ pub struct Router {
 }
 
 impl Router {
+    /// A router trying `routes` in order; messages no route matches go to `default`, or are dead
+    /// at once when there is none.
     pub fn new(routes: Vec<Route>, default: Option<Vec<Arc<dyn Sink>>>) -> Self {
         Self { routes, default }
     }
@@ -137,6 +141,8 @@ pub struct Breaker<S> {
 }
 
 impl<S: Sink> Breaker<S> {
+    /// Wraps `inner`: `threshold` batches in a row that fail entirely (at least 1) open the
+    /// breaker for `cooldown`.
     pub fn new(inner: S, threshold: u32, cooldown: Duration) -> Self {
         Self {
             inner,

@@ -366,6 +366,8 @@ fn context(m: &Message) -> serde_json::Value {
     serde_json::Value::Object(ctx)
 }
 
+/// Sends one email per message over SMTP (see the module docs for the URL, TLS and
+/// templates); made from an `smtp://` or `smtps://` URL.
 pub struct SmtpSink {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,

@@ -12,6 +12,9 @@ use chrono::Utc;
 use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
+/// The inbox table of one database, shared by every consumer of it: a handle got from the
+/// store's `inbox()`, cheap to clone. Use it inside the transaction that applies a message's
+/// effects (see the module docs).
 #[derive(Debug, Clone)]
 pub struct SqliteInbox {
     record: Arc<str>,

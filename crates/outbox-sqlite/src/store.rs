@@ -375,6 +375,8 @@ impl SqliteStore {
         Self::with_config(pool, SqliteConfig::default()).expect("default names are valid")
     }
 
+    /// A store with the tables named by `config` on an existing pool. Fails with
+    /// [`StoreError::Config`] when the table prefix is not a plain lower-case identifier.
     pub fn with_config(pool: SqlitePool, config: SqliteConfig) -> StoreResult<Self> {
         config.validate()?;
         let sql = Arc::new(Sql::new(&config.table_prefix));
@@ -417,10 +419,12 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5)))
     }
 
+    /// The pool the store runs on, for the caller's own transactions (`enqueue` takes one).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
 
+    /// The table prefix the store uses.
     pub fn config(&self) -> &SqliteConfig {
         &self.config
     }

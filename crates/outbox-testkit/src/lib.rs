@@ -4,6 +4,9 @@
 //! real database and expands [`conformance_tests!`] in an integration test, so PostgreSQL and
 //! SQLite (and later stores) are held to the same guarantees.
 
+// Test support for the store crates' suites, never published (publish = false).
+#![allow(missing_docs)]
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
