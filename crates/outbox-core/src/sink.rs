@@ -17,7 +17,9 @@ pub enum SinkError {
     /// when the other side said how long to wait.
     #[error("{message}")]
     Transient {
+        /// What went wrong, as the sink saw it (recorded as the message's last error).
         message: String,
+        /// How long the other side asked to wait (an HTTP `Retry-After`), if it said.
         retry_after: Option<Duration>,
     },
     /// Retrying cannot help (malformed payload, rejected by the receiver): dead at once.
