@@ -41,10 +41,11 @@ use outbox_core::{NewMessage, Refused, Store, StoreError, redact};
 use outbox_mysql::{MySqlConfig, MySqlStore};
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
-use sqlx::mysql::{MySqlConnection, MySqlPoolOptions};
-use sqlx::postgres::{PgConnection, PgPoolOptions};
+use sqlx::mysql::MySqlPoolOptions;
+use sqlx::pool::PoolOptions;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::SqlitePoolOptions;
-use sqlx::{Connection, MySql, Postgres, Sqlite, Transaction};
+use sqlx::{Connection, MySql, Pool, Postgres, Sqlite, Transaction};
 
 pub use outbox_postgres::ClaimMode;
 
@@ -373,32 +374,22 @@ impl AnyStore {
             url: format!("the {} outbox", self.backend()),
             source,
         };
-        let timeout = Duration::from_secs(10);
         Ok(match self {
             Self::Postgres(s) => {
-                let pool = PgPoolOptions::new()
-                    .max_connections(max_connections)
-                    .acquire_timeout(timeout)
-                    .connect_with((*s.pool().connect_options()).clone())
+                let pool = same_server(s.pool(), max_connections)
                     .await
                     .map_err(connect)?;
                 let separate = PgStore::with_config(pool, s.config().clone()).map_err(store)?;
                 Self::Postgres(separate.with_claim_mode(s.claim_mode()))
             }
             Self::Sqlite(s) => {
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(max_connections)
-                    .acquire_timeout(timeout)
-                    .connect_with((*s.pool().connect_options()).clone())
+                let pool = same_server(s.pool(), max_connections)
                     .await
                     .map_err(connect)?;
                 Self::Sqlite(SqliteStore::with_config(pool, s.config().clone()).map_err(store)?)
             }
             Self::MySql(s) => {
-                let pool = MySqlPoolOptions::new()
-                    .max_connections(max_connections)
-                    .acquire_timeout(timeout)
-                    .connect_with((*s.pool().connect_options()).clone())
+                let pool = same_server(s.pool(), max_connections)
                     .await
                     .map_err(connect)?;
                 Self::MySql(MySqlStore::with_config(pool, s.config().clone()).map_err(store)?)
@@ -499,16 +490,7 @@ async fn open_postgres(url: &str, opts: &OpenOptions) -> Result<AnyStore, OpenEr
     let options = PgPoolOptions::new()
         .max_connections(opts.max_connections)
         .acquire_timeout(opts.acquire_timeout);
-    let pool = if opts.lazy {
-        options
-            .connect_lazy(url)
-            .map_err(|source| invalid(url, source))?
-    } else {
-        match options.connect(url).await {
-            Err(sqlx::Error::PoolTimedOut) => return Err(unreachable::<PgConnection>(url).await),
-            connected => connected.map_err(|source| connect_error(url, source))?,
-        }
-    };
+    let pool = connect(options, url, url, opts.lazy).await?;
     let store = PgStore::with_config(pool, config).map_err(|source| OpenError::Store {
         url: redact(url),
         source,
@@ -556,19 +538,7 @@ async fn open_mysql(url: &str, opts: &OpenOptions) -> Result<AnyStore, OpenError
     let options = MySqlPoolOptions::new()
         .max_connections(opts.max_connections)
         .acquire_timeout(opts.acquire_timeout);
-    let pool = if opts.lazy {
-        options
-            .connect_lazy(&driver_url)
-            .map_err(|source| invalid(url, source))?
-    } else {
-        match options.connect(&driver_url).await {
-            Err(sqlx::Error::PoolTimedOut) => {
-                let why = unreachable::<MySqlConnection>(&driver_url).await;
-                return Err(shown_as(why, url));
-            }
-            connected => connected.map_err(|source| connect_error(url, source))?,
-        }
-    };
+    let pool = connect(options, &driver_url, url, opts.lazy).await?;
     let store = MySqlStore::with_config(pool, config).map_err(|source| OpenError::Store {
         url: redact(url),
         source,
@@ -605,21 +575,41 @@ fn connect_error(url: &str, source: sqlx::Error) -> OpenError {
     }
 }
 
-/// An [`OpenError::Unreachable`] of the URL the driver was given, shown as the caller's.
-fn shown_as(e: OpenError, url: &str) -> OpenError {
-    match e {
-        OpenError::Unreachable { reason, .. } => OpenError::Unreachable {
-            url: redact(url),
-            reason,
-        },
-        other => other,
+/// Connects a pool to `url` (as the driver knows it; errors show `shown` instead), now or,
+/// with `lazy`, when first used.
+async fn connect<DB: sqlx::Database>(
+    options: PoolOptions<DB>,
+    url: &str,
+    shown: &str,
+    lazy: bool,
+) -> Result<Pool<DB>, OpenError> {
+    if lazy {
+        return options
+            .connect_lazy(url)
+            .map_err(|source| invalid(shown, source));
     }
+    match options.connect(url).await {
+        Err(sqlx::Error::PoolTimedOut) => Err(unreachable::<DB::Connection>(url, shown).await),
+        connected => connected.map_err(|source| connect_error(shown, source)),
+    }
+}
+
+/// A pool of its own, `max_connections` large, on the server and database of `pool`.
+async fn same_server<DB: sqlx::Database>(
+    pool: &Pool<DB>,
+    max_connections: u32,
+) -> Result<Pool<DB>, sqlx::Error> {
+    PoolOptions::<DB>::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with((*pool.connect_options()).clone())
+        .await
 }
 
 /// Why a pool could not connect to `url`, from one direct connection attempt. The pool
 /// retries a refused or unreachable server until its acquire timeout and then reports only
 /// that it timed out; one attempt gives the reason (refused, unknown host, no such database).
-async fn unreachable<C: Connection>(url: &str) -> OpenError {
+async fn unreachable<C: Connection>(url: &str, shown: &str) -> OpenError {
     let direct = tokio::time::timeout(Duration::from_secs(5), C::connect(url));
     let reason = match direct.await {
         Ok(Err(e)) => e.to_string(),
@@ -630,7 +620,7 @@ async fn unreachable<C: Connection>(url: &str) -> OpenError {
         Err(_) => "no answer within 5 s".to_owned(),
     };
     OpenError::Unreachable {
-        url: redact(url),
+        url: redact(shown),
         reason,
     }
 }
