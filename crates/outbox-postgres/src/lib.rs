@@ -56,12 +56,14 @@
 //! - **Schema**: versioned migrations embedded in the binary, applied under an advisory lock,
 //!   in a configurable schema with a configurable table prefix ([`PgConfig`]).
 
+pub mod capture;
 mod inbox;
 mod migrate;
 mod ownership;
 mod sql;
 mod store;
 
+pub use capture::EnqueueMode;
 pub use inbox::PgInbox;
 pub use migrate::LATEST_VERSION;
 pub use sql::PgConfig;

@@ -18,6 +18,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::migrate::{LATEST_VERSION, migrate_to};
+use crate::capture::EnqueueMode;
 use crate::sql::{PgConfig, Sql};
 
 /// Why an enqueue failed; the caller's transaction should be rolled back.
@@ -71,6 +72,9 @@ pub(crate) async fn bounded<T>(
 pub struct PgOutbox {
     sql: Arc<Sql>,
     max_message_bytes: usize,
+    mode: EnqueueMode,
+    /// The prefix of this outbox's logical messages ([`EnqueueMode::WalMessage`]).
+    wal_prefix: Arc<str>,
 }
 
 impl PgOutbox {
@@ -81,6 +85,36 @@ impl PgOutbox {
         self
     }
 
+    /// Chooses how `enqueue` writes (default: a row; see [`EnqueueMode`]).
+    pub fn with_enqueue_mode(mut self, mode: EnqueueMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// How `enqueue` writes.
+    pub fn enqueue_mode(&self) -> EnqueueMode {
+        self.mode
+    }
+
+    /// Emits messages as transactional logical decoding messages, in the slice's order.
+    async fn emit(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        msgs: &[NewMessage],
+    ) -> Result<(), EnqueueError> {
+        outbox_core::check_batch(msgs, self.max_message_bytes)?;
+        let bodies: Vec<Vec<u8>> = msgs.iter().map(crate::capture::encode).collect();
+        sqlx::query(
+            "SELECT count(pg_logical_emit_message(true, $1, b)) \
+             FROM unnest($2::bytea[]) WITH ORDINALITY AS u(b, ord)",
+        )
+        .bind(&*self.wal_prefix)
+        .bind(bodies)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
     /// Adds one message to the outbox as part of `tx`.
     pub async fn enqueue(
         &self,
@@ -88,6 +122,12 @@ impl PgOutbox {
         msg: &NewMessage,
     ) -> Result<(), EnqueueError> {
         let span = outbox_core::trace::create_span(std::slice::from_ref(msg));
+        if self.mode == EnqueueMode::WalMessage {
+            return self
+                .emit(tx, std::slice::from_ref(msg))
+                .instrument(span)
+                .await;
+        }
         self.insert_one(tx, msg).instrument(span).await
     }
 
@@ -123,6 +163,9 @@ impl PgOutbox {
             return Ok(());
         }
         let span = outbox_core::trace::create_span(msgs);
+        if self.mode == EnqueueMode::WalMessage {
+            return self.emit(tx, msgs).instrument(span).await;
+        }
         self.insert_batch(tx, msgs).instrument(span).await
     }
 
@@ -208,6 +251,7 @@ impl PgStore {
     pub fn with_config(pool: PgPool, config: PgConfig) -> StoreResult<Self> {
         config.validate()?;
         let sql = Arc::new(Sql::new(&config));
+        let wal_prefix = crate::capture::wal_prefix(&config).into();
         let records = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(5))
@@ -224,6 +268,8 @@ impl PgStore {
             outbox: PgOutbox {
                 sql,
                 max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+                mode: EnqueueMode::default(),
+                wal_prefix,
             },
             claim_mode: ClaimMode::default(),
             query_timeout: Self::DEFAULT_QUERY_TIMEOUT,
@@ -294,6 +340,12 @@ impl PgStore {
     /// the limit; relays and brokers then never meet a message too big for them.
     pub fn with_max_message_size(mut self, bytes: usize) -> Self {
         self.outbox = self.outbox.with_max_message_size(bytes);
+        self
+    }
+
+    /// Chooses how `enqueue` writes (default: a row; see [`EnqueueMode`]).
+    pub fn with_enqueue_mode(mut self, mode: EnqueueMode) -> Self {
+        self.outbox = self.outbox.with_enqueue_mode(mode);
         self
     }
 

@@ -1,0 +1,584 @@
+//! The relay that streams an outbox from a replication slot.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use outbox_core::{
+    Delivery, Message, Relay, RelayConfig, RetryPolicy, Sink, SinkError, StoreError,
+    one_outcome_each, waves,
+};
+use outbox_postgres::PgStore;
+use outbox_postgres::capture::{WriteBack, decode};
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::CaptureError;
+
+/// How a [`WalRelay`] runs. Build it with [`CaptureConfig::default`] and the builder methods.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CaptureConfig {
+    /// The replication slot to stream from (default: the store's `{schema}_{prefix}slot`).
+    /// Relays started with the same slot share it: one streams, the others wait as standbys.
+    pub slot: Option<String>,
+    /// Most messages handed to the sink at once.
+    pub batch_size: usize,
+    /// Backoff and attempts for messages that fail (the first attempt is the streamed one;
+    /// the polling relay makes the others).
+    pub retry: RetryPolicy,
+    /// How long one batch may stay in the sink; what is still there then counts as a failed
+    /// attempt and goes to the table, so a hung destination never stalls the slot.
+    pub delivery_timeout: Duration,
+    /// How often a standby tries to take the slot over.
+    pub standby_retry: Duration,
+    /// The polling relay that delivers what was written to the table (retries, delayed
+    /// messages, keys queued behind them). Its retry policy is set to [`CaptureConfig::retry`].
+    pub relay: RelayConfig,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            slot: None,
+            batch_size: 1000,
+            retry: RetryPolicy::default(),
+            delivery_timeout: Duration::from_secs(30),
+            standby_retry: Duration::from_secs(1),
+            relay: RelayConfig::default(),
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// Sets [`CaptureConfig::slot`].
+    pub fn slot(mut self, slot: impl Into<String>) -> Self {
+        self.slot = Some(slot.into());
+        self
+    }
+    /// Sets [`CaptureConfig::batch_size`].
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+    /// Sets [`CaptureConfig::retry`].
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+    /// Sets [`CaptureConfig::delivery_timeout`].
+    pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
+        self.delivery_timeout = timeout;
+        self
+    }
+    /// Sets [`CaptureConfig::standby_retry`].
+    pub fn standby_retry(mut self, every: Duration) -> Self {
+        self.standby_retry = every;
+        self
+    }
+    /// Sets [`CaptureConfig::relay`].
+    pub fn relay(mut self, relay: RelayConfig) -> Self {
+        self.relay = relay;
+        self
+    }
+}
+
+/// Where a [`WalRelay`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CaptureState {
+    /// Setting up, or connecting.
+    Starting,
+    /// Another relay streams from the slot; this one takes over when it goes.
+    Standby,
+    /// Streaming from the slot.
+    Streaming,
+    /// The connection was lost; connecting again.
+    Reconnecting,
+    /// Returned from [`WalRelay::run`].
+    Stopped,
+}
+
+impl CaptureState {
+    /// The state as logs and metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureState::Starting => "starting",
+            CaptureState::Standby => "standby",
+            CaptureState::Streaming => "streaming",
+            CaptureState::Reconnecting => "reconnecting",
+            CaptureState::Stopped => "stopped",
+        }
+    }
+}
+
+/// Counters of a running [`WalRelay`], readable from other tasks.
+#[derive(Debug, Default)]
+pub struct CaptureStats {
+    streamed: AtomicU64,
+    delivered: AtomicU64,
+    waiting: AtomicU64,
+    retried: AtomicU64,
+    dead: AtomicU64,
+    sessions: AtomicU64,
+}
+
+/// What a [`WalRelay`] did, as [`CaptureStats::report`] reads it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CaptureReport {
+    /// Messages read from the slot (a replay counts them again).
+    pub streamed: u64,
+    /// Messages the sink took straight from the stream.
+    pub delivered: u64,
+    /// Messages written to the table unattempted: delayed, or queued behind their key.
+    pub waiting: u64,
+    /// Messages whose streamed attempt failed, written to the table for a retry.
+    pub retried: u64,
+    /// Messages that failed for good on their streamed attempt: dead letters at once.
+    pub dead: u64,
+    /// Times this relay took the slot (1 for a relay that streamed throughout).
+    pub sessions: u64,
+}
+
+impl CaptureStats {
+    /// The counts so far.
+    pub fn report(&self) -> CaptureReport {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CaptureReport {
+            streamed: get(&self.streamed),
+            delivered: get(&self.delivered),
+            waiting: get(&self.waiting),
+            retried: get(&self.retried),
+            dead: get(&self.dead),
+            sessions: get(&self.sessions),
+        }
+    }
+
+    fn add(c: &AtomicU64, n: usize) {
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Delivers an outbox from a replication slot; see the crate docs for the guarantees.
+pub struct WalRelay {
+    store: PgStore,
+    sink: Arc<dyn Sink>,
+    target: ReplicationConfig,
+    config: CaptureConfig,
+    stats: Arc<CaptureStats>,
+    state: watch::Sender<CaptureState>,
+}
+
+type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
+
+/// How a session with the slot ended.
+enum SessionEnd {
+    Shutdown,
+    Standby,
+}
+
+/// Why a session ended early; the relay connects again.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("replication: {0}")]
+    Wire(#[from] PgWireError),
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("the server ended the replication stream")]
+    Ended,
+}
+
+impl WalRelay {
+    /// A relay streaming `store`'s outbox from the server `url` names (the URL the store
+    /// connects with) to `sink`.
+    pub fn new(
+        url: &str,
+        store: PgStore,
+        sink: Arc<dyn Sink>,
+        config: CaptureConfig,
+    ) -> Result<Self, CaptureError> {
+        Ok(Self {
+            target: crate::target::from_url(url)?,
+            store,
+            sink,
+            config,
+            stats: Arc::default(),
+            state: watch::Sender::new(CaptureState::Starting),
+        })
+    }
+
+    /// Live counters, shared with the running relay.
+    pub fn stats(&self) -> Arc<CaptureStats> {
+        self.stats.clone()
+    }
+
+    /// Follows the relay's state while it runs.
+    pub fn state(&self) -> watch::Receiver<CaptureState> {
+        self.state.subscribe()
+    }
+
+    /// The slot this relay streams from.
+    pub fn slot(&self) -> String {
+        self.config
+            .slot
+            .clone()
+            .unwrap_or_else(|| self.store.default_slot())
+    }
+
+    /// Sets up the publication and slot when missing, then streams (or waits as a standby)
+    /// until `shutdown` completes. The polling relay for the table runs alongside and stops
+    /// with it. Fails only when capture cannot work at all (`wal_level`, rights, the URL).
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<CaptureReport, CaptureError> {
+        let slot = self.slot();
+        self.store
+            .setup_capture(Some(&slot))
+            .await
+            .map_err(CaptureError::Setup)?;
+        let (stop, stopped) = watch::channel(false);
+        let poller = Relay::with_config(
+            Arc::new(self.store.clone()),
+            self.sink.clone(),
+            self.config.relay.clone().retry(self.config.retry.clone()),
+        );
+        let mut until = stopped.clone();
+        let polling = tokio::spawn(poller.run(async move {
+            let _ = until.wait_for(|s| *s).await;
+        }));
+        let shutdown = pin!(shutdown);
+        let mut shutdown: Shutdown<'_> = shutdown;
+        let result = self.stream(&slot, &mut shutdown).await;
+        stop.send_replace(true);
+        if let Err(e) = polling.await {
+            warn!(error = %e, "the polling relay of the table failed");
+        }
+        self.state.send_replace(CaptureState::Stopped);
+        result.map(|()| self.stats.report())
+    }
+
+    async fn stream(&self, slot: &str, shutdown: &mut Shutdown<'_>) -> Result<(), CaptureError> {
+        loop {
+            let pause = match self.session(slot, shutdown).await {
+                Ok(SessionEnd::Shutdown) => return Ok(()),
+                Ok(SessionEnd::Standby) => {
+                    self.state.send_replace(CaptureState::Standby);
+                    self.config.standby_retry
+                }
+                Err(SessionError::Wire(e)) if e.is_auth() => {
+                    return Err(CaptureError::Replication(e.to_string()));
+                }
+                Err(e) => {
+                    warn!(error = %e, "lost the replication stream; connecting again");
+                    self.state.send_replace(CaptureState::Reconnecting);
+                    Duration::from_secs(1)
+                }
+            };
+            tokio::select! {
+                _ = shutdown.as_mut() => return Ok(()),
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    fn session_config(&self, slot: &str) -> ReplicationConfig {
+        let mut cfg = self.target.clone();
+        cfg.slot = slot.to_owned();
+        cfg.publication = self.store.publication().into();
+        cfg.with_status_interval(Duration::from_millis(200))
+            .with_application_name("outbox relay --capture wal")
+    }
+
+    async fn session(
+        &self,
+        slot: &str,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Result<SessionEnd, SessionError> {
+        let mut client = ReplicationClient::connect(self.session_config(slot)).await?;
+        let started = tokio::select! {
+            _ = shutdown.as_mut() => return Ok(SessionEnd::Shutdown),
+            s = client.wait_started() => s,
+        };
+        match started {
+            Err(PgWireError::Server(m)) if slot_in_use(&m) => return Ok(SessionEnd::Standby),
+            other => other?,
+        }
+        if self.state.send_replace(CaptureState::Streaming) != CaptureState::Streaming {
+            info!(slot, "streaming the outbox from the replication slot");
+        }
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        let mut stream = Stream::new(self.store.wal_prefix());
+        loop {
+            let event = if stream.ready.is_empty() {
+                tokio::select! {
+                    _ = shutdown.as_mut() => {
+                        let _ = client.shutdown().await;
+                        return Ok(SessionEnd::Shutdown);
+                    }
+                    e = client.recv() => e,
+                }
+            } else {
+                // More events already here join the batch; otherwise it goes now.
+                match tokio::time::timeout(Duration::ZERO, client.recv()).await {
+                    Ok(e) => e,
+                    Err(_) => {
+                        self.flush(&client, &mut stream).await?;
+                        continue;
+                    }
+                }
+            };
+            let Some(event) = event? else {
+                return Err(SessionError::Ended);
+            };
+            if let Some(lsn) = stream.take(event, &self.stats) {
+                client.update_applied_lsn(lsn);
+            }
+            if stream.ready.len() >= self.config.batch_size {
+                self.flush(&client, &mut stream).await?;
+            }
+        }
+    }
+
+    /// Settles the oldest batch of committed messages, then confirms the slot up to the last
+    /// transaction the batch finished.
+    async fn flush(
+        &self,
+        client: &ReplicationClient,
+        stream: &mut Stream,
+    ) -> Result<(), SessionError> {
+        let n = stream.ready.len().min(self.config.batch_size);
+        let batch: Vec<Captured> = stream.ready.drain(..n).collect();
+        let confirm = confirm_point(&batch, stream.ready.first());
+        self.settle(&batch).await?;
+        if let Some(lsn) = confirm {
+            client.update_applied_lsn(lsn);
+        }
+        Ok(())
+    }
+
+    /// Delivers what can go now, a key at a time in waves and stopping a key at its first
+    /// failure, and writes the rest to the table in one statement.
+    async fn settle(&self, batch: &[Captured]) -> Result<(), SessionError> {
+        let msgs: Vec<&Message> = batch.iter().map(|c| &c.message).collect();
+        let keys: Vec<String> = msgs
+            .iter()
+            .filter_map(|m| m.key.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut stopped = self.store.keys_waiting(&keys).await?;
+        let now = Utc::now();
+        let mut outcome: Vec<Option<WriteBack>> = vec![None; msgs.len()];
+        let mut direct: Vec<usize> = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            if m.available_at > now || m.key.as_ref().is_some_and(|k| stopped.contains(k)) {
+                outcome[i] = Some(WriteBack::Waiting);
+                stopped.extend(m.key.clone());
+            } else {
+                direct.push(i);
+            }
+        }
+        self.deliver(&msgs, &direct, &mut outcome, &mut stopped)
+            .await;
+        let rows: Vec<(&Message, WriteBack)> = msgs
+            .iter()
+            .zip(outcome)
+            .filter_map(|(m, o)| o.map(|w| (*m, w)))
+            .collect();
+        self.store.write_back(&rows).await?;
+        self.count(msgs.len(), &rows);
+        Ok(())
+    }
+
+    async fn deliver(
+        &self,
+        msgs: &[&Message],
+        direct: &[usize],
+        outcome: &mut [Option<WriteBack>],
+        stopped: &mut HashSet<String>,
+    ) {
+        let candidates: Vec<Message> = direct.iter().map(|&i| msgs[i].clone()).collect();
+        for wave in waves(&candidates) {
+            let (todo, held): (Vec<usize>, Vec<usize>) = wave
+                .map(|j| direct[j])
+                .partition(|&i| msgs[i].key.as_ref().is_none_or(|k| !stopped.contains(k)));
+            for i in held {
+                outcome[i] = Some(WriteBack::Waiting);
+            }
+            if todo.is_empty() {
+                continue;
+            }
+            let send: Vec<Message> = todo.iter().map(|&i| msgs[i].clone()).collect();
+            for (&i, result) in todo.iter().zip(self.publish(&send).await) {
+                let Err(error) = result else { continue };
+                stopped.extend(msgs[i].key.clone());
+                outcome[i] = Some(self.failed(&error));
+            }
+        }
+    }
+
+    async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
+        let limit = self.config.delivery_timeout;
+        match tokio::time::timeout(limit, self.sink.publish(batch)).await {
+            Ok(outcomes) => one_outcome_each(self.sink.name(), batch.len(), outcomes),
+            Err(_) => {
+                let e = SinkError::transient(format!("delivery took longer than {limit:?}"));
+                vec![Err(e); batch.len()]
+            }
+        }
+    }
+
+    /// The first attempt failed with `error`: retry later from the table, or dead at once.
+    fn failed(&self, error: &SinkError) -> WriteBack {
+        match self.config.retry.decide(1, error) {
+            Some(delay) => WriteBack::Retry {
+                at: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+                error: error.to_string(),
+            },
+            None => WriteBack::Dead {
+                error: error.to_string(),
+            },
+        }
+    }
+
+    fn count(&self, total: usize, rows: &[(&Message, WriteBack)]) {
+        let of = |f: fn(&WriteBack) -> bool| rows.iter().filter(|(_, w)| f(w)).count();
+        let s = &self.stats;
+        CaptureStats::add(&s.delivered, total - rows.len());
+        CaptureStats::add(&s.waiting, of(|w| matches!(w, WriteBack::Waiting)));
+        CaptureStats::add(&s.retried, of(|w| matches!(w, WriteBack::Retry { .. })));
+        CaptureStats::add(&s.dead, of(|w| matches!(w, WriteBack::Dead { .. })));
+    }
+}
+
+/// A committed message and the end of its transaction in the WAL.
+struct Captured {
+    message: Message,
+    end: Lsn,
+}
+
+/// What the session has read and not yet settled.
+struct Stream {
+    prefix: String,
+    /// Messages of the transaction being read, until its commit.
+    open: Vec<Message>,
+    in_transaction: bool,
+    committed_at: DateTime<Utc>,
+    /// Committed messages, in commit order.
+    ready: Vec<Captured>,
+}
+
+impl Stream {
+    fn new(prefix: String) -> Self {
+        Self {
+            prefix,
+            open: Vec::new(),
+            in_transaction: false,
+            committed_at: Utc::now(),
+            ready: Vec::new(),
+        }
+    }
+
+    /// Takes one event in; returns a position to confirm when nothing before it is unsettled.
+    fn take(&mut self, event: ReplicationEvent, stats: &CaptureStats) -> Option<Lsn> {
+        match event {
+            ReplicationEvent::Begin {
+                commit_time_micros, ..
+            } => {
+                self.in_transaction = true;
+                self.committed_at = pg_time(commit_time_micros);
+                None
+            }
+            ReplicationEvent::Message {
+                prefix,
+                content,
+                lsn,
+                transactional,
+            } if prefix == self.prefix => {
+                let at = if transactional {
+                    self.committed_at
+                } else {
+                    Utc::now()
+                };
+                match decode(&content, lsn.as_u64(), at) {
+                    Ok(m) => {
+                        stats.streamed.fetch_add(1, Ordering::Relaxed);
+                        self.open.push(m);
+                    }
+                    Err(e) => warn!(error = %e, %lsn, "skipping a logical message of this outbox"),
+                }
+                None
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.in_transaction = false;
+                let idle = self.ready.is_empty() && self.open.is_empty();
+                self.ready.extend(self.open.drain(..).map(|message| Captured {
+                    message,
+                    end: end_lsn,
+                }));
+                idle.then_some(end_lsn)
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. }
+                if self.ready.is_empty() && !self.in_transaction =>
+            {
+                Some(wal_end)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The position to confirm once `batch` is settled: the end of its last transaction, unless
+/// that transaction goes on in `next` (then the end of the one before, if any).
+fn confirm_point(batch: &[Captured], next: Option<&Captured>) -> Option<Lsn> {
+    let last = batch.last()?.end;
+    if next.is_none_or(|n| n.end != last) {
+        return Some(last);
+    }
+    batch.iter().rev().map(|c| c.end).find(|&e| e != last)
+}
+
+/// PostgreSQL's timestamps count microseconds from 2000-01-01.
+fn pg_time(micros: i64) -> DateTime<Utc> {
+    const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+    DateTime::from_timestamp_micros(PG_EPOCH_MICROS.saturating_add(micros)).unwrap_or_else(Utc::now)
+}
+
+/// Another session streams from the slot (SQLSTATE 55006, object in use).
+fn slot_in_use(message: &str) -> bool {
+    message.contains("55006") || message.contains("is active for PID")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn captured(end: u64) -> Captured {
+        let new = outbox_core::NewMessage::bytes("t", "e", "text/plain", b"x".to_vec()).unwrap();
+        Captured {
+            message: decode(&outbox_postgres::capture::encode(&new), end, Utc::now()).unwrap(),
+            end: Lsn::from_u64(end),
+        }
+    }
+
+    #[test]
+    fn a_batch_confirms_only_the_transactions_it_finished() {
+        let b = [captured(10), captured(20), captured(20)];
+        assert_eq!(confirm_point(&b, None), Some(Lsn::from_u64(20)));
+        assert_eq!(confirm_point(&b, Some(&captured(30))), Some(Lsn::from_u64(20)));
+        assert_eq!(confirm_point(&b, Some(&captured(20))), Some(Lsn::from_u64(10)));
+        assert_eq!(confirm_point(&b[1..], Some(&captured(20))), None);
+    }
+
+    #[test]
+    fn postgres_time_counts_from_2000() {
+        assert_eq!(pg_time(0).to_rfc3339(), "2000-01-01T00:00:00+00:00");
+    }
+}

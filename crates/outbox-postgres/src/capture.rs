@@ -1,0 +1,417 @@
+//! Log-based capture: what the store does for a relay that reads the outbox from the WAL.
+//!
+//! With [`EnqueueMode::WalMessage`] a writer's `enqueue` writes no row: it emits one
+//! transactional logical decoding message (`pg_logical_emit_message`) per message, which
+//! PostgreSQL decodes for a replication slot only once the transaction commits, in commit order.
+//! The message's bytes are an [envelope](encode): one line of JSON with everything but the
+//! payload, a newline, then the payload as it was given.
+//!
+//! The relay reading the slot delivers what it can straight away. What it cannot (a failure, a
+//! delay, a key that has older messages waiting in the table) it writes to the outbox table with
+//! [`PgStore::write_back`]; from there the polling relay's retries, backoff and dead letters take
+//! over, and [`PgStore::keys_waiting`] tells the streaming relay which keys must queue behind.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use outbox_core::{Bytes, Message, NewMessage, Status, StoreError, StoreResult};
+use serde::{Deserialize, Serialize};
+use sqlx::{AssertSqlSafe, Row};
+use uuid::Uuid;
+
+use crate::{PgConfig, PgStore};
+
+/// How `enqueue` writes a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum EnqueueMode {
+    /// A row in the outbox table: polled by relays, or read from the table's inserts.
+    #[default]
+    Row,
+    /// A transactional logical decoding message and no row: the cheapest write PostgreSQL has.
+    /// Only a relay reading a slot (`outbox relay --capture wal`) sees these messages; they
+    /// need `wal_level = logical` on the server.
+    WalMessage,
+}
+
+/// Everything of a message but its payload, as the first line of its logical message.
+#[derive(Serialize, Deserialize)]
+struct Envelope<'a> {
+    id: Uuid,
+    topic: Cow<'a, str>,
+    #[serde(rename = "type")]
+    message_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<Cow<'a, str>>,
+    partition: i32,
+    content_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    headers: Cow<'a, BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delay_ms: Option<u64>,
+}
+
+/// A logical message that is not an outbox envelope.
+#[derive(Debug, thiserror::Error)]
+#[error("not an outbox message: {0}")]
+pub struct BadEnvelope(String);
+
+/// The bytes `enqueue` emits for `msg` in [`EnqueueMode::WalMessage`].
+pub fn encode(msg: &NewMessage) -> Vec<u8> {
+    let envelope = Envelope {
+        id: msg.id(),
+        topic: msg.topic().into(),
+        message_type: msg.message_type().into(),
+        key: msg.key_ref().map(Into::into),
+        partition: msg.partition(),
+        content_type: msg.content_type().into(),
+        headers: msg.stored_headers(),
+        at: msg.absolute_available_at(),
+        delay_ms: msg.delay_duration().map(|d| d.as_millis() as u64),
+    };
+    // Serialising a struct of strings and numbers into memory cannot fail.
+    let mut out = serde_json::to_vec(&envelope).unwrap_or_default();
+    out.push(b'\n');
+    out.extend_from_slice(msg.payload());
+    out
+}
+
+/// The message an envelope carries, committed at `committed_at`; `position` (its place in the
+/// WAL) stands in for the row's `seq`.
+pub fn decode(
+    content: &[u8],
+    position: u64,
+    committed_at: DateTime<Utc>,
+) -> Result<Message, BadEnvelope> {
+    let split = content
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| BadEnvelope("no envelope line".into()))?;
+    let env: Envelope<'_> =
+        serde_json::from_slice(&content[..split]).map_err(|e| BadEnvelope(e.to_string()))?;
+    let delayed = env
+        .delay_ms
+        .map(|ms| committed_at + chrono::Duration::milliseconds(ms as i64));
+    let available_at = [env.at, delayed]
+        .into_iter()
+        .flatten()
+        .fold(committed_at, DateTime::max);
+    Ok(Message {
+        id: env.id,
+        seq: i64::try_from(position).unwrap_or(i64::MAX),
+        topic: env.topic.into_owned(),
+        message_type: env.message_type.into_owned(),
+        key: env.key.map(Cow::into_owned),
+        partition: env.partition,
+        payload: Bytes::copy_from_slice(&content[split + 1..]),
+        content_type: env.content_type.into_owned(),
+        headers: env.headers.into_owned(),
+        created_at: committed_at,
+        available_at,
+        attempts: 0,
+        last_error: None,
+        status: Status::Pending,
+    })
+}
+
+pub(crate) fn wal_prefix(config: &PgConfig) -> String {
+    format!("outbox:{}.{}messages", config.schema, config.table_prefix)
+}
+
+/// What becomes of a captured message written to the outbox table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteBack {
+    /// Not attempted (delayed, or behind an earlier message of its key): pending from its
+    /// `available_at`.
+    Waiting,
+    /// One failed attempt; due again at `at`.
+    Retry {
+        /// When the next attempt is due.
+        at: DateTime<Utc>,
+        /// The attempt's error, as the store keeps it.
+        error: String,
+    },
+    /// Failed for good: a dead letter at once.
+    Dead {
+        /// Why.
+        error: String,
+    },
+}
+
+/// A replication slot of this database, as `outbox status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotStatus {
+    /// The slot's name.
+    pub name: String,
+    /// Whether a relay streams from it now.
+    pub active: bool,
+    /// WAL the slot keeps that its relay has not confirmed, in bytes.
+    pub lag_bytes: i64,
+    /// The position up to which the relay confirmed, as PostgreSQL writes it (`0/16B3748`).
+    pub confirmed: Option<String>,
+}
+
+const WRITE_BACK: &str = "INSERT INTO {schema}.{p}messages \
+    (id, topic, type, key, partition, payload, content_type, headers, created_at, available_at, \
+     attempts, last_error, status, dead_at) \
+    SELECT id, topic, type, key, partition, payload, content_type, headers::jsonb, created_at, \
+      available_at, attempts, last_error, status, CASE WHEN status = 'dead' THEN now() END \
+    FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bytea[], \
+                $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::int[], \
+                $12::text[], $13::text[]) WITH ORDINALITY \
+      AS b(id, topic, type, key, partition, payload, content_type, headers, created_at, \
+           available_at, attempts, last_error, status, ord) \
+    ORDER BY ord \
+    ON CONFLICT (id) DO NOTHING";
+
+const KEYS_WAITING: &str = "SELECT DISTINCT m.key FROM {schema}.{p}messages m \
+    WHERE m.key = ANY($1) AND m.status IN ('pending', 'in_flight')";
+
+/// Advice for a server that cannot decode its WAL for a slot.
+pub const WAL_LEVEL_ADVICE: &str = "run ALTER SYSTEM SET wal_level = logical; and restart \
+    PostgreSQL (check max_replication_slots and max_wal_senders too)";
+
+impl PgStore {
+    /// The prefix of this outbox's logical messages: other outboxes and other applications
+    /// emitting messages in the same database are left alone.
+    pub fn wal_prefix(&self) -> String {
+        wal_prefix(self.config())
+    }
+
+    /// The default name of this outbox's replication slot.
+    pub fn default_slot(&self) -> String {
+        self.capture_name("slot")
+    }
+
+    /// The publication this outbox's relays read from.
+    pub fn publication(&self) -> String {
+        self.capture_name("capture")
+    }
+
+    fn capture_name(&self, what: &str) -> String {
+        let name = format!(
+            "{}_{}{what}",
+            self.config().schema,
+            self.config().table_prefix
+        );
+        if name.len() <= 63 {
+            return name;
+        }
+        let hash = format!("_{:08x}", crc32fast::hash(name.as_bytes()));
+        format!("{}{hash}", &name[..63 - hash.len()])
+    }
+
+    /// Of `keys`, those with messages waiting in the outbox table (pending or in delivery):
+    /// their captured messages must queue behind them.
+    pub async fn keys_waiting(&self, keys: &[String]) -> StoreResult<HashSet<String>> {
+        if keys.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let sql = self.config().render(KEYS_WAITING);
+        let rows: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(keys)
+            .fetch_all(self.pool())
+            .await
+            .map_err(StoreError::database)?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Writes captured messages to the outbox table in one statement, in the given order (so a
+    /// key's messages keep their order in `seq`). A message already there (a replay after a
+    /// crash) is left as it is.
+    pub async fn write_back(&self, rows: &[(&Message, WriteBack)]) -> StoreResult<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let col = |f: &dyn Fn(&Message, &WriteBack) -> Option<String>| -> Vec<Option<String>> {
+            rows.iter().map(|(m, w)| f(m, w)).collect()
+        };
+        let headers = col(&|m, _| serde_json::to_string(&m.headers).ok());
+        let available_at: Vec<DateTime<Utc>> = rows
+            .iter()
+            .map(|(m, w)| match w {
+                WriteBack::Retry { at, .. } => *at,
+                _ => m.available_at,
+            })
+            .collect();
+        let attempts: Vec<i32> = rows
+            .iter()
+            .map(|(_, w)| i32::from(!matches!(w, WriteBack::Waiting)))
+            .collect();
+        let errors = col(&|_, w| match w {
+            WriteBack::Waiting => None,
+            WriteBack::Retry { error, .. } | WriteBack::Dead { error } => {
+                Some(outbox_core::storable_error(error))
+            }
+        });
+        let status = col(&|_, w| {
+            Some(match w {
+                WriteBack::Dead { .. } => Status::Dead.as_str().into(),
+                _ => Status::Pending.as_str().into(),
+            })
+        });
+        let sql = self.config().render(WRITE_BACK);
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(rows.iter().map(|(m, _)| m.id).collect::<Vec<_>>())
+            .bind(col(&|m, _| Some(m.topic.clone())))
+            .bind(col(&|m, _| Some(m.message_type.clone())))
+            .bind(col(&|m, _| m.key.clone()))
+            .bind(rows.iter().map(|(m, _)| m.partition).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|(m, _)| m.payload.to_vec())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(col(&|m, _| Some(m.content_type.clone())))
+            .bind(headers)
+            .bind(rows.iter().map(|(m, _)| m.created_at).collect::<Vec<_>>())
+            .bind(available_at)
+            .bind(attempts)
+            .bind(errors)
+            .bind(status)
+            .execute(self.pool())
+            .await
+            .map_err(StoreError::database)?;
+        Ok(())
+    }
+
+    /// Prepares log-based capture: checks `wal_level`, creates the publication relays read
+    /// and, with `slot`, the logical replication slot (both only when missing). Fails with
+    /// what to change when the server cannot decode its WAL.
+    pub async fn setup_capture(&self, slot: Option<&str>) -> StoreResult<()> {
+        let level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+            .fetch_one(self.pool())
+            .await
+            .map_err(StoreError::database)?;
+        if level != "logical" {
+            return Err(StoreError::Config(format!(
+                "log-based capture needs wal_level = logical, and this server has {level}: \
+                 {WAL_LEVEL_ADVICE}"
+            )));
+        }
+        let publication = self.publication();
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+                .bind(&publication)
+                .fetch_one(self.pool())
+                .await
+                .map_err(StoreError::database)?;
+        if !exists {
+            // No tables: the relay reads this outbox's logical messages, which every
+            // publication carries; pgoutput only needs one to exist.
+            let create = format!("CREATE PUBLICATION {publication}");
+            if let Err(e) = sqlx::query(AssertSqlSafe(create)).execute(self.pool()).await
+                && !already_exists(&e)
+            {
+                return Err(StoreError::database(e));
+            }
+        }
+        if let Some(slot) = slot {
+            self.create_slot(slot).await?;
+        }
+        Ok(())
+    }
+
+    async fn create_slot(&self, slot: &str) -> StoreResult<()> {
+        outbox_core::check_identifier("slot", slot)?;
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+        )
+        .bind(slot)
+        .fetch_one(self.pool())
+        .await
+        .map_err(StoreError::database)?;
+        if exists {
+            return Ok(());
+        }
+        let created = sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+            .bind(slot)
+            .execute(self.pool())
+            .await;
+        match created {
+            Err(e) if !already_exists(&e) => Err(StoreError::database(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Drops a replication slot, releasing the WAL it keeps. Messages emitted since its relay
+    /// last confirmed are lost with it; refused while a relay streams from it.
+    pub async fn drop_slot(&self, slot: &str) -> StoreResult<bool> {
+        let dropped = sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1",
+        )
+        .bind(slot)
+        .execute(self.pool())
+        .await
+        .map_err(StoreError::database)?;
+        Ok(dropped.rows_affected() > 0)
+    }
+
+    /// The logical slots of this database using `pgoutput`, with their lag.
+    pub async fn slots(&self) -> StoreResult<Vec<SlotStatus>> {
+        let rows = sqlx::query(
+            "SELECT slot_name::text AS name, active, \
+               coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8 AS lag, \
+               confirmed_flush_lsn::text AS confirmed \
+             FROM pg_replication_slots \
+             WHERE slot_type = 'logical' AND plugin = 'pgoutput' AND database = current_database() \
+             ORDER BY slot_name",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(StoreError::database)?;
+        rows.iter()
+            .map(|r| {
+                Ok(SlotStatus {
+                    name: r.try_get("name")?,
+                    active: r.try_get("active")?,
+                    lag_bytes: r.try_get("lag")?,
+                    confirmed: r.try_get("confirmed")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::database)
+    }
+}
+
+fn already_exists(e: &sqlx::Error) -> bool {
+    // 42710 duplicate_object: another relay created it between our check and our create.
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "42710")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_envelope_carries_the_message_and_its_delay() {
+        let new = NewMessage::bytes("orders", "order.created", "application/json", b"{\"a\":\n1}".to_vec())
+            .expect("valid names")
+            .key("k1")
+            .header("x-tenant", "t")
+            .delay(std::time::Duration::from_secs(5));
+        let committed = Utc::now();
+        let m = decode(&encode(&new), 42, committed).expect("decodes");
+        assert_eq!(m.id, new.id());
+        assert_eq!(m.seq, 42);
+        assert_eq!((m.topic.as_str(), m.message_type.as_str()), ("orders", "order.created"));
+        assert_eq!(m.key.as_deref(), Some("k1"));
+        assert_eq!(m.partition, new.partition());
+        assert_eq!(&m.payload[..], b"{\"a\":\n1}");
+        assert_eq!(m.headers.get("x-tenant").map(String::as_str), Some("t"));
+        assert_eq!(m.created_at, committed);
+        assert_eq!(m.available_at, committed + chrono::Duration::seconds(5));
+    }
+
+    #[test]
+    fn bytes_that_are_no_envelope_are_refused() {
+        assert!(decode(b"no newline", 1, Utc::now()).is_err());
+        assert!(decode(b"{\"id\":1}\npayload", 1, Utc::now()).is_err());
+    }
+}
