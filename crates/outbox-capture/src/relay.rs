@@ -14,7 +14,9 @@ use outbox_core::{
 };
 use outbox_postgres::PgStore;
 use outbox_postgres::capture::{WriteBack, decode};
-use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use pgwire_replication::{
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
+};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -519,10 +521,11 @@ impl Stream {
             ReplicationEvent::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
                 let idle = self.ready.is_empty() && self.open.is_empty();
-                self.ready.extend(self.open.drain(..).map(|message| Captured {
-                    message,
-                    end: end_lsn,
-                }));
+                self.ready
+                    .extend(self.open.drain(..).map(|message| Captured {
+                        message,
+                        end: end_lsn,
+                    }));
                 idle.then_some(end_lsn)
             }
             ReplicationEvent::KeepAlive { wal_end, .. }
@@ -572,8 +575,14 @@ mod tests {
     fn a_batch_confirms_only_the_transactions_it_finished() {
         let b = [captured(10), captured(20), captured(20)];
         assert_eq!(confirm_point(&b, None), Some(Lsn::from_u64(20)));
-        assert_eq!(confirm_point(&b, Some(&captured(30))), Some(Lsn::from_u64(20)));
-        assert_eq!(confirm_point(&b, Some(&captured(20))), Some(Lsn::from_u64(10)));
+        assert_eq!(
+            confirm_point(&b, Some(&captured(30))),
+            Some(Lsn::from_u64(20))
+        );
+        assert_eq!(
+            confirm_point(&b, Some(&captured(20))),
+            Some(Lsn::from_u64(10))
+        );
         assert_eq!(confirm_point(&b[1..], Some(&captured(20))), None);
     }
 

@@ -68,7 +68,12 @@ mod tests {
     fn a_url_names_server_user_password_and_database() {
         let c = from_url("postgres://app:p%40ss@db.internal:6543/shop?sslmode=require").unwrap();
         assert_eq!(
-            (c.host.as_str(), c.port, c.user.as_str(), c.password.as_str()),
+            (
+                c.host.as_str(),
+                c.port,
+                c.user.as_str(),
+                c.password.as_str()
+            ),
             ("db.internal", 6543, "app", "p@ss")
         );
         assert_eq!(c.database, "shop");
@@ -78,7 +83,10 @@ mod tests {
     #[test]
     fn defaults_follow_libpq() {
         let c = from_url("postgresql://localhost").unwrap();
-        assert_eq!((c.port, c.user.as_str(), c.database.as_str()), (5432, "postgres", "postgres"));
+        assert_eq!(
+            (c.port, c.user.as_str(), c.database.as_str()),
+            (5432, "postgres", "postgres")
+        );
         assert!(!c.tls.mode.requires_tls());
     }
 

@@ -303,7 +303,9 @@ impl PgStore {
             // No tables: the relay reads this outbox's logical messages, which every
             // publication carries; pgoutput only needs one to exist.
             let create = format!("CREATE PUBLICATION {publication}");
-            if let Err(e) = sqlx::query(AssertSqlSafe(create)).execute(self.pool()).await
+            if let Err(e) = sqlx::query(AssertSqlSafe(create))
+                .execute(self.pool())
+                .await
                 && !already_exists(&e)
             {
                 return Err(StoreError::database(e));
@@ -391,16 +393,24 @@ mod tests {
 
     #[test]
     fn an_envelope_carries_the_message_and_its_delay() {
-        let new = NewMessage::bytes("orders", "order.created", "application/json", b"{\"a\":\n1}".to_vec())
-            .expect("valid names")
-            .key("k1")
-            .header("x-tenant", "t")
-            .delay(std::time::Duration::from_secs(5));
+        let new = NewMessage::bytes(
+            "orders",
+            "order.created",
+            "application/json",
+            b"{\"a\":\n1}".to_vec(),
+        )
+        .expect("valid names")
+        .key("k1")
+        .header("x-tenant", "t")
+        .delay(std::time::Duration::from_secs(5));
         let committed = Utc::now();
         let m = decode(&encode(&new), 42, committed).expect("decodes");
         assert_eq!(m.id, new.id());
         assert_eq!(m.seq, 42);
-        assert_eq!((m.topic.as_str(), m.message_type.as_str()), ("orders", "order.created"));
+        assert_eq!(
+            (m.topic.as_str(), m.message_type.as_str()),
+            ("orders", "order.created")
+        );
         assert_eq!(m.key.as_deref(), Some("k1"));
         assert_eq!(m.partition, new.partition());
         assert_eq!(&m.payload[..], b"{\"a\":\n1}");

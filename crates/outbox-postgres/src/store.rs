@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::migrate::{LATEST_VERSION, migrate_to};
 use crate::capture::EnqueueMode;
+use crate::migrate::{LATEST_VERSION, migrate_to};
 use crate::sql::{PgConfig, Sql};
 
 /// Why an enqueue failed; the caller's transaction should be rolled back.

@@ -39,11 +39,18 @@ pub struct PgCluster {
     bin: PathBuf,
     port: u16,
     watchdog: Option<Child>,
+    /// Extra `-c name=value` server settings.
+    settings: Vec<String>,
 }
 
 impl PgCluster {
     /// Creates a cluster with `initdb` in a fresh folder and starts it on a free port.
     pub fn start_new() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Like [`PgCluster::start_new`], with server settings such as `wal_level=logical`.
+    pub fn start_with(settings: &[&str]) -> anyhow::Result<Self> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new().prefix("outbox-pg-").tempdir()?;
         if as_root()? {
@@ -58,6 +65,7 @@ impl PgCluster {
             bin,
             port: free_port()?,
             watchdog: None,
+            settings: settings.iter().map(|s| format!(" -c {s}")).collect(),
         };
         cluster.watchdog = Some(cluster.spawn_watchdog()?);
         cluster.initdb()?;
@@ -78,9 +86,10 @@ impl PgCluster {
     /// connections (after crash recovery, for an immediate stop).
     pub fn start(&self) -> anyhow::Result<()> {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100 -c fsync=off{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.settings.concat()
         );
         let log = self.dir.path().join("server.log");
         self.pg_ctl(&[
