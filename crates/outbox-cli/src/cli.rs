@@ -67,7 +67,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create or upgrade the outbox schema (idempotent)
-    Migrate,
+    Migrate(MigrateArgs),
     /// Enqueue messages in one transaction, from flags or a JSON-lines file
     Enqueue(EnqueueArgs),
     /// Run the relay: claim pending messages, deliver them to a sink, retry, dead-letter
@@ -77,12 +77,47 @@ pub enum Command {
     /// List, retry and purge dead messages
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// Log-based capture (PostgreSQL): tear down the replication slot
+    #[command(subcommand)]
+    Capture(CaptureCommand),
     /// The payment system of the outbox pattern: API, worker, gateway and e-mail
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
     /// Measure the relay's drain rate on the configured database
     #[cfg(feature = "bench")]
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Also set up log-based capture: check wal_level, create the publication and the slot
+    #[arg(long, value_enum)]
+    pub capture: Option<CaptureArg>,
+    /// Replication slot to create [default: {schema}_{prefix}slot]
+    #[arg(long, env = "OUTBOX_SLOT", requires = "capture")]
+    pub slot: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaptureCommand {
+    /// Drop the replication slot: PostgreSQL stops keeping WAL for it, and messages emitted
+    /// since its relay last confirmed are lost. Refused while a relay streams from it.
+    DropSlot {
+        /// The slot [default: {schema}_{prefix}slot]
+        #[arg(long, env = "OUTBOX_SLOT")]
+        slot: Option<String>,
+    },
+}
+
+/// Where a relay reads messages from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureArg {
+    /// Claims rows from the outbox table (every database)
+    #[default]
+    Poll,
+    /// Streams committed messages from a PostgreSQL replication slot, in commit order
+    Wal,
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +157,10 @@ pub struct EnqueueArgs {
     /// Largest message accepted, in bytes of payload and headers [default: 1048576]
     #[arg(long, env = "OUTBOX_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<usize>,
+    /// Emit logical decoding messages instead of rows, for a relay run with --capture wal
+    /// (PostgreSQL with wal_level = logical)
+    #[arg(long)]
+    pub wal_message: bool,
 }
 
 #[derive(Debug, Args, Default)]
@@ -165,6 +204,15 @@ pub struct RelayArgs {
     /// [default: transaction]. SQLite always uses leases.
     #[arg(long, env = "OUTBOX_CLAIM", value_enum)]
     pub claim: Option<ClaimArg>,
+    /// Where messages come from: poll (claim rows from the table) or wal (stream the
+    /// PostgreSQL replication slot in commit order; failures are retried from the table)
+    /// [default: poll]
+    #[arg(long, env = "OUTBOX_CAPTURE", value_enum)]
+    pub capture: Option<CaptureArg>,
+    /// Replication slot of --capture wal; relays sharing it stream one at a time, the
+    /// others wait as standbys [default: {schema}_{prefix}slot]
+    #[arg(long, env = "OUTBOX_SLOT")]
+    pub slot: Option<String>,
     /// Name of this relay's leases [default: relay-PID-RANDOM]
     #[arg(long, env = "OUTBOX_RELAY_ID")]
     pub relay_id: Option<String>,

@@ -8,16 +8,20 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use outbox_admin::{Selection, ops};
+use outbox_capture::{CaptureConfig, WalRelay};
 use outbox_core::{
-    DEFAULT_MAX_MESSAGE_BYTES, DeadFilter, NewMessage, Relay, Sink, Store, StoreError,
+    DEFAULT_MAX_MESSAGE_BYTES, DeadFilter, NewMessage, Relay, RelayConfig, Sink, Store, StoreError,
 };
+use outbox_postgres::{EnqueueMode, PgStore};
 use outbox_sinks::{Breaker, Route, Router};
 use serde::Deserialize;
 use tracing::{info, warn};
 
 #[cfg(feature = "bench")]
 use crate::cli::BenchArgs;
-use crate::cli::{Cli, Command, DeadCommand, EnqueueArgs, RelayArgs};
+use crate::cli::{
+    CaptureArg, CaptureCommand, Cli, Command, DeadCommand, EnqueueArgs, MigrateArgs, RelayArgs,
+};
 use crate::config::{
     FileConfig, RouteConfig, StoreSettings, relay_settings, sink_problems, store_settings,
 };
@@ -46,11 +50,12 @@ pub async fn run(cli: Cli, telemetry: Option<&Telemetry>) -> anyhow::Result<Exit
     }
     let settings = store_settings(&cli.global, &file)?;
     match cli.command {
-        Command::Migrate => migrate(&settings).await,
+        Command::Migrate(args) => migrate(&settings, args).await,
         Command::Enqueue(args) => enqueue(&settings, &file, args).await,
         Command::Relay(args) => relay(&settings, &file, args).await,
         Command::Status(f) => status(&settings, f.json).await,
         Command::Dead(cmd) => dead(&settings, cmd).await,
+        Command::Capture(cmd) => capture(&settings, cmd).await,
         #[cfg(feature = "bench")]
         Command::Bench(args) => bench(&settings, args).await,
         #[cfg(feature = "demo")]
@@ -66,9 +71,45 @@ async fn open_migrated(settings: &StoreSettings) -> anyhow::Result<AnyStore> {
     Ok(store)
 }
 
-async fn migrate(settings: &StoreSettings) -> anyhow::Result<()> {
-    open_migrated(settings).await?;
-    eprintln!("outbox schema is up to date");
+async fn migrate(settings: &StoreSettings, args: MigrateArgs) -> anyhow::Result<()> {
+    let store = open_migrated(settings).await?;
+    if args.capture != Some(CaptureArg::Wal) {
+        eprintln!("outbox schema is up to date");
+        return Ok(());
+    }
+    let pg = postgres_only(&store, "--capture wal")?;
+    let slot = args.slot.unwrap_or_else(|| pg.default_slot());
+    pg.setup_capture(Some(&slot)).await?;
+    eprintln!(
+        "outbox schema is up to date; publication {} and replication slot {slot} are ready",
+        pg.publication()
+    );
+    Ok(())
+}
+
+/// The PostgreSQL store, or an error saying that `what` needs one.
+fn postgres_only<'a>(store: &'a AnyStore, what: &str) -> anyhow::Result<&'a PgStore> {
+    match store {
+        AnyStore::Postgres(pg) => Ok(pg),
+        other => bail!(
+            "{what} needs PostgreSQL; relays on {} poll the outbox table",
+            other.backend().name()
+        ),
+    }
+}
+
+async fn capture(settings: &StoreSettings, cmd: CaptureCommand) -> anyhow::Result<()> {
+    let store = store::open(settings, true).await?;
+    let pg = postgres_only(&store, "outbox capture")?;
+    match cmd {
+        CaptureCommand::DropSlot { slot } => {
+            let slot = slot.unwrap_or_else(|| pg.default_slot());
+            if !pg.drop_slot(&slot).await? {
+                bail!("no replication slot named {slot} in this database");
+            }
+            eprintln!("dropped replication slot {slot}");
+        }
+    }
     Ok(())
 }
 
@@ -220,18 +261,19 @@ async fn enqueue(
     let ids = match &args.file {
         Some(path) if path.as_os_str() == "-" => {
             let reader = LineReader::new(std::io::stdin().lock(), "stdin", max);
-            enqueue_lines(settings, reader).await?
+            enqueue_lines(settings, reader, args.wal_message).await?
         }
         Some(path) => {
             let f = std::fs::File::open(path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
             let source = path.display().to_string();
             let reader = LineReader::new(std::io::BufReader::new(f), &source, max);
-            enqueue_lines(settings, reader).await?
+            enqueue_lines(settings, reader, args.wal_message).await?
         }
         None => {
+            let wal = args.wal_message;
             let msg = message_from_flags(args, max)?;
-            let store = open_migrated(settings).await?;
+            let store = writer(settings, wal).await?;
             store::enqueue_stream(&store, vec![msg], || Ok(Vec::new()), max).await?
         }
     };
@@ -247,14 +289,27 @@ async fn enqueue(
 async fn enqueue_lines(
     settings: &StoreSettings,
     mut reader: LineReader<impl BufRead>,
+    wal_message: bool,
 ) -> anyhow::Result<Vec<uuid::Uuid>> {
     let first = reader.next_chunk(CHUNK)?;
     if first.is_empty() {
         bail!("{} holds no messages", reader.source);
     }
-    let store = open_migrated(settings).await?;
+    let store = writer(settings, wal_message).await?;
     let max = reader.max_message;
     store::enqueue_stream(&store, first, || reader.next_chunk(CHUNK), max).await
+}
+
+/// The store `enqueue` writes through: rows, or logical messages with `--wal-message`.
+async fn writer(settings: &StoreSettings, wal_message: bool) -> anyhow::Result<AnyStore> {
+    let store = open_migrated(settings).await?;
+    if !wal_message {
+        return Ok(store);
+    }
+    let pg = postgres_only(&store, "--wal-message")?;
+    Ok(AnyStore::Postgres(
+        pg.clone().with_enqueue_mode(EnqueueMode::WalMessage),
+    ))
 }
 
 async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> anyhow::Result<()> {
@@ -269,6 +324,9 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
         bail!("{}", problems.join("; "));
     }
     let sink = build_sink(sink_url.as_deref(), &file.routes).await?;
+    if args.capture == Some(CaptureArg::Wal) {
+        return relay_wal(settings, &args, sink, config).await;
+    }
     let claim = args.claim.or(file.claim);
     let store = store::open_relay(settings, claim, config.in_flight_batches).await?;
     let store = store.store();
@@ -294,6 +352,47 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
     if let Some(surface) = surface {
         surface.stop().await;
     }
+    info!(
+        delivered = report.delivered,
+        retried = report.retried,
+        dead = report.dead,
+        "done"
+    );
+    Ok(())
+}
+
+/// `outbox relay --capture wal`: streams the slot, with a polling relay for the table's
+/// retries alongside.
+async fn relay_wal(
+    settings: &StoreSettings,
+    args: &RelayArgs,
+    sink: Arc<dyn Sink>,
+    config: RelayConfig,
+) -> anyhow::Result<()> {
+    if args.listen.is_some() {
+        bail!("--listen is not served by a relay with --capture wal; run it without --listen");
+    }
+    if config.exit_when_idle {
+        bail!("--exit-when-idle does not apply to --capture wal: a slot has no end to drain to");
+    }
+    let store = store::open_relay(settings, args.claim, config.in_flight_batches).await?;
+    let pg = postgres_only(&store, "--capture wal")?.clone();
+    if args.no_migrate {
+        pg.check_schema().await.context(
+            "--no-migrate: the relay does not upgrade the schema; run `outbox migrate` first",
+        )?;
+    } else if !wait_for_migration(&pg).await? {
+        return Ok(());
+    }
+    let mut capture = CaptureConfig::default()
+        .batch_size(config.batch_size)
+        .retry(config.retry.clone())
+        .relay(config);
+    if let Some(slot) = &args.slot {
+        capture = capture.slot(slot.clone());
+    }
+    let relay = WalRelay::new(&settings.database_url, pg, sink, capture)?;
+    let report = relay.run(shutdown_signal()).await?;
     info!(
         delivered = report.delivered,
         retried = report.retried,
@@ -469,12 +568,27 @@ pub async fn shutdown_signal() {
 }
 
 async fn status(settings: &StoreSettings, json: bool) -> anyhow::Result<()> {
-    let store = open_migrated(settings).await?.store();
-    let s = ops::status(store.as_ref()).await?;
+    let any = open_migrated(settings).await?;
+    let s = ops::status(any.store().as_ref()).await?;
+    let slots = match &any {
+        AnyStore::Postgres(pg) => pg.slots().await?,
+        _ => Vec::new(),
+    };
     if json {
-        println!("{}", serde_json::to_string(&s)?);
+        let mut value = serde_json::to_value(&s)?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("slots".into(), serde_json::to_value(&slots)?);
+        }
+        println!("{value}");
     } else {
         print!("{}", ops::status_text(&s));
+        for slot in &slots {
+            let state = if slot.active { "streaming" } else { "no relay" };
+            println!(
+                "slot {}: {state}, {} bytes of WAL kept behind its relay",
+                slot.name, slot.lag_bytes
+            );
+        }
     }
     Ok(())
 }

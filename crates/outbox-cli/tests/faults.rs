@@ -802,3 +802,84 @@ async fn two_relays_on_a_slow_destination_never_share_a_key_across_a_database_re
     let result = run.await;
     relay_log_on_failure(&relays, &pg, result)
 }
+
+/// `outbox relay --capture wal`, two of them on one slot (one streams, one stands by), SIGKILLed
+/// eight times in the middle of the stream while writers keep emitting logical messages:
+/// nothing is lost, and every key arrives in commit order (each key's writers commit its `n`
+/// in order). A kill between the sink and the slot's confirmation replays from the last
+/// confirmed position, so duplicates are allowed; skipping ahead is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_capture_relays_sigkilled_mid_stream_lose_nothing_and_keep_commit_order() -> R {
+    const MESSAGES: usize = 10_000;
+    const KEYS: usize = 50;
+    const KILLS: usize = 8;
+    let (pg, url) = blocking(|| {
+        let pg = PgCluster::start_with(&["wal_level=logical", "max_wal_senders=10"])?;
+        pg.create_database("outbox")?;
+        let url = pg.url("outbox");
+        anyhow::Ok((pg, url))
+    })?;
+    let rx = Receiver::start().await?;
+    let mut writer = Writer::connect(&url, KEYS).await?;
+    writer.store = writer
+        .store
+        .clone()
+        .with_enqueue_mode(outbox_postgres::EnqueueMode::WalMessage);
+    let mut relays = Relays::new(
+        &url,
+        &rx.url(),
+        &["--capture", "wal", "--batch-size", "200"],
+    )?;
+    let began = Instant::now();
+    let run = async {
+        relays.start()?;
+        relays.start()?;
+        // Both relays are up (one streams, one waits) before the first message.
+        rx.wait("no relay streams", Duration::from_secs(30), |_| {
+            std::fs::read_to_string(relays.log_path(0))
+                .unwrap_or_default()
+                .contains("streaming")
+                || std::fs::read_to_string(relays.log_path(1))
+                    .unwrap_or_default()
+                    .contains("streaming")
+        })
+        .await?;
+        let mut kills = 0;
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let distinct = rx.log().distinct();
+            if distinct >= MESSAGES {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{distinct} of {MESSAGES} arrived in time"
+            );
+            relays.all_running()?;
+            if writer.written < MESSAGES && writer.written - distinct < 2_000 {
+                writer.write(500.min(MESSAGES - writer.written)).await?;
+            }
+            if kills < KILLS && distinct >= (kills + 1) * MESSAGES / (KILLS + 2) {
+                relays.kill_and_restart(kills % 2)?;
+                kills += 1;
+            }
+            let progress = rx.inner.progress.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(100), progress).await;
+        }
+        ensure!(kills == KILLS, "the stream ended after {kills} kills");
+        writer.drained(Duration::from_secs(60)).await?;
+        let v = verdict(&rx.log(), &writer.next);
+        println!(
+            "wal capture: {MESSAGES} messages on {KEYS} keys, 2 relays on one slot, {KILLS} \
+             SIGKILLs: {} delivered, {} duplicates, {} lost, {} out of order; {:?}",
+            v.distinct,
+            v.duplicates,
+            v.lost,
+            v.skipped_ahead.len(),
+            began.elapsed()
+        );
+        v.check()
+    };
+    let result = run.await;
+    relay_log_on_failure(&relays, &pg, result)
+}
