@@ -55,7 +55,9 @@
 mod relay;
 mod target;
 
-pub use relay::{CaptureConfig, CaptureReport, CaptureState, CaptureStats, WalRelay};
+pub use relay::{
+    CAPTURED, CaptureConfig, CaptureReport, CaptureState, CaptureStats, SLOT_LAG, WalRelay,
+};
 
 /// Why log-based capture cannot run.
 #[derive(Debug, thiserror::Error)]

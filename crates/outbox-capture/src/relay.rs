@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -42,6 +42,11 @@ pub struct CaptureConfig {
     /// The polling relay that delivers what was written to the table (retries, delayed
     /// messages, keys queued behind them). Its retry policy is set to [`CaptureConfig::retry`].
     pub relay: RelayConfig,
+    /// How often the slot's lag is read for the metrics and the health warning.
+    pub lag_interval: Duration,
+    /// WAL kept behind the slot's confirmed position, in bytes, above which the relay warns
+    /// (in its log and in readiness) that the slot is falling behind.
+    pub lag_warning: i64,
 }
 
 impl Default for CaptureConfig {
@@ -53,6 +58,8 @@ impl Default for CaptureConfig {
             delivery_timeout: Duration::from_secs(30),
             standby_retry: Duration::from_secs(1),
             relay: RelayConfig::default(),
+            lag_interval: Duration::from_secs(5),
+            lag_warning: 1 << 30,
         }
     }
 }
@@ -88,6 +95,16 @@ impl CaptureConfig {
         self.relay = relay;
         self
     }
+    /// Sets [`CaptureConfig::lag_interval`].
+    pub fn lag_interval(mut self, every: Duration) -> Self {
+        self.lag_interval = every.max(Duration::from_millis(10));
+        self
+    }
+    /// Sets [`CaptureConfig::lag_warning`].
+    pub fn lag_warning(mut self, bytes: i64) -> Self {
+        self.lag_warning = bytes;
+        self
+    }
 }
 
 /// Where a [`WalRelay`] is.
@@ -120,7 +137,7 @@ impl CaptureState {
 }
 
 /// Counters of a running [`WalRelay`], readable from other tasks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CaptureStats {
     streamed: AtomicU64,
     delivered: AtomicU64,
@@ -128,6 +145,22 @@ pub struct CaptureStats {
     retried: AtomicU64,
     dead: AtomicU64,
     sessions: AtomicU64,
+    /// The slot's lag at the last reading, in bytes; -1 before the first.
+    lag: AtomicI64,
+}
+
+impl Default for CaptureStats {
+    fn default() -> Self {
+        Self {
+            streamed: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+            lag: AtomicI64::new(-1),
+        }
+    }
 }
 
 /// What a [`WalRelay`] did, as [`CaptureStats::report`] reads it.
@@ -162,6 +195,12 @@ impl CaptureStats {
         }
     }
 
+    /// WAL the slot keeps behind its confirmed position, at the last reading (every
+    /// [`CaptureConfig::lag_interval`]); `None` before the first reading.
+    pub fn slot_lag_bytes(&self) -> Option<i64> {
+        Some(self.lag.load(Ordering::Relaxed)).filter(|&l| l >= 0)
+    }
+
     fn add(c: &AtomicU64, n: usize) {
         c.fetch_add(n as u64, Ordering::Relaxed);
     }
@@ -171,6 +210,7 @@ impl CaptureStats {
 pub struct WalRelay {
     store: PgStore,
     sink: Arc<dyn Sink>,
+    poller: Relay,
     target: ReplicationConfig,
     config: CaptureConfig,
     stats: Arc<CaptureStats>,
@@ -205,10 +245,16 @@ impl WalRelay {
         sink: Arc<dyn Sink>,
         config: CaptureConfig,
     ) -> Result<Self, CaptureError> {
+        let poller = Relay::with_config(
+            Arc::new(store.clone()),
+            sink.clone(),
+            config.relay.clone().retry(config.retry.clone()),
+        );
         Ok(Self {
             target: crate::target::from_url(url)?,
             store,
             sink,
+            poller,
             config,
             stats: Arc::default(),
             state: watch::Sender::new(CaptureState::Starting),
@@ -225,6 +271,32 @@ impl WalRelay {
         self.state.subscribe()
     }
 
+    /// The polling relay for the table that runs alongside: its monitor and counters are what
+    /// health checks, metrics and the admin API follow.
+    pub fn poller(&self) -> &Relay {
+        &self.poller
+    }
+
+    /// What an operator should know now (a slot falling behind, a lost stream), for
+    /// readiness bodies; empty when all is well.
+    pub fn warnings(&self) -> impl Fn() -> Vec<String> + Send + Sync + 'static {
+        let stats = self.stats.clone();
+        let state = self.state.subscribe();
+        let (slot, limit) = (self.slot(), self.config.lag_warning);
+        move || {
+            let mut out = Vec::new();
+            if let Some(lag) = stats.slot_lag_bytes().filter(|&l| l > limit) {
+                out.push(lag_warning(&slot, lag));
+            }
+            if *state.borrow() == CaptureState::Reconnecting {
+                out.push(format!(
+                    "lost the replication stream of slot {slot}; connecting again"
+                ));
+            }
+            out
+        }
+    }
+
     /// The slot this relay streams from.
     pub fn slot(&self) -> String {
         self.config
@@ -237,7 +309,7 @@ impl WalRelay {
     /// until `shutdown` completes. The polling relay for the table runs alongside and stops
     /// with it. Fails only when capture cannot work at all (`wal_level`, rights, the URL).
     pub async fn run(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<CaptureReport, CaptureError> {
         let slot = self.slot();
@@ -246,15 +318,21 @@ impl WalRelay {
             .await
             .map_err(CaptureError::Setup)?;
         let (stop, stopped) = watch::channel(false);
-        let poller = Relay::with_config(
-            Arc::new(self.store.clone()),
-            self.sink.clone(),
-            self.config.relay.clone().retry(self.config.retry.clone()),
+        let poller = std::mem::replace(
+            &mut self.poller,
+            Relay::new(Arc::new(self.store.clone()), self.sink.clone()),
         );
-        let mut until = stopped.clone();
-        let polling = tokio::spawn(poller.run(async move {
-            let _ = until.wait_for(|s| *s).await;
-        }));
+        let until = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let polling = tokio::spawn(poller.run(until(stopped.clone())));
+        let lag = tokio::spawn(watch_lag(
+            self.store.clone(),
+            slot.clone(),
+            self.stats.clone(),
+            (self.config.lag_interval, self.config.lag_warning),
+            until(stopped),
+        ));
         let shutdown = pin!(shutdown);
         let mut shutdown: Shutdown<'_> = shutdown;
         let result = self.stream(&slot, &mut shutdown).await;
@@ -262,6 +340,7 @@ impl WalRelay {
         if let Err(e) = polling.await {
             warn!(error = %e, "the polling relay of the table failed");
         }
+        let _ = lag.await;
         self.state.send_replace(CaptureState::Stopped);
         result.map(|()| self.stats.report())
     }
@@ -453,12 +532,70 @@ impl WalRelay {
     fn count(&self, total: usize, rows: &[(&Message, WriteBack)]) {
         let of = |f: fn(&WriteBack) -> bool| rows.iter().filter(|(_, w)| f(w)).count();
         let s = &self.stats;
-        CaptureStats::add(&s.delivered, total - rows.len());
-        CaptureStats::add(&s.waiting, of(|w| matches!(w, WriteBack::Waiting)));
-        CaptureStats::add(&s.retried, of(|w| matches!(w, WriteBack::Retry { .. })));
-        CaptureStats::add(&s.dead, of(|w| matches!(w, WriteBack::Dead { .. })));
+        let counts = [
+            (&s.delivered, "delivered", total - rows.len()),
+            (
+                &s.waiting,
+                "waiting",
+                of(|w| matches!(w, WriteBack::Waiting)),
+            ),
+            (
+                &s.retried,
+                "retried",
+                of(|w| matches!(w, WriteBack::Retry { .. })),
+            ),
+            (&s.dead, "dead", of(|w| matches!(w, WriteBack::Dead { .. }))),
+        ];
+        for (counter, outcome, n) in counts {
+            CaptureStats::add(counter, n);
+            metrics::counter!(CAPTURED, "outcome" => outcome).increment(n as u64);
+        }
     }
 }
+
+fn lag_warning(slot: &str, lag: i64) -> String {
+    format!(
+        "replication slot {slot} keeps {lag} bytes of WAL behind its relay's confirmed position"
+    )
+}
+
+/// Reads the slot's lag every `interval` into the stats and the `outbox_capture_slot_lag_bytes`
+/// gauge, and logs a warning each time it rises past `limit`.
+async fn watch_lag(
+    store: PgStore,
+    slot: String,
+    stats: Arc<CaptureStats>,
+    (interval, limit): (Duration, i64),
+    stop: impl Future<Output = ()>,
+) {
+    let mut stop = pin!(stop);
+    let mut warned = false;
+    loop {
+        match store.slots().await {
+            Ok(slots) => {
+                if let Some(s) = slots.iter().find(|s| s.name == slot) {
+                    stats.lag.store(s.lag_bytes, Ordering::Relaxed);
+                    metrics::gauge!(SLOT_LAG, "slot" => slot.clone()).set(s.lag_bytes as f64);
+                    if s.lag_bytes > limit && !std::mem::replace(&mut warned, true) {
+                        warn!("{}", lag_warning(&slot, s.lag_bytes));
+                    }
+                    warned &= s.lag_bytes > limit;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "reading the slot's lag failed"),
+        }
+        tokio::select! {
+            _ = stop.as_mut() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Gauge: WAL bytes a slot keeps behind its confirmed position.
+pub const SLOT_LAG: &str = "outbox_capture_slot_lag_bytes";
+/// Counter: captured messages by what became of their streamed attempt
+/// (`delivered`, `waiting`, `retried`, `dead`).
+pub const CAPTURED: &str = "outbox_capture_messages_total";
 
 /// A committed message and the end of its transaction in the WAL.
 struct Captured {

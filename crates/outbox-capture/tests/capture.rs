@@ -400,3 +400,54 @@ async fn setup_says_what_to_change_when_wal_level_is_not_logical() -> anyhow::Re
     );
     Ok(())
 }
+
+/// A relay stuck in its sink confirms nothing: the slot's lag grows, and the relay reports it
+/// in its counters, in its warnings (readiness lists them) and in the `outbox_capture` gauge.
+#[tokio::test]
+async fn a_slot_falling_behind_is_reported_with_its_lag() -> anyhow::Result<()> {
+    let db = Db::start()?;
+    let writer = db.store(EnqueueMode::WalMessage).await?;
+    let sink = Recording {
+        hang_on: Some("hang".into()),
+        ..Recording::default()
+    };
+    let store = db.store(EnqueueMode::Row).await?;
+    let relay = WalRelay::new(
+        &db.url,
+        store.clone(),
+        Arc::new(sink.clone()),
+        config()
+            .lag_interval(Duration::from_millis(50))
+            .lag_warning(1024),
+    )?;
+    let (stats, warnings) = (relay.stats(), relay.warnings());
+    assert!(
+        warnings().is_empty(),
+        "nothing to warn about before the start"
+    );
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(relay.run(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    eventually("the slot exists", WAIT, || async {
+        store.slots().await.is_ok_and(|s| s.len() == 1)
+    })
+    .await;
+    emit(&writer, &[msg("hang", "a", 1)]).await?;
+    let filler: Vec<NewMessage> = (0..50).map(|n| msg("placed", "b", n)).collect();
+    emit(&writer, &filler).await?;
+    eventually("the lag is read past the warning", WAIT, || async {
+        stats.slot_lag_bytes().is_some_and(|l| l > 1024)
+    })
+    .await;
+    let text = warnings().join("; ");
+    assert!(
+        text.contains("public_outbox_slot") && text.contains("bytes of WAL"),
+        "{text}"
+    );
+    let slots = store.slots().await?;
+    assert!(slots[0].active && slots[0].lag_bytes > 1024, "{slots:?}");
+    stop.send_replace(true);
+    task.abort();
+    Ok(())
+}

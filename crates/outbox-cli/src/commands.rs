@@ -369,9 +369,6 @@ async fn relay_wal(
     sink: Arc<dyn Sink>,
     config: RelayConfig,
 ) -> anyhow::Result<()> {
-    if args.listen.is_some() {
-        bail!("--listen is not served by a relay with --capture wal; run it without --listen");
-    }
     if config.exit_when_idle {
         bail!("--exit-when-idle does not apply to --capture wal: a slot has no end to drain to");
     }
@@ -391,8 +388,21 @@ async fn relay_wal(
     if let Some(slot) = &args.slot {
         capture = capture.slot(slot.clone());
     }
-    let relay = WalRelay::new(&settings.database_url, pg, sink, capture)?;
-    let report = relay.run(shutdown_signal()).await?;
+    let relay = WalRelay::new(&settings.database_url, pg.clone(), sink, capture)?;
+    let surface = match args.listen {
+        Some(addr) => {
+            let store: Arc<dyn Store> = Arc::new(pg);
+            let token = args.admin_token.clone();
+            let warnings = relay.warnings();
+            Some(serve_surface_with(addr, store, relay.poller(), token, warnings).await?)
+        }
+        None => None,
+    };
+    let report = relay.run(shutdown_signal()).await;
+    if let Some(surface) = surface {
+        surface.stop().await;
+    }
+    let report = report?;
     info!(
         delivered = report.delivered,
         retried = report.retried,
@@ -427,6 +437,17 @@ async fn serve_surface(
     relay: &Relay,
     admin_token: Option<String>,
 ) -> anyhow::Result<Serving> {
+    serve_surface_with(addr, store, relay, admin_token, Vec::new).await
+}
+
+/// As [`serve_surface`], with what readiness lists as warnings.
+async fn serve_surface_with(
+    addr: std::net::SocketAddr,
+    store: Arc<dyn Store>,
+    relay: &Relay,
+    admin_token: Option<String>,
+    warnings: impl Fn() -> Vec<String> + Send + Sync + 'static,
+) -> anyhow::Result<Serving> {
     outbox_admin::check_exposure(addr, admin_token.as_deref())?;
     let admin = outbox_admin::AdminState::new(store.clone())
         .with_token(admin_token)
@@ -434,6 +455,7 @@ async fn serve_surface(
     let surface = outbox_server::Surface::new()
         .store(store)
         .relay(relay.monitor())
+        .warnings(warnings)
         .with(axum::Router::new().nest_service("/admin", outbox_admin::router(admin)));
     let listener = tokio::net::TcpListener::bind(addr)
         .await

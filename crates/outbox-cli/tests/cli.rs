@@ -578,6 +578,27 @@ fn errors_are_one_readable_line_and_non_zero() {
             &[],
             "invalid value",
         ),
+        (
+            &["relay", "--sink", "null:", "--capture", "wal"],
+            &[],
+            "--capture wal needs PostgreSQL",
+        ),
+        (
+            &[
+                "enqueue",
+                "--topic",
+                "t",
+                "--type",
+                "e",
+                "--payload",
+                "1",
+                "--wal-message",
+            ],
+            &[],
+            "--wal-message needs PostgreSQL",
+        ),
+        (&["capture", "drop-slot"], &[], "needs PostgreSQL"),
+        (&["migrate", "--slot", "s"], &[], "--capture"),
     ];
     for (args, env, expected) in cases {
         let mut cmd = db.cmd(args);
@@ -700,6 +721,8 @@ fn every_command_describes_itself() {
         &["enqueue", "--help"],
         &["status", "--help"],
         &["migrate", "--help"],
+        &["capture", "--help"],
+        &["capture", "drop-slot", "--help"],
         &["bench", "--help"],
         &["demo", "--help"],
     ] {

@@ -868,6 +868,17 @@ async fn wal_capture_relays_sigkilled_mid_stream_lose_nothing_and_keep_commit_or
         }
         ensure!(kills == KILLS, "the stream ended after {kills} kills");
         writer.drained(Duration::from_secs(60)).await?;
+        let status = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["status", "--json"])
+            .env("OUTBOX_DATABASE_URL", &url)
+            .output()?;
+        let status: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+        let slot = &status["slots"][0];
+        ensure!(
+            slot["name"] == "public_outbox_slot" && slot["active"] == true,
+            "status shows the streaming slot: {status}"
+        );
+        ensure!(slot["lag_bytes"].as_i64().is_some(), "{status}");
         let v = verdict(&rx.log(), &writer.next);
         println!(
             "wal capture: {MESSAGES} messages on {KEYS} keys, 2 relays on one slot, {KILLS} \

@@ -7,7 +7,9 @@
 //!   within [`PING_TIMEOUT`] and every relay has started (its process may wait for the
 //!   database to be migrated first) and not stopped. Sinks whose circuit is open are listed
 //!   in the body, but do not fail readiness: the relay keeps their messages and retries them,
-//!   and taking the process out of service would not bring the sink back.
+//!   and taking the process out of service would not bring the sink back. Warnings
+//!   ([`Surface::warnings`](crate::Surface::warnings), such as a replication slot falling
+//!   behind) are listed the same way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,11 +26,15 @@ use crate::Problem;
 /// How long readiness waits for the database's answer.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Where readiness gets the warnings it lists without failing.
+pub(crate) type Warnings = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
 /// What the health checks look at.
 #[derive(Clone, Default)]
 pub(crate) struct Checks {
     pub store: Option<Arc<dyn Store>>,
     pub relays: Vec<RelayMonitor>,
+    pub warnings: Option<Warnings>,
 }
 
 fn relay_json(r: &RelayMonitor) -> Value {
@@ -94,6 +100,7 @@ pub(crate) async fn ready(State(checks): State<Arc<Checks>>) -> Response {
         .map(|c| c.sink.as_str())
         .collect();
     let relays: Vec<Value> = checks.relays.iter().map(relay_json).collect();
+    let warnings = checks.warnings.as_ref().map(|w| w()).unwrap_or_default();
     if problems.is_empty() {
         return Json(json!({
             "status": "ok",
@@ -101,6 +108,7 @@ pub(crate) async fn ready(State(checks): State<Arc<Checks>>) -> Response {
             "relays": relays,
             "open_circuits": open,
             "circuits": circuits,
+            "warnings": warnings,
         }))
         .into_response();
     }
@@ -113,5 +121,6 @@ pub(crate) async fn ready(State(checks): State<Arc<Checks>>) -> Response {
     .with("relays", relays)
     .with("open_circuits", json!(open))
     .with("circuits", json!(circuits))
+    .with("warnings", json!(warnings))
     .into_response()
 }

@@ -82,6 +82,7 @@ pub struct Surface {
     handle: PrometheusHandle,
     store: Option<Arc<dyn Store>>,
     relays: Vec<RelayMonitor>,
+    warnings: Option<health::Warnings>,
     extra: Router,
     backlog_interval: Duration,
 }
@@ -99,6 +100,7 @@ impl Surface {
             handle: recorder(),
             store: None,
             relays: Vec::new(),
+            warnings: None,
             extra: Router::new(),
             backlog_interval: Duration::from_secs(5),
         }
@@ -113,6 +115,13 @@ impl Surface {
     /// A relay this process runs: liveness, readiness and circuits follow it.
     pub fn relay(mut self, relay: RelayMonitor) -> Self {
         self.relays.push(relay);
+        self
+    }
+
+    /// What readiness lists under `warnings` without failing (a replication slot falling
+    /// behind, say): called on every readiness request.
+    pub fn warnings(mut self, source: impl Fn() -> Vec<String> + Send + Sync + 'static) -> Self {
+        self.warnings = Some(Arc::new(source));
         self
     }
 
@@ -136,6 +145,7 @@ impl Surface {
         let checks = Arc::new(health::Checks {
             store: self.store.clone(),
             relays: self.relays.clone(),
+            warnings: self.warnings.clone(),
         });
         let scrape = Arc::new((self.handle.clone(), self.relays.clone()));
         let own = Router::new()
