@@ -418,6 +418,7 @@ impl WalRelay {
             let Some(event) = event? else {
                 return Err(SessionError::Ended);
             };
+            tracing::trace!(?event, "replication event");
             if let Some(lsn) = stream.take(event, &self.stats) {
                 client.update_applied_lsn(lsn);
             }
@@ -437,7 +438,9 @@ impl WalRelay {
         let n = stream.ready.len().min(self.config.batch_size);
         let batch: Vec<Captured> = stream.ready.drain(..n).collect();
         let confirm = confirm_point(&batch, stream.ready.first());
+        let started = std::time::Instant::now();
         self.settle(&batch).await?;
+        tracing::debug!(messages = n, took = ?started.elapsed(), "settled a batch");
         if let Some(lsn) = confirm {
             client.update_applied_lsn(lsn);
         }

@@ -725,6 +725,7 @@ async fn bench(settings: &StoreSettings, args: BenchArgs) -> anyhow::Result<()> 
         scenarios: args.scenario,
         out: (!args.no_files).then_some(args.out),
         json: args.json,
+        database_url: settings.database_url.clone(),
     };
     let json = opts.json;
     let report = crate::bench::run(settings, opts).await?;

@@ -61,6 +61,7 @@ pub fn markdown(r: &Report) -> String {
     }
     s += &keys_rows(r);
     s += &relays_rows(r);
+    s += &capture_rows(r);
     if let Some(n) = r.order_violations {
         s += &format!("| per-key order violations seen by the sinks | {n} | | |\n");
     }
@@ -180,6 +181,48 @@ fn relays_rows(r: &Report) -> String {
             r.keys,
             fmt(Some(*rate), ""),
             bold(ratio)
+        );
+    }
+    s
+}
+
+fn capture_rows(r: &Report) -> String {
+    let mut s = String::new();
+    if r.capture_write_tx_per_s.is_some() {
+        s += &format!(
+            "| capture: business insert + enqueue as a logical message, tx/s | {} | {} alone; \
+             {} with enqueue of a row ({}); {} with a plain second row ({}) | **{}** |\n",
+            fmt(r.capture_write_tx_per_s, ""),
+            fmt(r.capture_write_alone_tx_per_s, ""),
+            fmt(r.capture_write_row_tx_per_s, ""),
+            fmt(r.capture_row_write_ratio, ""),
+            fmt(r.capture_write_raw_row_tx_per_s, ""),
+            fmt(r.capture_raw_write_ratio, ""),
+            fmt(r.capture_write_ratio, "")
+        );
+    }
+    if r.capture_drain_per_s.is_some() {
+        s += &format!(
+            "| capture: drain from the slot ({} keys), msg/s | {} | {} by polling | **{}** |\n",
+            r.keys,
+            fmt(r.capture_drain_per_s, ""),
+            fmt(r.capture_polling_drain_per_s, ""),
+            fmt(r.capture_drain_ratio, "")
+        );
+    }
+    if r.capture_latency_p50_ms.is_some() {
+        s += &format!(
+            "| capture: commit → sink at {} msg/s | p50 {} · p99 {} · max {} | | |\n",
+            r.rate,
+            fmt(r.capture_latency_p50_ms, " ms"),
+            fmt(r.capture_latency_p99_ms, " ms"),
+            fmt(r.capture_latency_max_ms, " ms")
+        );
+    }
+    if r.capture_peak_rss_mib.is_some() {
+        s += &format!(
+            "| capture: relay peak RSS | {} | | |\n",
+            fmt(r.capture_peak_rss_mib, " MiB")
         );
     }
     s

@@ -24,6 +24,15 @@ pub enum WriteMode {
     /// The business insert plus a plain INSERT into a table of the outbox's shape: the raw-SQL
     /// cost of an extra row and round trip, which no outbox can avoid.
     RawRow,
+    /// The business insert plus `enqueue` as a logical decoding message (PostgreSQL, for
+    /// log-based capture): no row at all.
+    WalMessage,
+}
+
+fn wal_writer(pg: &outbox_postgres::PgStore) -> outbox_postgres::PgOutbox {
+    pg.outbox()
+        .clone()
+        .with_enqueue_mode(outbox_postgres::EnqueueMode::WalMessage)
 }
 
 /// The store under test and the names of the tables beside it.
@@ -259,9 +268,31 @@ impl BenchDb {
                 }
             }
         }
-        if mode == WriteMode::Outbox {
-            tx.enqueue(msg).await?;
+        match (mode, tx.sql(), &self.any) {
+            (WriteMode::Outbox, _, _) => tx.enqueue(msg).await?,
+            (WriteMode::WalMessage, Tx::Postgres(t), AnyStore::Postgres(pg)) => {
+                wal_writer(pg).enqueue(t, msg).await?;
+            }
+            (WriteMode::WalMessage, _, _) => bail!("log-based capture needs PostgreSQL"),
+            _ => {}
         }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The PostgreSQL store under test, for log-based capture.
+    pub fn postgres(&self) -> anyhow::Result<&outbox_postgres::PgStore> {
+        match &self.any {
+            AnyStore::Postgres(pg) => Ok(pg),
+            _ => bail!("the capture scenario needs PostgreSQL"),
+        }
+    }
+
+    /// Emits a batch of logical messages in one transaction (the capture prefill).
+    pub async fn emit_batch(&self, msgs: &[NewMessage]) -> anyhow::Result<()> {
+        let pg = self.postgres()?;
+        let mut tx = pg.pool().begin().await?;
+        wal_writer(pg).enqueue_batch(&mut tx, msgs).await?;
         tx.commit().await?;
         Ok(())
     }

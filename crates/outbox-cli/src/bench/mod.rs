@@ -3,6 +3,7 @@
 //! raw-SQL limit measured in the same run on the same database, because only the ratio means
 //! something on a shared machine.
 
+mod capture;
 mod chart;
 mod db;
 mod rss;
@@ -35,6 +36,9 @@ pub enum Scenario {
     /// The drain without, then with the relay's HTTP surface (metrics recorded, backlog
     /// refreshed, /metrics scraped every second).
     Surface,
+    /// Log-based capture (PostgreSQL with wal_level = logical): the writer's cost of a logical
+    /// message, the drain from the slot against the polling drain, and commit-to-sink latency.
+    Capture,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +59,8 @@ pub struct Options {
     pub scenarios: Vec<Scenario>,
     pub out: Option<PathBuf>,
     pub json: bool,
+    /// The database URL, for the replication connection of the capture scenario.
+    pub database_url: String,
 }
 
 impl Options {
@@ -106,6 +112,27 @@ pub struct Report {
     pub relays_drain_per_s: BTreeMap<usize, f64>,
     /// `2/1` and `4/1`.
     pub relays_ratios: BTreeMap<String, f64>,
+    /// Log-based capture (scenario capture): writes with a logical message instead of a row,
+    /// against the business insert alone and a plain second row, in the same rounds.
+    pub capture_write_alone_tx_per_s: Option<f64>,
+    pub capture_write_row_tx_per_s: Option<f64>,
+    pub capture_write_raw_row_tx_per_s: Option<f64>,
+    pub capture_write_tx_per_s: Option<f64>,
+    /// Logical message / alone; the row enqueue / alone and the plain row / alone of the same
+    /// rounds.
+    pub capture_write_ratio: Option<f64>,
+    pub capture_row_write_ratio: Option<f64>,
+    pub capture_raw_write_ratio: Option<f64>,
+    /// The same backlog drained by polling and from the slot, one after the other.
+    pub capture_polling_drain_per_s: Option<f64>,
+    pub capture_drain_per_s: Option<f64>,
+    /// From the slot / polling.
+    pub capture_drain_ratio: Option<f64>,
+    pub capture_latency_p50_ms: Option<f64>,
+    pub capture_latency_p99_ms: Option<f64>,
+    pub capture_latency_max_ms: Option<f64>,
+    /// Peak resident memory during the drain from the slot and the latency run.
+    pub capture_peak_rss_mib: Option<f64>,
     /// The drain without the HTTP surface, then with it (scenario surface).
     pub surface_off_drain_per_s: Option<f64>,
     pub surface_on_drain_per_s: Option<f64>,

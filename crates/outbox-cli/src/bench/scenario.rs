@@ -49,6 +49,9 @@ pub async fn run_all(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Re
     if opts.runs(Scenario::Relays) {
         relays(db, opts, r).await?;
     }
+    if opts.runs(Scenario::Capture) {
+        super::capture::capture(db, opts, r).await?;
+    }
     // Last: it installs the metrics recorder, which stays for the rest of the process.
     if opts.runs(Scenario::Surface) {
         surface(db, opts, r).await?;
@@ -95,7 +98,7 @@ async fn write_overhead(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow:
     let order = [Alone, Outbox, RawRow, RawRow, Outbox, Alone];
     let phase = opts.write_duration / 2;
     let bar = progress(order.len() as u64, "write");
-    let mut totals = [(0u64, 0f64); 3];
+    let mut totals = [(0u64, 0f64); 4];
     for mode in order {
         bar.set_message(format!("{mode:?}"));
         let (n, secs) = write_phase(db, mode, opts.clients, phase).await?;
@@ -114,7 +117,7 @@ async fn write_overhead(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow:
     Ok(())
 }
 
-async fn write_phase(
+pub(super) async fn write_phase(
     db: &BenchDb,
     mode: WriteMode,
     clients: usize,
@@ -165,7 +168,7 @@ async fn drain(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<(
     Ok(())
 }
 
-async fn prefill(db: &BenchDb, opts: &Options) -> anyhow::Result<()> {
+pub(super) async fn prefill(db: &BenchDb, opts: &Options) -> anyhow::Result<()> {
     let bar = progress(opts.messages as u64, "prefill");
     for start in (0..opts.messages).step_by(1000) {
         let end = (start + 1000).min(opts.messages);
@@ -179,7 +182,7 @@ async fn prefill(db: &BenchDb, opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-type Progress = Vec<(f64, u64)>;
+pub(super) type Progress = Vec<(f64, u64)>;
 
 async fn raw_drain(db: &BenchDb, opts: &Options) -> anyhow::Result<(f64, Progress)> {
     let bar = progress(opts.messages as u64, "raw SQL");
@@ -206,7 +209,7 @@ async fn raw_drain(db: &BenchDb, opts: &Options) -> anyhow::Result<(f64, Progres
 }
 
 /// Runs a relay until the outbox is empty; returns messages per second and its progress.
-async fn relay_drain(
+pub(super) async fn relay_drain(
     db: &BenchDb,
     opts: &Options,
     sink: Arc<dyn Sink>,
@@ -391,7 +394,7 @@ fn insert_ratio(
     }
 }
 
-fn count_violations(r: &mut Report, n: u64) {
+pub(super) fn count_violations(r: &mut Report, n: u64) {
     r.order_violations = Some(r.order_violations.unwrap_or(0) + n);
 }
 
@@ -536,7 +539,7 @@ async fn follow(
 
 /// Per-key order as the sinks of one drain saw it, shared by all its relays.
 #[derive(Default)]
-struct OrderCheck {
+pub(super) struct OrderCheck {
     /// The highest seq delivered per key.
     last_seq: Mutex<HashMap<String, i64>>,
     violations: AtomicU64,
@@ -563,22 +566,22 @@ impl OrderCheck {
         self.delivered.send_modify(|n| *n += batch.len() as u64);
     }
 
-    fn delivered(&self) -> u64 {
+    pub(super) fn delivered(&self) -> u64 {
         *self.delivered.borrow()
     }
 
-    fn violations(&self) -> u64 {
+    pub(super) fn violations(&self) -> u64 {
         self.violations.load(Ordering::Relaxed)
     }
 
     /// Completes once the sinks counted `n` deliveries.
-    async fn reached(&self, n: u64) {
+    pub(super) async fn reached(&self, n: u64) {
         let _ = self.delivered.subscribe().wait_for(|c| *c >= n).await;
     }
 }
 
 /// A null sink that checks per-key order across every relay of a drain.
-struct OrderSink(Arc<OrderCheck>);
+pub(super) struct OrderSink(pub(super) Arc<OrderCheck>);
 
 #[async_trait]
 impl Sink for OrderSink {
@@ -614,7 +617,7 @@ async fn latency(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result
     Ok(())
 }
 
-fn histogram(latencies_ms: &[f64]) -> anyhow::Result<Histogram<u64>> {
+pub(super) fn histogram(latencies_ms: &[f64]) -> anyhow::Result<Histogram<u64>> {
     let mut h = Histogram::<u64>::new(3)?;
     for ms in latencies_ms {
         h.record((ms * 1000.0).round() as u64)?;
@@ -641,7 +644,7 @@ async fn latency_run(
         let stop = stop.clone();
         tokio::spawn(relay.run(async move { stop.notified().await }))
     };
-    let committed = paced_writers(db, opts, what).await;
+    let committed = paced_writers(db, opts, what, WriteMode::Outbox).await;
     let expected = committed.as_ref().map_or(0, Vec::len);
     let arrived = sink.wait_for(expected, Duration::from_secs(60)).await;
     stop.notify_one();
@@ -654,10 +657,11 @@ async fn latency_run(
 }
 
 /// `clients` writers, each at `rate / clients` transactions per second, for the duration.
-async fn paced_writers(
+pub(super) async fn paced_writers(
     db: &BenchDb,
     opts: &Options,
     what: &str,
+    mode: WriteMode,
 ) -> anyhow::Result<Vec<(Uuid, Instant)>> {
     let clients = opts.clients.max(1);
     let period = Duration::from_secs_f64(clients as f64 / f64::from(opts.rate.max(1)));
@@ -675,7 +679,7 @@ async fn paced_writers(
             while Instant::now() < until {
                 tick.tick().await;
                 let msg = message(n, 1000);
-                db.write(WriteMode::Outbox, &msg).await?;
+                db.write(mode, &msg).await?;
                 committed.push((msg.id(), Instant::now()));
                 bar.inc(1);
                 n += 1;
@@ -693,19 +697,19 @@ async fn paced_writers(
 
 /// Notes when each message reaches it.
 #[derive(Default)]
-struct ArrivalSink {
+pub(super) struct ArrivalSink {
     arrivals: Mutex<Vec<(Uuid, Instant)>>,
     count: tokio::sync::watch::Sender<usize>,
 }
 
 impl ArrivalSink {
-    async fn wait_for(&self, n: usize, timeout: Duration) -> usize {
+    pub(super) async fn wait_for(&self, n: usize, timeout: Duration) -> usize {
         let mut rx = self.count.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|c| *c >= n)).await;
         *rx.borrow()
     }
 
-    fn latencies(&self, committed: &[(Uuid, Instant)]) -> Vec<f64> {
+    pub(super) fn latencies(&self, committed: &[(Uuid, Instant)]) -> Vec<f64> {
         let arrivals = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
         let first: std::collections::HashMap<Uuid, Instant> =
             arrivals.iter().rev().map(|(id, t)| (*id, *t)).collect();
