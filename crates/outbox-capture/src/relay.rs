@@ -15,7 +15,7 @@ use outbox_core::{
 use outbox_postgres::PgStore;
 use outbox_postgres::capture::{WriteBack, decode};
 use pgwire_replication::{
-    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
+    FeedbackObserver, Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
 };
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -375,6 +375,9 @@ impl WalRelay {
         cfg.publication = self.store.publication().into();
         cfg.with_status_interval(Duration::from_millis(200))
             .with_application_name("outbox relay --capture wal")
+            // Only so that `feedback_pending_since` tells when the last position reached the
+            // server (see `close`).
+            .with_feedback_observer(FeedbackObserver::new(|_| {}))
     }
 
     async fn session(
@@ -400,7 +403,7 @@ impl WalRelay {
             let event = if stream.ready.is_empty() {
                 tokio::select! {
                     _ = shutdown.as_mut() => {
-                        let _ = client.shutdown().await;
+                        close(&mut client).await;
                         return Ok(SessionEnd::Shutdown);
                     }
                     e = client.recv() => e,
@@ -661,11 +664,17 @@ impl Stream {
             ReplicationEvent::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
                 let idle = self.ready.is_empty() && self.open.is_empty();
-                self.ready
-                    .extend(self.open.drain(..).map(|message| Captured {
+                // The commit's position is the message's place in the order a key gets: the
+                // records of overlapping transactions interleave in the WAL, their commits
+                // do not. A transaction's messages share it and keep their order.
+                let seq = i64::try_from(end_lsn.as_u64()).unwrap_or(i64::MAX);
+                self.ready.extend(self.open.drain(..).map(|mut message| {
+                    message.seq = seq;
+                    Captured {
                         message,
                         end: end_lsn,
-                    }));
+                    }
+                }));
                 idle.then_some(end_lsn)
             }
             ReplicationEvent::KeepAlive { wal_end, .. }
@@ -686,6 +695,16 @@ fn confirm_point(batch: &[Captured], next: Option<&Captured>) -> Option<Lsn> {
         return Some(last);
     }
     batch.iter().rev().map(|c| c.end).find(|&e| e != last)
+}
+
+/// Ends a session once the server has the last confirmed position (at most a second or so),
+/// so that the next relay does not replay what this one already settled.
+async fn close(client: &mut ReplicationClient) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while client.feedback_pending_since().is_some() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = client.shutdown().await;
 }
 
 /// PostgreSQL's timestamps count microseconds from 2000-01-01.

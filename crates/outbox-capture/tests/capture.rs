@@ -181,9 +181,10 @@ async fn rows(store: &PgStore, status: &str) -> anyhow::Result<i64> {
     )
 }
 
-/// Writers racing on five keys: each transaction takes the key's counter under its row lock, so
-/// the counter's order is the commit order of the key's writers. Every seventh transaction
-/// rolls back (with its counter).
+/// Writers racing on five keys. Each transaction emits its message first and only then takes
+/// the key's counter under its row lock, so messages are written to the WAL in one order and
+/// committed in another; the counter, kept with the message's id, is the commit order of the
+/// key's writers. Every seventh transaction rolls back (with its counter).
 #[tokio::test]
 async fn committed_messages_arrive_in_commit_order_and_rolled_back_ones_never() -> anyhow::Result<()>
 {
@@ -191,6 +192,7 @@ async fn committed_messages_arrive_in_commit_order_and_rolled_back_ones_never() 
     let writer = db.store(EnqueueMode::WalMessage).await?;
     sqlx::raw_sql(
         "CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL); \
+         CREATE TABLE placed (id uuid PRIMARY KEY, n int NOT NULL); \
          INSERT INTO counters SELECT 'k' || i, 0 FROM generate_series(0, 4) i",
     )
     .execute(writer.pool())
@@ -206,16 +208,19 @@ async fn committed_messages_arrive_in_commit_order_and_rolled_back_ones_never() 
             let mut committed = 0;
             for i in 0..50usize {
                 let key = format!("k{}", (i + w) % 5);
+                let kind = if i % 7 == 3 { "rolled.back" } else { "placed" };
+                let m = msg(kind, &key, w * 100 + i);
                 let mut tx = store.pool().begin().await?;
+                store.outbox().enqueue(&mut tx, &m).await?;
                 let n: i32 =
                     sqlx::query_scalar("UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n")
                         .bind(&key)
                         .fetch_one(&mut *tx)
                         .await?;
-                let kind = if i % 7 == 3 { "rolled.back" } else { "placed" };
-                store
-                    .outbox()
-                    .enqueue(&mut tx, &msg(kind, &key, n as usize))
+                sqlx::query("INSERT INTO placed VALUES ($1, $2)")
+                    .bind(m.id())
+                    .bind(n)
+                    .execute(&mut *tx)
                     .await?;
                 if kind == "placed" {
                     tx.commit().await?;
@@ -237,14 +242,34 @@ async fn committed_messages_arrive_in_commit_order_and_rolled_back_ones_never() 
     .await;
     let report = relay.stop().await?;
 
+    let order: HashMap<uuid::Uuid, i32> = sqlx::query_as("SELECT id, n FROM placed")
+        .fetch_all(writer.pool())
+        .await?
+        .into_iter()
+        .collect();
     let seen = sink.messages();
     assert_eq!(seen.len(), committed, "each committed message once");
     assert!(seen.iter().all(|m| m.message_type == "placed"));
-    for (key, ns) in per_key(&seen) {
-        let expected: Vec<usize> = (1..=ns.len()).collect();
+    let mut by_key: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    for m in &seen {
+        by_key
+            .entry(m.key.clone().unwrap_or_default())
+            .or_default()
+            .push(order[&m.id]);
+    }
+    for (key, ns) in by_key {
+        let expected: Vec<i32> = (1..=ns.len() as i32).collect();
         assert_eq!(
             ns, expected,
             "{key}: delivered in commit order, with no gap"
+        );
+    }
+    let mut last_seq: HashMap<String, i64> = HashMap::new();
+    for m in &seen {
+        let prev = last_seq.insert(m.key.clone().unwrap_or_default(), m.seq);
+        assert!(
+            prev.is_none_or(|p| p < m.seq),
+            "seq follows commit order: {prev:?} then {m:?}"
         );
     }
     assert_eq!(report.delivered as usize, committed);

@@ -79,8 +79,9 @@ pub fn encode(msg: &NewMessage) -> Vec<u8> {
     out
 }
 
-/// The message an envelope carries, committed at `committed_at`; `position` (its place in the
-/// WAL) stands in for the row's `seq`.
+/// The message an envelope carries, committed at `committed_at`, with `position` as its `seq`
+/// (a relay gives it its commit's position: records of overlapping transactions interleave in
+/// the WAL, commits do not).
 pub fn decode(
     content: &[u8],
     position: u64,
