@@ -38,6 +38,11 @@
 //!   has messages in the table, its newer messages are written behind them, in order, instead
 //!   of going out. Delayed messages take the same path. One write per batch, and only for the
 //!   messages that need it.
+//! - **A message that kills its relay goes dead.** Before a batch reaches the sink its ids are
+//!   recorded (one row per slot, replaced by each batch). The next relay on the slot replays
+//!   what a dead relay did not confirm; what it finds in that record had a delivery that never
+//!   ended, so it goes to the table with the attempt counted, where the polling relay delivers
+//!   such a message alone until it is delivered or dead. A sink that panics fails its wave.
 //! - **One relay streams at a time.** PostgreSQL lets one session stream from a slot. Relays
 //!   started with the same slot wait as standbys and try to take it over every
 //!   [`CaptureConfig::standby_retry`]: when the streaming relay dies its session ends and a

@@ -2,12 +2,14 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use outbox_core::{
     Delivery, Message, Relay, RelayConfig, RetryPolicy, Sink, SinkError, StoreError,
     one_outcome_each, waves,
@@ -210,6 +212,7 @@ impl CaptureStats {
 pub struct WalRelay {
     store: PgStore,
     sink: Arc<dyn Sink>,
+    slot: String,
     poller: Relay,
     target: ReplicationConfig,
     config: CaptureConfig,
@@ -252,6 +255,7 @@ impl WalRelay {
         );
         Ok(Self {
             target: crate::target::from_url(url)?,
+            slot: config.slot.clone().unwrap_or_else(|| store.default_slot()),
             store,
             sink,
             poller,
@@ -299,10 +303,7 @@ impl WalRelay {
 
     /// The slot this relay streams from.
     pub fn slot(&self) -> String {
-        self.config
-            .slot
-            .clone()
-            .unwrap_or_else(|| self.store.default_slot())
+        self.slot.clone()
     }
 
     /// Sets up the publication and slot when missing, then streams (or waits as a standby)
@@ -399,11 +400,16 @@ impl WalRelay {
         }
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         let mut stream = Stream::new(self.store.wal_prefix());
+        stream.unfinished = self.store.capture_unfinished(slot).await?;
         loop {
             let event = if stream.ready.is_empty() {
                 tokio::select! {
                     _ = shutdown.as_mut() => {
-                        close(&mut client).await;
+                        if close(&mut client).await
+                            && let Err(e) = self.store.capture_finished(slot).await
+                        {
+                            warn!(error = %e, "could not clear the record of the last batch");
+                        }
                         return Ok(SessionEnd::Shutdown);
                     }
                     e = client.recv() => e,
@@ -442,7 +448,7 @@ impl WalRelay {
         let batch: Vec<Captured> = stream.ready.drain(..n).collect();
         let confirm = confirm_point(&batch, stream.ready.first());
         let started = std::time::Instant::now();
-        self.settle(&batch).await?;
+        self.settle(&batch, &stream.unfinished).await?;
         tracing::debug!(messages = n, took = ?started.elapsed(), "settled a batch");
         if let Some(lsn) = confirm {
             client.update_applied_lsn(lsn);
@@ -452,7 +458,11 @@ impl WalRelay {
 
     /// Delivers what can go now, a key at a time in waves and stopping a key at its first
     /// failure, and writes the rest to the table in one statement.
-    async fn settle(&self, batch: &[Captured]) -> Result<(), SessionError> {
+    async fn settle(
+        &self,
+        batch: &[Captured],
+        unfinished: &HashSet<uuid::Uuid>,
+    ) -> Result<(), SessionError> {
         let msgs: Vec<&Message> = batch.iter().map(|c| &c.message).collect();
         let keys: Vec<String> = msgs
             .iter()
@@ -465,12 +475,19 @@ impl WalRelay {
         let mut outcome: Vec<Option<WriteBack>> = vec![None; msgs.len()];
         let mut direct: Vec<usize> = Vec::with_capacity(msgs.len());
         for (i, m) in msgs.iter().enumerate() {
-            if m.available_at > now || m.key.as_ref().is_some_and(|k| stopped.contains(k)) {
+            if unfinished.contains(&m.id) {
+                outcome[i] = Some(self.interrupted());
+                stopped.extend(m.key.clone());
+            } else if m.available_at > now || m.key.as_ref().is_some_and(|k| stopped.contains(k)) {
                 outcome[i] = Some(WriteBack::Waiting);
                 stopped.extend(m.key.clone());
             } else {
                 direct.push(i);
             }
+        }
+        if !direct.is_empty() {
+            let ids: Vec<uuid::Uuid> = direct.iter().map(|&i| msgs[i].id).collect();
+            self.store.capture_started(&self.slot, &ids).await?;
         }
         self.deliver(&msgs, &direct, &mut outcome, &mut stopped)
             .await;
@@ -511,14 +528,39 @@ impl WalRelay {
         }
     }
 
+    /// One wave through the sink, bounded by the delivery timeout. A sink that panics fails
+    /// the wave (its messages are retried from the table) and the relay goes on.
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
         let limit = self.config.delivery_timeout;
-        match tokio::time::timeout(limit, self.sink.publish(batch)).await {
-            Ok(outcomes) => one_outcome_each(self.sink.name(), batch.len(), outcomes),
-            Err(_) => {
-                let e = SinkError::transient(format!("delivery took longer than {limit:?}"));
-                vec![Err(e); batch.len()]
+        let call = AssertUnwindSafe(self.sink.publish(batch)).catch_unwind();
+        let failed = |why: String| vec![Err(SinkError::transient(why)); batch.len()];
+        match tokio::time::timeout(limit, call).await {
+            Ok(Ok(outcomes)) => one_outcome_each(self.sink.name(), batch.len(), outcomes),
+            Ok(Err(_)) => {
+                warn!(
+                    sink = self.sink.name(),
+                    "the sink panicked; its wave is retried"
+                );
+                failed(format!("sink {} panicked", self.sink.name()))
             }
+            Err(_) => failed(format!("delivery took longer than {limit:?}")),
+        }
+    }
+
+    /// A replayed message whose streamed delivery never ended: one attempt counted.
+    fn interrupted(&self) -> WriteBack {
+        let error = format!(
+            "delivery never finished: the relay streaming slot {} stopped (crash, kill) before \
+             recording an outcome",
+            self.slot
+        );
+        if self.config.retry.max_attempts <= 1 {
+            return WriteBack::Dead { error };
+        }
+        let delay = self.config.retry.backoff(1);
+        WriteBack::Interrupted {
+            at: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+            error,
         }
     }
 
@@ -548,7 +590,7 @@ impl WalRelay {
             (
                 &s.retried,
                 "retried",
-                of(|w| matches!(w, WriteBack::Retry { .. })),
+                of(|w| matches!(w, WriteBack::Retry { .. } | WriteBack::Interrupted { .. })),
             ),
             (&s.dead, "dead", of(|w| matches!(w, WriteBack::Dead { .. }))),
         ];
@@ -618,6 +660,9 @@ struct Stream {
     committed_at: DateTime<Utc>,
     /// Committed messages, in commit order.
     ready: Vec<Captured>,
+    /// The batch the previous relay on the slot had in its sink when it stopped: replayed,
+    /// these messages count the attempt that never ended instead of going out straight away.
+    unfinished: HashSet<uuid::Uuid>,
 }
 
 impl Stream {
@@ -628,6 +673,7 @@ impl Stream {
             in_transaction: false,
             committed_at: Utc::now(),
             ready: Vec::new(),
+            unfinished: HashSet::new(),
         }
     }
 
@@ -698,13 +744,15 @@ fn confirm_point(batch: &[Captured], next: Option<&Captured>) -> Option<Lsn> {
 }
 
 /// Ends a session once the server has the last confirmed position (at most a second or so),
-/// so that the next relay does not replay what this one already settled.
-async fn close(client: &mut ReplicationClient) {
+/// so that the next relay does not replay what this one already settled; true when it does.
+async fn close(client: &mut ReplicationClient) -> bool {
     let until = tokio::time::Instant::now() + Duration::from_secs(1);
     while client.feedback_pending_since().is_some() && tokio::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let confirmed = client.feedback_pending_since().is_none();
     let _ = client.shutdown().await;
+    confirmed
 }
 
 /// PostgreSQL's timestamps count microseconds from 2000-01-01.

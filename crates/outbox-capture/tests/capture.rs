@@ -84,6 +84,11 @@ impl Recording {
 #[async_trait]
 impl Sink for Recording {
     async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
+        if let Some(m) = batch.iter().find(|m| m.message_type == "panics")
+            && self.fail.lock().unwrap().remove("panics").is_some()
+        {
+            panic!("the sink choked on {}", m.id);
+        }
         if batch
             .iter()
             .any(|m| Some(&m.message_type) == self.hang_on.as_ref())
@@ -474,5 +479,27 @@ async fn a_slot_falling_behind_is_reported_with_its_lag() -> anyhow::Result<()> 
     assert!(slots[0].active && slots[0].lag_bytes > 1024, "{slots:?}");
     stop.send_replace(true);
     task.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_sink_that_panics_fails_its_wave_and_the_relay_goes_on() -> anyhow::Result<()> {
+    let db = Db::start()?;
+    let writer = db.store(EnqueueMode::WalMessage).await?;
+    let sink = Recording::failing("panics", 1);
+    let mut relay = run(&db, sink.clone()).await?;
+    relay.reaches(CaptureState::Streaming).await?;
+    emit(&writer, &[msg("panics", "a", 1), msg("placed", "b", 1)]).await?;
+    emit(&writer, &[msg("placed", "a", 2)]).await?;
+    eventually("all three delivered", WAIT, || async { sink.count() >= 3 }).await;
+    let report = relay.stop().await?;
+    let by_key = per_key(&sink.messages());
+    assert_eq!(
+        by_key["a"],
+        vec![1, 2],
+        "the key waited behind the retried wave"
+    );
+    assert_eq!(by_key["b"], vec![1]);
+    assert!(report.retried >= 1, "{report:?}");
     Ok(())
 }

@@ -22,20 +22,26 @@ fn pg_url() -> String {
 struct Db {
     schema: String,
     dir: tempfile::TempDir,
+    url: String,
 }
 
 impl Db {
     fn postgres() -> Self {
+        Self::at(pg_url())
+    }
+
+    fn at(url: String) -> Self {
         Self {
             schema: format!("cli_{}", uuid::Uuid::now_v7().simple()),
             dir: tempfile::tempdir().unwrap(),
+            url,
         }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_outbox"));
         c.args(args)
-            .env("OUTBOX_DATABASE_URL", pg_url())
+            .env("OUTBOX_DATABASE_URL", &self.url)
             .env("OUTBOX_SCHEMA", &self.schema)
             .env("OUTBOX_LOG", "warn")
             .env_remove("OUTBOX_SINK")
@@ -63,7 +69,7 @@ impl Drop for Db {
     fn drop(&mut self) {
         let _ = Command::new("psql")
             .args([
-                &pg_url(),
+                &self.url,
                 "-qc",
                 &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
             ])
@@ -297,5 +303,140 @@ fn a_message_that_kills_the_relay_goes_dead_and_the_others_get_through() {
         (status["pending"].as_i64(), status["in_flight"].as_i64()),
         (Some(0), Some(0)),
         "innocent messages left undelivered: {status}"
+    );
+}
+
+/// The same poison with `--capture wal`: writers emit logical messages, the relay streams them
+/// from a slot. A relay killed in the sink replays the poison's batch from the slot; the record
+/// of the batch it had started tells the next relay that this delivery never ended, so the
+/// batch goes to the table with its attempt counted, where the polling relay delivers the
+/// poison alone until it is dead, and the innocent messages get through.
+#[test]
+fn with_wal_capture_a_message_that_kills_the_relay_goes_dead_and_the_others_get_through() {
+    const MAX_ATTEMPTS: usize = 3;
+    const MAX_RESTARTS: usize = 15;
+    const INNOCENT: usize = 30;
+
+    let cluster = outbox_testkit::cluster::PgCluster::start_with(&[
+        "wal_level=logical",
+        "max_wal_senders=10",
+    ])
+    .unwrap();
+    cluster.create_database("outbox").unwrap();
+    let db = Db::at(cluster.url("outbox"));
+    db.ok(&["migrate", "--capture", "wal"]);
+    let file = db.dir.path().join("in.jsonl");
+    let lines: String = (0..=INNOCENT)
+        .map(|n| {
+            let poison = n == INNOCENT / 2;
+            format!("{{\"topic\":\"orders\",\"type\":\"order.created\",\"payload\":{{\"n\":{n},\"poison\":{poison}}}}}\n")
+        })
+        .collect();
+    std::fs::write(&file, lines).unwrap();
+    let mut ids: Vec<String> = db
+        .ok(&["enqueue", "--wal-message", "--file", file.to_str().unwrap()])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(ids.len(), INNOCENT + 1);
+    let poison = ids.remove(INNOCENT / 2);
+
+    let relay: Relay = Arc::default();
+    let hook = Webhook::start(poison.clone(), relay.clone());
+    let max_attempts = MAX_ATTEMPTS.to_string();
+    let args = [
+        "relay",
+        "--capture",
+        "wal",
+        "--sink",
+        &hook.url,
+        "--max-attempts",
+        &max_attempts,
+        "--retry-base",
+        "0",
+        "--poll-interval",
+        "100ms",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let reaper = Reaper(relay.clone());
+    let received =
+        || -> HashSet<String> { hook.received.lock().unwrap().iter().cloned().collect() };
+    let poison_dead = || {
+        db.json(&["dead", "list", "--json"])
+            .as_array()
+            .is_some_and(|d| d.iter().any(|m| m["id"] == poison.as_str()))
+    };
+    let mut deaths = 0;
+    'runs: for run in 0.. {
+        let log_path = db.dir.path().join(format!("relay-{run}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = db
+            .cmd(&args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pid = child.id().to_string();
+        *relay.lock().unwrap() = Some(child);
+        loop {
+            if let Some(status) = exited(&relay) {
+                assert_eq!(
+                    status.signal(),
+                    Some(9),
+                    "the relay ended by itself ({status}): {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+                deaths += 1;
+                if deaths > MAX_RESTARTS {
+                    break 'runs;
+                }
+                continue 'runs;
+            }
+            let got = received();
+            if ids.iter().all(|id| got.contains(id)) && poison_dead() {
+                let term = Command::new("kill").args(["-TERM", &pid]).status();
+                assert!(term.unwrap().success());
+                while exited(&relay).is_none() {
+                    assert!(Instant::now() < deadline, "the relay ignored SIGTERM");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                break 'runs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not done within 120s ({deaths} relay deaths, {} of {INNOCENT} innocent received)",
+                got.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    drop(reaper);
+    let status = db.json(&["status", "--json"]);
+    assert!(
+        poison_dead(),
+        "the poison is not dead after {deaths} relay deaths ({MAX_RESTARTS} restarts at most): \
+         the webhook got it {} times; status {status}",
+        hook.poison_hits.load(Ordering::SeqCst)
+    );
+    let dead = db.json(&["dead", "list", "--json"]);
+    assert_eq!(
+        dead.as_array().map(Vec::len),
+        Some(1),
+        "only the poison is dead: {dead}"
+    );
+    assert!(
+        deaths <= MAX_ATTEMPTS + 2,
+        "the poison killed the relay {deaths} times before it went dead (max attempts {MAX_ATTEMPTS})"
+    );
+    let got = received();
+    let missing: Vec<&String> = ids.iter().filter(|id| !got.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "innocent messages never reached the webhook: {missing:?}"
+    );
+    assert_eq!(
+        status["pending"].as_i64(),
+        Some(0),
+        "left undelivered: {status}"
     );
 }

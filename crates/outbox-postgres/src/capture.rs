@@ -128,6 +128,15 @@ pub enum WriteBack {
     /// Not attempted (delayed, or behind an earlier message of its key): pending from its
     /// `available_at`.
     Waiting,
+    /// Its streamed delivery never ended (the relay died in the sink): one attempt counted,
+    /// due again at `at`, and delivered alone next time, as the polling relay does with any
+    /// delivery that never ended.
+    Interrupted {
+        /// When the next attempt is due.
+        at: DateTime<Utc>,
+        /// What happened, as the store keeps it.
+        error: String,
+    },
     /// One failed attempt; due again at `at`.
     Retry {
         /// When the next attempt is due.
@@ -157,14 +166,15 @@ pub struct SlotStatus {
 
 const WRITE_BACK: &str = "INSERT INTO {schema}.{p}messages \
     (id, topic, type, key, partition, payload, content_type, headers, created_at, available_at, \
-     attempts, last_error, status, dead_at) \
+     attempts, last_error, status, dead_at, interrupted) \
     SELECT id, topic, type, key, partition, payload, content_type, headers::jsonb, created_at, \
-      available_at, attempts, last_error, status, CASE WHEN status = 'dead' THEN now() END \
+      available_at, attempts, last_error, status, CASE WHEN status = 'dead' THEN now() END, \
+      interrupted \
     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bytea[], \
                 $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::int[], \
-                $12::text[], $13::text[]) WITH ORDINALITY \
+                $12::text[], $13::text[], $14::bool[]) WITH ORDINALITY \
       AS b(id, topic, type, key, partition, payload, content_type, headers, created_at, \
-           available_at, attempts, last_error, status, ord) \
+           available_at, attempts, last_error, status, interrupted, ord) \
     ORDER BY ord \
     ON CONFLICT (id) DO NOTHING";
 
@@ -234,7 +244,7 @@ impl PgStore {
         let available_at: Vec<DateTime<Utc>> = rows
             .iter()
             .map(|(m, w)| match w {
-                WriteBack::Retry { at, .. } => *at,
+                WriteBack::Retry { at, .. } | WriteBack::Interrupted { at, .. } => *at,
                 _ => m.available_at,
             })
             .collect();
@@ -244,9 +254,9 @@ impl PgStore {
             .collect();
         let errors = col(&|_, w| match w {
             WriteBack::Waiting => None,
-            WriteBack::Retry { error, .. } | WriteBack::Dead { error } => {
-                Some(outbox_core::storable_error(error))
-            }
+            WriteBack::Retry { error, .. }
+            | WriteBack::Interrupted { error, .. }
+            | WriteBack::Dead { error } => Some(outbox_core::storable_error(error)),
         });
         let status = col(&|_, w| {
             Some(match w {
@@ -273,10 +283,60 @@ impl PgStore {
             .bind(attempts)
             .bind(errors)
             .bind(status)
+            .bind(
+                rows.iter()
+                    .map(|(_, w)| matches!(w, WriteBack::Interrupted { .. }))
+                    .collect::<Vec<_>>(),
+            )
             .execute(self.pool())
             .await
             .map_err(StoreError::database)?;
         Ok(())
+    }
+
+    /// Records the batch a relay streaming from `slot` hands to its sink now, replacing the
+    /// previous one. Written without waiting for the WAL flush: it matters when the relay dies,
+    /// not the database.
+    pub async fn capture_started(&self, slot: &str, ids: &[Uuid]) -> StoreResult<()> {
+        let sql = self.config().render(
+            "INSERT INTO {schema}.{p}capture_inflight (slot, ids) VALUES ($1, $2) \
+             ON CONFLICT (slot) DO UPDATE SET ids = excluded.ids, started_at = now()",
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(slot)
+            .bind(ids)
+            .execute(self.records_pool())
+            .await
+            .map_err(StoreError::database)?;
+        Ok(())
+    }
+
+    /// Forgets the batch of a relay that stopped cleanly, every outcome recorded and its last
+    /// position confirmed.
+    pub async fn capture_finished(&self, slot: &str) -> StoreResult<()> {
+        let sql = self
+            .config()
+            .render("DELETE FROM {schema}.{p}capture_inflight WHERE slot = $1");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(slot)
+            .execute(self.pool())
+            .await
+            .map_err(StoreError::database)?;
+        Ok(())
+    }
+
+    /// The batch the last relay on `slot` handed to its sink: whatever of it the slot replays
+    /// had a delivery that may never have ended.
+    pub async fn capture_unfinished(&self, slot: &str) -> StoreResult<HashSet<Uuid>> {
+        let sql = self
+            .config()
+            .render("SELECT ids FROM {schema}.{p}capture_inflight WHERE slot = $1");
+        let ids: Option<Vec<Uuid>> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(slot)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(StoreError::database)?;
+        Ok(ids.unwrap_or_default().into_iter().collect())
     }
 
     /// Prepares log-based capture: checks `wal_level`, creates the publication relays read
@@ -319,7 +379,7 @@ impl PgStore {
     }
 
     async fn create_slot(&self, slot: &str) -> StoreResult<()> {
-        outbox_core::check_identifier("slot", slot)?;
+        check_slot(slot)?;
         let exists: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
         )
@@ -381,6 +441,20 @@ impl PgStore {
     }
 }
 
+/// PostgreSQL's rule for slot names: lower-case letters, digits and underscores, 63 at most.
+fn check_slot(slot: &str) -> StoreResult<()> {
+    let valid = (1..=63).contains(&slot.len())
+        && slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        return Ok(());
+    }
+    Err(StoreError::Config(format!(
+        "slot {slot:?} must be 1 to 63 lower-case letters, digits or underscores"
+    )))
+}
+
 fn already_exists(e: &sqlx::Error) -> bool {
     // 42710 duplicate_object: another relay created it between our check and our create.
     e.as_database_error()
@@ -418,6 +492,15 @@ mod tests {
         assert_eq!(m.headers.get("x-tenant").map(String::as_str), Some("t"));
         assert_eq!(m.created_at, committed);
         assert_eq!(m.available_at, committed + chrono::Duration::seconds(5));
+    }
+
+    #[test]
+    fn slot_names_follow_postgresql() {
+        assert!(check_slot("public_outbox_slot").is_ok());
+        assert!(check_slot(&"a".repeat(63)).is_ok());
+        for bad in ["", "Upper", "dash-ed", &"a".repeat(64)] {
+            assert!(check_slot(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

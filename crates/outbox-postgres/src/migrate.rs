@@ -75,6 +75,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "claims of keyed heads skip the per-head probe when nothing is rescheduled",
         sql: include_str!("../migrations/0012_claim_less_per_head.sql"),
     },
+    Migration {
+        version: 13,
+        description: "log-based capture: the batch a streaming relay has in its sink",
+        sql: include_str!("../migrations/0013_capture_inflight.sql"),
+    },
 ];
 
 /// The version the schema is at, without creating anything: 0 when there is none.

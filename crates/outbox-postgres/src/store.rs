@@ -368,6 +368,11 @@ impl PgStore {
         &self.outbox.sql
     }
 
+    /// Connections that commit without waiting for the WAL flush (delivery records).
+    pub(crate) fn records_pool(&self) -> &PgPool {
+        &self.records
+    }
+
     /// The advisory-lock namespace of this outbox's `what` (deliveries, members, partitions):
     /// two outboxes in one database never share a lock.
     pub(crate) fn lock_ns(&self, what: &str) -> i32 {
