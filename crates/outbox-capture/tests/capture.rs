@@ -503,3 +503,34 @@ async fn a_sink_that_panics_fails_its_wave_and_the_relay_goes_on() -> anyhow::Re
     assert!(report.retried >= 1, "{report:?}");
     Ok(())
 }
+
+/// A delayed message cannot go out from the stream: it waits in the table until it is due, and
+/// its key's newer messages wait behind it.
+#[tokio::test]
+async fn a_delayed_message_waits_in_the_table_with_its_key_behind_it() -> anyhow::Result<()> {
+    let db = Db::start()?;
+    let writer = db.store(EnqueueMode::WalMessage).await?;
+    let sink = Recording::default();
+    let mut relay = run(&db, sink.clone()).await?;
+    relay.reaches(CaptureState::Streaming).await?;
+    let delayed = msg("placed", "a", 1).delay(Duration::from_millis(500));
+    emit(&writer, &[delayed, msg("placed", "b", 1)]).await?;
+    emit(&writer, &[msg("placed", "a", 2)]).await?;
+    eventually("b delivered", WAIT, || async { sink.count() >= 1 }).await;
+    let early = sink.messages();
+    assert!(
+        early.iter().all(|m| m.key.as_deref() != Some("a")),
+        "nothing of a before its delay: {early:?}"
+    );
+    eventually("a delivered after its delay", WAIT, || async {
+        sink.count() >= 3
+    })
+    .await;
+    let report = relay.stop().await?;
+    let delivered = sink.messages();
+    let a: Vec<&Message> = delivered.iter().filter(|m| m.key.as_deref() == Some("a")).collect();
+    assert_eq!(a.iter().map(|m| n_of(m)).collect::<Vec<_>>(), vec![1, 2]);
+    assert!(a[0].available_at >= a[0].created_at + chrono::Duration::milliseconds(500));
+    assert_eq!(report.waiting, 2, "{report:?}");
+    Ok(())
+}
