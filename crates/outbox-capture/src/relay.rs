@@ -429,6 +429,7 @@ impl WalRelay {
             };
             tracing::trace!(?event, "replication event");
             if let Some(lsn) = stream.take(event, &self.stats) {
+                tracing::debug!(%lsn, "confirmed while idle");
                 client.update_applied_lsn(lsn);
             }
             if stream.ready.len() >= self.config.batch_size {
@@ -451,6 +452,7 @@ impl WalRelay {
         self.settle(&batch, &stream.unfinished).await?;
         tracing::debug!(messages = n, took = ?started.elapsed(), "settled a batch");
         if let Some(lsn) = confirm {
+            tracing::debug!(%lsn, "confirmed a settled batch");
             client.update_applied_lsn(lsn);
         }
         Ok(())

@@ -528,7 +528,10 @@ async fn a_delayed_message_waits_in_the_table_with_its_key_behind_it() -> anyhow
     .await;
     let report = relay.stop().await?;
     let delivered = sink.messages();
-    let a: Vec<&Message> = delivered.iter().filter(|m| m.key.as_deref() == Some("a")).collect();
+    let a: Vec<&Message> = delivered
+        .iter()
+        .filter(|m| m.key.as_deref() == Some("a"))
+        .collect();
     assert_eq!(a.iter().map(|m| n_of(m)).collect::<Vec<_>>(), vec![1, 2]);
     assert!(a[0].available_at >= a[0].created_at + chrono::Duration::milliseconds(500));
     assert_eq!(report.waiting, 2, "{report:?}");

@@ -456,10 +456,11 @@ fn check_slot(slot: &str) -> StoreResult<()> {
 }
 
 fn already_exists(e: &sqlx::Error) -> bool {
-    // 42710 duplicate_object: another relay created it between our check and our create.
+    // Another relay created it between our check and our create: 42710 duplicate_object, or
+    // 23505 from the catalog's unique index when both creates ran at once.
     e.as_database_error()
         .and_then(|d| d.code())
-        .is_some_and(|c| c == "42710")
+        .is_some_and(|c| c == "42710" || c == "23505")
 }
 
 #[cfg(test)]
