@@ -445,6 +445,13 @@ impl WalRelay {
         client: &ReplicationClient,
         stream: &mut Stream,
     ) -> Result<(), SessionError> {
+        // Events already read stay in the client's buffer after its connection is gone, and
+        // then the slot is free: another relay may be replaying the same messages from the
+        // confirmed position. Delivering them here as well would put a key's messages in
+        // delivery twice and out of order, so a lost stream ends the session first.
+        if !client.is_running() {
+            return Err(SessionError::Ended);
+        }
         let n = stream.ready.len().min(self.config.batch_size);
         let batch: Vec<Captured> = stream.ready.drain(..n).collect();
         let confirm = confirm_point(&batch, stream.ready.first());

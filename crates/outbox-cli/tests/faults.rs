@@ -425,7 +425,11 @@ impl Relays {
             .args(["relay", "--sink", &self.sink])
             .args(&self.args)
             .env("OUTBOX_DATABASE_URL", &self.database_url)
-            .env("OUTBOX_LOG", "info")
+            // OUTBOX_TEST_RELAY_LOG=debug,… shows more of the relays' logs on a failure.
+            .env(
+                "OUTBOX_LOG",
+                std::env::var("OUTBOX_TEST_RELAY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("OUTBOX_SCHEMA")
             .env_remove("OUTBOX_SINK")
             .env_remove("OUTBOX_WEBHOOK_SECRET")
@@ -804,12 +808,14 @@ async fn two_relays_on_a_slow_destination_never_share_a_key_across_a_database_re
 }
 
 /// `outbox relay --capture wal`, two of them on one slot (one streams, one stands by), SIGKILLed
-/// eight times in the middle of the stream while writers keep emitting logical messages:
+/// eight times in the middle of the stream, and PostgreSQL crashed and restarted half-way,
+/// while writers keep emitting logical messages:
 /// nothing is lost, and every key arrives in commit order (each key's writers commit its `n`
 /// in order). A kill between the sink and the slot's confirmation replays from the last
 /// confirmed position, so duplicates are allowed; skipping ahead is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wal_capture_relays_sigkilled_mid_stream_lose_nothing_and_keep_commit_order() -> R {
+async fn wal_capture_relays_sigkilled_and_a_database_crash_lose_nothing_and_keep_commit_order() -> R
+{
     const MESSAGES: usize = 10_000;
     const KEYS: usize = 50;
     const KILLS: usize = 8;
@@ -844,7 +850,7 @@ async fn wal_capture_relays_sigkilled_mid_stream_lose_nothing_and_keep_commit_or
                     .contains("streaming")
         })
         .await?;
-        let mut kills = 0;
+        let (mut kills, mut restarted) = (0, false);
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             let distinct = rx.log().distinct();
@@ -862,11 +868,20 @@ async fn wal_capture_relays_sigkilled_mid_stream_lose_nothing_and_keep_commit_or
             if kills < KILLS && distinct >= (kills + 1) * MESSAGES / (KILLS + 2) {
                 relays.kill_and_restart(kills % 2)?;
                 kills += 1;
+                if kills == KILLS / 2 {
+                    // Every session ends, the streaming one's with it: the relays connect
+                    // again and replay from the confirmed position.
+                    blocking(|| pg.restart(StopMode::Immediate))?;
+                    restarted = true;
+                }
             }
             let progress = rx.inner.progress.notified();
             let _ = tokio::time::timeout(Duration::from_millis(100), progress).await;
         }
-        ensure!(kills == KILLS, "the stream ended after {kills} kills");
+        ensure!(
+            kills == KILLS && restarted,
+            "the stream ended after {kills} kills"
+        );
         writer.drained(Duration::from_secs(60)).await?;
         let status = Command::new(env!("CARGO_BIN_EXE_outbox"))
             .args(["status", "--json"])
@@ -882,13 +897,25 @@ async fn wal_capture_relays_sigkilled_mid_stream_lose_nothing_and_keep_commit_or
         let v = verdict(&rx.log(), &writer.next);
         println!(
             "wal capture: {MESSAGES} messages on {KEYS} keys, 2 relays on one slot, {KILLS} \
-             SIGKILLs: {} delivered, {} duplicates, {} lost, {} out of order; {:?}",
+             SIGKILLs and a database crash: {} delivered, {} duplicates, {} lost, {} out of order; {:?}",
             v.distinct,
             v.duplicates,
             v.lost,
             v.skipped_ahead.len(),
             began.elapsed()
         );
+        if let Some(first) = v.skipped_ahead.first() {
+            // The arrivals of the first key that skipped ahead, to see where its order broke.
+            let key = first.split(' ').next().unwrap_or_default().to_owned();
+            let seq: Vec<u64> = rx
+                .log()
+                .got
+                .iter()
+                .filter(|g| g.key == key)
+                .map(|g| g.n)
+                .collect();
+            println!("arrivals of {key}: {seq:?}");
+        }
         v.check()
     };
     let result = run.await;

@@ -164,11 +164,16 @@ pub struct SlotStatus {
     pub confirmed: Option<String>,
 }
 
+/// A written-back row is due no earlier than its insert: claims take a key's rows in `seq`
+/// order and look for an older row of the key only among rows whose `available_at` moved past
+/// their `created_at`. A row written back with its commit time instead would sort before rows
+/// of its key written earlier (a replay after a crash writes old messages again, with new
+/// `seq`s), and its key would go out of order.
 const WRITE_BACK: &str = "INSERT INTO {schema}.{p}messages \
     (id, topic, type, key, partition, payload, content_type, headers, created_at, available_at, \
      attempts, last_error, status, dead_at, interrupted) \
     SELECT id, topic, type, key, partition, payload, content_type, headers::jsonb, created_at, \
-      available_at, attempts, last_error, status, CASE WHEN status = 'dead' THEN now() END, \
+      greatest(available_at, now()), attempts, last_error, status, CASE WHEN status = 'dead' THEN now() END, \
       interrupted \
     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bytea[], \
                 $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::int[], \
