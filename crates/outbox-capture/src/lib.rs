@@ -6,6 +6,7 @@
 //! ```no_run
 //! # async fn demo(url: &str, sink: std::sync::Arc<dyn outbox_core::Sink>) -> anyhow::Result<()> {
 //! use outbox_capture::{CaptureConfig, WalRelay};
+//! use outbox_core::Store;
 //! use outbox_postgres::{EnqueueMode, PgConfig, PgStore};
 //!
 //! // Writers: the same `enqueue`, but it emits a logical message instead of writing a row.

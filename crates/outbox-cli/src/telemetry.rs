@@ -82,6 +82,17 @@ impl Telemetry {
     }
 }
 
+/// The replication client logs an error each time its session ends, which for a standby
+/// relay (`--capture wal`) is every retry while another relay streams. The relay reports a lost
+/// stream itself, with its cause; the client's own lines are shown only when the filter names
+/// its target.
+fn quiet_replication_client(filter: String) -> String {
+    if filter.contains("pgwire_replication") {
+        return filter;
+    }
+    format!("{filter},pgwire_replication=off")
+}
+
 /// Installs the subscriber: `filter` (as in `RUST_LOG`, default `info`), lines in `format`,
 /// every line redacted, and spans to OpenTelemetry when `telemetry` is on.
 pub fn init_logging(filter: Option<&str>, format: LogFormat, telemetry: Option<&Telemetry>) {
@@ -89,6 +100,7 @@ pub fn init_logging(filter: Option<&str>, format: LogFormat, telemetry: Option<&
         .map(str::to_owned)
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".into());
+    let filter = quiet_replication_client(filter);
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Each layer has its own filter, so that `--log warn` quiets the log without losing the
