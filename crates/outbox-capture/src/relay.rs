@@ -1,5 +1,6 @@
 //! The relay that streams an outbox from a replication slot.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -520,6 +521,7 @@ impl WalRelay {
         let candidates: Vec<Message> = direct.iter().map(|&i| msgs[i].clone()).collect();
         for wave in waves(&candidates) {
             let (todo, held): (Vec<usize>, Vec<usize>) = wave
+                .clone()
                 .map(|j| direct[j])
                 .partition(|&i| msgs[i].key.as_ref().is_none_or(|k| !stopped.contains(k)));
             for i in held {
@@ -528,7 +530,12 @@ impl WalRelay {
             if todo.is_empty() {
                 continue;
             }
-            let send: Vec<Message> = todo.iter().map(|&i| msgs[i].clone()).collect();
+            // A whole wave goes as it is; only one cut by a stopped key is copied.
+            let send: Cow<'_, [Message]> = if todo.len() == wave.len() {
+                Cow::Borrowed(&candidates[wave])
+            } else {
+                Cow::Owned(todo.iter().map(|&i| msgs[i].clone()).collect())
+            };
             for (&i, result) in todo.iter().zip(self.publish(&send).await) {
                 let Err(error) = result else { continue };
                 stopped.extend(msgs[i].key.clone());

@@ -352,13 +352,12 @@ async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> 
     if let Some(surface) = surface {
         surface.stop().await;
     }
-    info!(
-        delivered = report.delivered,
-        retried = report.retried,
-        dead = report.dead,
-        "done"
-    );
+    log_done(report.delivered, report.retried, report.dead);
     Ok(())
+}
+
+fn log_done(delivered: u64, retried: u64, dead: u64) {
+    info!(delivered, retried, dead, "done");
 }
 
 /// `outbox relay --capture wal`: streams the slot, with a polling relay for the table's
@@ -403,12 +402,7 @@ async fn relay_wal(
         surface.stop().await;
     }
     let report = report?;
-    info!(
-        delivered = report.delivered,
-        retried = report.retried,
-        dead = report.dead,
-        "done"
-    );
+    log_done(report.delivered, report.retried, report.dead);
     Ok(())
 }
 

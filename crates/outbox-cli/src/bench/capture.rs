@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use outbox_capture::{CaptureConfig, CaptureState, WalRelay};
-use outbox_core::{NewMessage, RelayConfig, Sink};
+use outbox_core::{RelayConfig, Sink};
 use tokio::sync::watch;
 
 use super::db::{BenchDb, WriteMode};
 use super::scenario::{
-    ArrivalSink, OrderCheck, OrderSink, count_violations, histogram, message_sized, paced_writers,
-    prefill, relay_drain, write_phase,
+    ArrivalSink, OrderCheck, OrderSink, count_violations, fill, histogram, message_sized,
+    paced_writers, prefill, relay_drain, write_phase,
 };
 use super::{Options, Report, progress, rss};
 
@@ -92,16 +92,12 @@ async fn polling_drain(db: &BenchDb, opts: &Options) -> anyhow::Result<f64> {
 async fn streamed(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<f64> {
     rss::reset_peak();
     latency(db, opts, r).await?;
-    let bar = progress(opts.messages as u64, "emit");
-    for start in (0..opts.messages).step_by(1000) {
-        let end = (start + 1000).min(opts.messages);
-        let msgs: Vec<NewMessage> = (start..end)
-            .map(|i| message_sized(i, opts.keys, opts.payload_bytes))
-            .collect();
-        db.emit_batch(&msgs).await?;
-        bar.set_position(end as u64);
-    }
-    bar.finish_and_clear();
+    fill(
+        opts,
+        "emit",
+        |msgs| async move { db.emit_batch(&msgs).await },
+    )
+    .await?;
     let check = Arc::new(OrderCheck::default());
     let started = Instant::now();
     let relay = Running::start(db, opts, Arc::new(OrderSink(check.clone())))?;

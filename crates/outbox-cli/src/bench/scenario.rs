@@ -169,13 +169,25 @@ async fn drain(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<(
 }
 
 pub(super) async fn prefill(db: &BenchDb, opts: &Options) -> anyhow::Result<()> {
-    let bar = progress(opts.messages as u64, "prefill");
+    fill(opts, "prefill", |msgs| async move {
+        db.enqueue_batch(&msgs).await
+    })
+    .await
+}
+
+/// Writes the backlog of `opts` a thousand messages per `write`, with a progress bar.
+pub(super) async fn fill<F, Fut>(opts: &Options, what: &str, mut write: F) -> anyhow::Result<()>
+where
+    F: FnMut(Vec<NewMessage>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let bar = progress(opts.messages as u64, what);
     for start in (0..opts.messages).step_by(1000) {
         let end = (start + 1000).min(opts.messages);
         let msgs: Vec<NewMessage> = (start..end)
             .map(|i| message_sized(i, opts.keys, opts.payload_bytes))
             .collect();
-        db.enqueue_batch(&msgs).await?;
+        write(msgs).await?;
         bar.set_position(end as u64);
     }
     bar.finish_and_clear();
