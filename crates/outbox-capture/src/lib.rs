@@ -59,6 +59,7 @@
 //! the messages emitted since it last confirmed.
 
 mod relay;
+mod rows;
 mod target;
 
 pub use relay::{

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::CaptureError;
+use crate::rows::Rows;
 
 /// How a [`WalRelay`] runs. Build it with [`CaptureConfig::default`] and the builder methods.
 #[derive(Debug, Clone)]
@@ -375,7 +376,9 @@ impl WalRelay {
         let mut cfg = self.target.clone();
         cfg.slot = slot.to_owned();
         cfg.publication = self.store.publication().into();
-        cfg.with_status_interval(Duration::from_millis(200))
+        // Rows come in their types' send formats (see `rows`).
+        cfg.with_binary(true)
+            .with_status_interval(Duration::from_millis(200))
             .with_application_name("outbox relay --capture wal")
             // Only so that `feedback_pending_since` tells when the last position reached the
             // server (see `close`).
@@ -400,7 +403,8 @@ impl WalRelay {
             info!(slot, "streaming the outbox from the replication slot");
         }
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
-        let mut stream = Stream::new(self.store.wal_prefix());
+        let (schema, table) = self.store.table();
+        let mut stream = Stream::new(self.store.wal_prefix(), Rows::new(&schema, &table));
         stream.unfinished = self.store.capture_unfinished(slot).await?;
         loop {
             let event = if stream.ready.is_empty() {
@@ -506,7 +510,17 @@ impl WalRelay {
             .zip(outcome)
             .filter_map(|(m, o)| o.map(|w| (*m, w)))
             .collect();
-        self.store.write_back(&rows).await?;
+        let taken: Vec<uuid::Uuid> = batch
+            .iter()
+            .filter(|c| c.row)
+            .map(|c| c.message.id)
+            .collect();
+        let handed: HashSet<uuid::Uuid> = rows.iter().map(|(m, _)| m.id).collect();
+        let (delivered, handed_rows): (Vec<uuid::Uuid>, Vec<uuid::Uuid>) =
+            taken.into_iter().partition(|id| !handed.contains(id));
+        self.store
+            .settle_captured(&delivered, &handed_rows, &rows, self.config.relay.retention)
+            .await?;
         self.count(msgs.len(), &rows);
         Ok(())
     }
@@ -665,13 +679,18 @@ pub const CAPTURED: &str = "outbox_capture_messages_total";
 struct Captured {
     message: Message,
     end: Lsn,
+    /// Read from an insert into the outbox table (table capture): the row is removed once
+    /// settled. Otherwise a logical message, which has no row.
+    row: bool,
 }
 
 /// What the session has read and not yet settled.
 struct Stream {
     prefix: String,
-    /// Messages of the transaction being read, until its commit.
-    open: Vec<Message>,
+    /// Messages of the transaction being read, until its commit, and whether each is a row.
+    open: Vec<(Message, bool)>,
+    /// The outbox table's inserts (table capture).
+    rows: Rows,
     in_transaction: bool,
     committed_at: DateTime<Utc>,
     /// Committed messages, in commit order.
@@ -682,10 +701,11 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(prefix: String) -> Self {
+    fn new(prefix: String, rows: Rows) -> Self {
         Self {
             prefix,
             open: Vec::new(),
+            rows,
             in_transaction: false,
             committed_at: Utc::now(),
             ready: Vec::new(),
@@ -717,9 +737,24 @@ impl Stream {
                 match decode(&content, lsn.as_u64(), at) {
                     Ok(m) => {
                         stats.streamed.fetch_add(1, Ordering::Relaxed);
-                        self.open.push(m);
+                        self.open.push((m, false));
                     }
                     Err(e) => warn!(error = %e, %lsn, "skipping a logical message of this outbox"),
+                }
+                None
+            }
+            ReplicationEvent::XLogData {
+                data, wal_start, ..
+            } => {
+                match self.rows.take(data) {
+                    Ok(Some(m)) => {
+                        stats.streamed.fetch_add(1, Ordering::Relaxed);
+                        self.open.push((m, true));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(error = %e, lsn = %wal_start, "skipping a change of the outbox table")
+                    }
                 }
                 None
             }
@@ -730,13 +765,15 @@ impl Stream {
                 // records of overlapping transactions interleave in the WAL, their commits
                 // do not. A transaction's messages share it and keep their order.
                 let seq = i64::try_from(end_lsn.as_u64()).unwrap_or(i64::MAX);
-                self.ready.extend(self.open.drain(..).map(|mut message| {
-                    message.seq = seq;
-                    Captured {
-                        message,
-                        end: end_lsn,
-                    }
-                }));
+                self.ready
+                    .extend(self.open.drain(..).map(|(mut message, row)| {
+                        message.seq = seq;
+                        Captured {
+                            message,
+                            end: end_lsn,
+                            row,
+                        }
+                    }));
                 idle.then_some(end_lsn)
             }
             ReplicationEvent::KeepAlive { wal_end, .. }
@@ -772,7 +809,7 @@ async fn close(client: &mut ReplicationClient) -> bool {
 }
 
 /// PostgreSQL's timestamps count microseconds from 2000-01-01.
-fn pg_time(micros: i64) -> DateTime<Utc> {
+pub(crate) fn pg_time(micros: i64) -> DateTime<Utc> {
     const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
     DateTime::from_timestamp_micros(PG_EPOCH_MICROS.saturating_add(micros)).unwrap_or_else(Utc::now)
 }
@@ -791,6 +828,7 @@ mod tests {
         Captured {
             message: decode(&outbox_postgres::capture::encode(&new), end, Utc::now()).unwrap(),
             end: Lsn::from_u64(end),
+            row: false,
         }
     }
 

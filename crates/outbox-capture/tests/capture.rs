@@ -19,6 +19,31 @@ use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Runs a test once with each way of writing for the stream: logical messages (message
+/// capture) and rows of the outbox table (table capture).
+macro_rules! both_ways {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn messages() -> anyhow::Result<()> {
+                super::$name(outbox_postgres::EnqueueMode::WalMessage).await
+            }
+            #[tokio::test]
+            async fn rows() -> anyhow::Result<()> {
+                super::$name(outbox_postgres::EnqueueMode::CapturedRow).await
+            }
+        }
+    )*};
+}
+
+both_ways!(
+    committed_messages_arrive_in_commit_order_and_rolled_back_ones_never,
+    a_failing_key_retries_from_the_table_and_its_newer_messages_wait_behind_it,
+    a_relay_that_dies_before_confirming_is_replayed_by_the_next,
+    a_sink_that_panics_fails_its_wave_and_the_relay_goes_on,
+    a_delayed_message_waits_in_the_table_with_its_key_behind_it,
+);
+
 struct Db {
     cluster: PgCluster,
     url: String,
@@ -190,11 +215,11 @@ async fn rows(store: &PgStore, status: &str) -> anyhow::Result<i64> {
 /// the key's counter under its row lock, so messages are written to the WAL in one order and
 /// committed in another; the counter, kept with the message's id, is the commit order of the
 /// key's writers. Every seventh transaction rolls back (with its counter).
-#[tokio::test]
-async fn committed_messages_arrive_in_commit_order_and_rolled_back_ones_never() -> anyhow::Result<()>
-{
+async fn committed_messages_arrive_in_commit_order_and_rolled_back_ones_never(
+    mode: EnqueueMode,
+) -> anyhow::Result<()> {
     let db = Db::start()?;
-    let writer = db.store(EnqueueMode::WalMessage).await?;
+    let writer = db.store(mode).await?;
     sqlx::raw_sql(
         "CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL); \
          CREATE TABLE placed (id uuid PRIMARY KEY, n int NOT NULL); \
@@ -278,15 +303,21 @@ async fn committed_messages_arrive_in_commit_order_and_rolled_back_ones_never() 
         );
     }
     assert_eq!(report.delivered as usize, committed);
-    assert_eq!(rows(&writer, "pending").await?, 0, "no row was written");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_messages")
+        .fetch_one(writer.pool())
+        .await?;
+    assert_eq!(
+        left, 0,
+        "nothing left in the table: no row, or each row removed once delivered"
+    );
     Ok(())
 }
 
-#[tokio::test]
-async fn a_failing_key_retries_from_the_table_and_its_newer_messages_wait_behind_it()
--> anyhow::Result<()> {
+async fn a_failing_key_retries_from_the_table_and_its_newer_messages_wait_behind_it(
+    mode: EnqueueMode,
+) -> anyhow::Result<()> {
     let db = Db::start()?;
-    let writer = db.store(EnqueueMode::WalMessage).await?;
+    let writer = db.store(mode).await?;
     let sink = Recording::failing("flaky", 2);
     let mut relay = run(&db, sink.clone()).await?;
     relay.reaches(CaptureState::Streaming).await?;
@@ -325,10 +356,11 @@ async fn a_failing_key_retries_from_the_table_and_its_newer_messages_wait_behind
     Ok(())
 }
 
-#[tokio::test]
-async fn a_relay_that_dies_before_confirming_is_replayed_by_the_next() -> anyhow::Result<()> {
+async fn a_relay_that_dies_before_confirming_is_replayed_by_the_next(
+    mode: EnqueueMode,
+) -> anyhow::Result<()> {
     let db = Db::start()?;
-    let writer = db.store(EnqueueMode::WalMessage).await?;
+    let writer = db.store(mode).await?;
     let first = Recording {
         hang_on: Some("hang".into()),
         ..Recording::default()
@@ -482,10 +514,11 @@ async fn a_slot_falling_behind_is_reported_with_its_lag() -> anyhow::Result<()> 
     Ok(())
 }
 
-#[tokio::test]
-async fn a_sink_that_panics_fails_its_wave_and_the_relay_goes_on() -> anyhow::Result<()> {
+async fn a_sink_that_panics_fails_its_wave_and_the_relay_goes_on(
+    mode: EnqueueMode,
+) -> anyhow::Result<()> {
     let db = Db::start()?;
-    let writer = db.store(EnqueueMode::WalMessage).await?;
+    let writer = db.store(mode).await?;
     let sink = Recording::failing("panics", 1);
     let mut relay = run(&db, sink.clone()).await?;
     relay.reaches(CaptureState::Streaming).await?;
@@ -506,10 +539,11 @@ async fn a_sink_that_panics_fails_its_wave_and_the_relay_goes_on() -> anyhow::Re
 
 /// A delayed message cannot go out from the stream: it waits in the table until it is due, and
 /// its key's newer messages wait behind it.
-#[tokio::test]
-async fn a_delayed_message_waits_in_the_table_with_its_key_behind_it() -> anyhow::Result<()> {
+async fn a_delayed_message_waits_in_the_table_with_its_key_behind_it(
+    mode: EnqueueMode,
+) -> anyhow::Result<()> {
     let db = Db::start()?;
-    let writer = db.store(EnqueueMode::WalMessage).await?;
+    let writer = db.store(mode).await?;
     let sink = Recording::default();
     let mut relay = run(&db, sink.clone()).await?;
     relay.reaches(CaptureState::Streaming).await?;
@@ -535,5 +569,61 @@ async fn a_delayed_message_waits_in_the_table_with_its_key_behind_it() -> anyhow
     assert_eq!(a.iter().map(|m| n_of(m)).collect::<Vec<_>>(), vec![1, 2]);
     assert!(a[0].available_at >= a[0].created_at + chrono::Duration::milliseconds(500));
     assert_eq!(report.waiting, 2, "{report:?}");
+    Ok(())
+}
+
+/// One outbox, rows written for the polling relay and rows written for the stream: each is
+/// delivered once, by its own path, and a kept delivered row stays as `delivered`. Rows
+/// written for the stream before its slot existed go to the polling relay.
+#[tokio::test]
+async fn polled_rows_and_captured_rows_share_a_table_and_each_goes_out_once() -> anyhow::Result<()>
+{
+    let db = Db::start()?;
+    let polled = db.store(EnqueueMode::Row).await?;
+    let captured = db.store(EnqueueMode::CapturedRow).await?;
+    emit(
+        &captured,
+        &[msg("placed", "early", 1), msg("placed", "early", 2)],
+    )
+    .await?;
+    let sink = Recording::default();
+    let store = db.store(EnqueueMode::Row).await?;
+    let keep = outbox_core::Retention::Keep(Duration::from_secs(3600));
+    let cfg = config().relay(
+        RelayConfig::default()
+            .poll_interval(Duration::from_millis(100))
+            .retention(keep),
+    );
+    let relay = WalRelay::new(&db.url, store, Arc::new(sink.clone()), cfg)?;
+    let (stats, mut state) = (relay.stats(), relay.state());
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(relay.run(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    tokio::time::timeout(WAIT, state.wait_for(|s| *s == CaptureState::Streaming)).await??;
+    for n in 1..=10 {
+        emit(&captured, &[msg("placed", "streamed", n)]).await?;
+        emit(&polled, &[msg("placed", "polled", n)]).await?;
+    }
+    emit(&captured, &[msg("placed", "early", 3)]).await?;
+    eventually("all delivered", WAIT, || async { sink.count() >= 23 }).await;
+    eventually("every row settled", WAIT, || async {
+        rows(&polled, "delivered").await.unwrap_or(0) == 23
+    })
+    .await;
+    stop.send_replace(true);
+    task.await??;
+    let by_key = per_key(&sink.messages());
+    assert_eq!(by_key["streamed"], (1..=10).collect::<Vec<_>>());
+    assert_eq!(by_key["polled"], (1..=10).collect::<Vec<_>>());
+    assert_eq!(by_key["early"], vec![1, 2, 3], "the early rows went first");
+    assert_eq!(sink.count(), 23, "each message once");
+    let report = stats.report();
+    assert_eq!(
+        report.streamed, 11,
+        "the stream read only rows written for it: {report:?}"
+    );
+    assert_eq!(report.delivered + report.waiting, 11, "{report:?}");
+    assert_eq!(rows(&polled, "captured").await?, 0);
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use outbox_core::{Bytes, Message, NewMessage, Status, StoreError, StoreResult};
+use outbox_core::{Bytes, Message, NewMessage, Retention, Status, StoreError, StoreResult};
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
@@ -26,9 +26,14 @@ use crate::{PgConfig, PgStore};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum EnqueueMode {
-    /// A row in the outbox table: polled by relays, or read from the table's inserts.
+    /// A row in the outbox table, polled by relays.
     #[default]
     Row,
+    /// A row in the outbox table that only a relay reading the table's inserts from a slot
+    /// (`outbox relay --capture wal`) delivers (table capture): polling relays leave it alone,
+    /// so no claim walks past it, and the streaming relay deletes it once delivered. Needs
+    /// `wal_level = logical` on the server.
+    CapturedRow,
     /// A transactional logical decoding message and no row: the cheapest write PostgreSQL has.
     /// Only a relay reading a slot (`outbox relay --capture wal`) sees these messages; they
     /// need `wal_level = logical` on the server.
@@ -197,6 +202,12 @@ impl PgStore {
         wal_prefix(self.config())
     }
 
+    /// The schema and name of this outbox's table, whose inserts table capture streams.
+    pub fn table(&self) -> (String, String) {
+        let c = self.config();
+        (c.schema.clone(), format!("{}messages", c.table_prefix))
+    }
+
     /// The default name of this outbox's replication slot.
     pub fn default_slot(&self) -> String {
         self.capture_name("slot")
@@ -242,6 +253,17 @@ impl PgStore {
         if rows.is_empty() {
             return Ok(());
         }
+        self.write_back_query(rows)
+            .execute(self.pool())
+            .await
+            .map_err(StoreError::database)?;
+        Ok(())
+    }
+
+    fn write_back_query(
+        &self,
+        rows: &[(&Message, WriteBack)],
+    ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
         let col = |f: &dyn Fn(&Message, &WriteBack) -> Option<String>| -> Vec<Option<String>> {
             rows.iter().map(|(m, w)| f(m, w)).collect()
         };
@@ -293,10 +315,54 @@ impl PgStore {
                     .map(|(_, w)| matches!(w, WriteBack::Interrupted { .. }))
                     .collect::<Vec<_>>(),
             )
-            .execute(self.pool())
-            .await
-            .map_err(StoreError::database)?;
-        Ok(())
+    }
+
+    /// Settles a streamed batch in one transaction: the captured rows whose messages the sink
+    /// took are removed (`delivered`; kept as delivered rows with [`Retention::Keep`]), the
+    /// captured rows of messages handed to the polling path (`handed`) are replaced by their
+    /// `rows`, written back as [`PgStore::write_back`] does, after every other message of
+    /// their key. Rows no longer captured (a replay after a crash) are left as they are.
+    pub async fn settle_captured(
+        &self,
+        delivered: &[Uuid],
+        handed: &[Uuid],
+        rows: &[(&Message, WriteBack)],
+        retention: Retention,
+    ) -> StoreResult<()> {
+        if delivered.is_empty() && handed.is_empty() {
+            return self.write_back(rows).await;
+        }
+        let consumed = |sql: &str, ids: &[Uuid]| {
+            sqlx::query(AssertSqlSafe(self.config().render(sql))).bind(ids.to_vec())
+        };
+        const DELETE: &str =
+            "DELETE FROM {schema}.{p}messages WHERE id = ANY($1) AND status = 'captured'";
+        let mut tx = self.pool().begin().await.map_err(StoreError::database)?;
+        let mut statements = Vec::new();
+        match retention {
+            Retention::Delete => statements.push(consumed(DELETE, &[delivered, handed].concat())),
+            Retention::Keep(_) => {
+                statements.push(consumed(
+                    "UPDATE {schema}.{p}messages SET status = 'delivered', delivered_at = now() \
+                     WHERE id = ANY($1) AND status = 'captured'",
+                    delivered,
+                ));
+                statements.push(consumed(DELETE, handed));
+            }
+        }
+        for statement in statements {
+            statement
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::database)?;
+        }
+        if !rows.is_empty() {
+            self.write_back_query(rows)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::database)?;
+        }
+        tx.commit().await.map_err(StoreError::database)
     }
 
     /// Records the batch a relay streaming from `slot` hands to its sink now, replacing the
@@ -358,28 +424,50 @@ impl PgStore {
                  {WAL_LEVEL_ADVICE}"
             )));
         }
-        let publication = self.publication();
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
-                .bind(&publication)
-                .fetch_one(self.pool())
-                .await
-                .map_err(StoreError::database)?;
-        if !exists {
-            // No tables: the relay reads this outbox's logical messages, which every
-            // publication carries; pgoutput only needs one to exist.
-            let create = format!("CREATE PUBLICATION {publication}");
-            if let Err(e) = sqlx::query(AssertSqlSafe(create))
-                .execute(self.pool())
-                .await
-                && !already_exists(&e)
-            {
-                return Err(StoreError::database(e));
-            }
-        }
+        self.create_publication().await?;
         if let Some(slot) = slot {
             self.create_slot(slot).await?;
         }
+        Ok(())
+    }
+
+    /// The publication carries the outbox table's inserts (table capture) and, as every
+    /// publication does, the logical messages (message capture). Updates and deletes are left
+    /// out: the polling relay's claims and acks are of no interest to the stream.
+    async fn create_publication(&self) -> StoreResult<()> {
+        let publication = self.publication();
+        let (schema, table) = self.table();
+        let (exists, has_table): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1), \
+                    EXISTS (SELECT 1 FROM pg_publication_tables \
+                            WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+        )
+        .bind(&publication)
+        .bind(&schema)
+        .bind(&table)
+        .fetch_one(self.pool())
+        .await
+        .map_err(StoreError::database)?;
+        let target = format!("{schema}.{table}");
+        let sql = match (exists, has_table) {
+            (false, _) => {
+                format!(
+                    "CREATE PUBLICATION {publication} FOR TABLE {target} WITH (publish = 'insert')"
+                )
+            }
+            // A publication of an earlier version carried only the logical messages.
+            (true, false) => format!("ALTER PUBLICATION {publication} ADD TABLE {target}"),
+            (true, true) => return Ok(()),
+        };
+        match sqlx::query(AssertSqlSafe(sql)).execute(self.pool()).await {
+            Err(e) if !already_exists(&e) => return Err(StoreError::database(e)),
+            _ => {}
+        }
+        let publish = format!("ALTER PUBLICATION {publication} SET (publish = 'insert')");
+        sqlx::query(AssertSqlSafe(publish))
+            .execute(self.pool())
+            .await
+            .map_err(StoreError::database)?;
         Ok(())
     }
 
@@ -400,9 +488,33 @@ impl PgStore {
             .execute(self.pool())
             .await;
         match created {
-            Err(e) if !already_exists(&e) => Err(StoreError::database(e)),
-            _ => Ok(()),
+            Err(e) if already_exists(&e) => Ok(()),
+            Err(e) => Err(StoreError::database(e)),
+            Ok(_) => self.hand_over_unstreamed().await,
         }
+    }
+
+    /// Captured rows committed before the slot existed never reach its stream: they go to the
+    /// polling path, in their `seq` order. A row committed while the slot was being created
+    /// may reach both (delivered twice, never lost).
+    async fn hand_over_unstreamed(&self) -> StoreResult<()> {
+        let sql = self.config().render(
+            "UPDATE {schema}.{p}messages \
+             SET status = 'pending', available_at = greatest(available_at, now(), created_at + interval '1 microsecond') \
+             WHERE status = 'captured'",
+        );
+        let moved = sqlx::query(AssertSqlSafe(sql))
+            .execute(self.pool())
+            .await
+            .map_err(StoreError::database)?
+            .rows_affected();
+        if moved > 0 {
+            tracing::warn!(
+                rows = moved,
+                "rows written for table capture before its slot existed go to the polling relay"
+            );
+        }
+        Ok(())
     }
 
     /// Drops a replication slot, releasing the WAL it keeps. Messages emitted since its relay

@@ -80,6 +80,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "log-based capture: the batch a streaming relay has in its sink",
         sql: include_str!("../migrations/0013_capture_inflight.sql"),
     },
+    Migration {
+        version: 14,
+        description: "table capture: rows only a relay streaming from a slot delivers",
+        sql: include_str!("../migrations/0014_captured_rows.sql"),
+    },
 ];
 
 /// The version the schema is at, without creating anything: 0 when there is none.

@@ -72,6 +72,8 @@ const COLUMNS: &str = "m.id, m.seq, m.topic, m.type, m.key, m.partition, m.paylo
 pub(crate) struct Sql {
     pub insert: Arc<str>,
     pub insert_batch: Arc<str>,
+    pub insert_captured: Arc<str>,
+    pub insert_batch_captured: Arc<str>,
     pub claim_runs: Arc<str>,
     pub lease: Arc<str>,
     pub delivery_start: Arc<str>,
@@ -109,8 +111,10 @@ impl Sql {
     pub fn new(cfg: &PgConfig) -> Self {
         let r = |t: &str| -> Arc<str> { cfg.render(t).into() };
         Self {
-            insert: r(INSERT),
-            insert_batch: r(INSERT_BATCH),
+            insert: r(&insert("pending")),
+            insert_batch: r(&insert_batch("pending")),
+            insert_captured: r(&insert("captured")),
+            insert_batch_captured: r(&insert_batch("captured")),
             claim_runs: r(&CLAIM_RUNS.replace("{columns}", COLUMNS)),
             lease: r(LEASE),
             // Dated by the claim's transaction, not by this insert: a batch claimed before a
@@ -216,21 +220,32 @@ const DEAD_FILTER: &str = "m.status = 'dead' \
     AND ($5::text IS NULL OR lower(m.last_error) LIKE $5) \
     AND ($6::bigint IS NULL OR m.dead_at <= now() - $6 * interval '1 millisecond')";
 
-/// `available_at` is the later of the caller's absolute time and now + delay.
-const INSERT: &str = "INSERT INTO {schema}.{p}messages \
-    (id, topic, type, key, partition, payload, content_type, headers, available_at) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, \
-      greatest(coalesce($9::timestamptz, now()), now() + coalesce($10::bigint, 0) * interval '1 millisecond'))";
+/// One message; `available_at` is the later of the caller's absolute time and now + delay.
+/// `status` is `pending`, or `captured` for rows only a relay streaming from a slot delivers.
+fn insert(status: &str) -> String {
+    format!(
+        "INSERT INTO {{schema}}.{{p}}messages \
+         (id, topic, type, key, partition, payload, content_type, headers, available_at, status) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, \
+           greatest(coalesce($9::timestamptz, now()), now() + coalesce($10::bigint, 0) * interval '1 millisecond'), \
+           '{status}')"
+    )
+}
 
 /// One statement for a whole batch; `ORDINALITY` keeps the caller's order in `seq`.
-const INSERT_BATCH: &str = "INSERT INTO {schema}.{p}messages \
-    (id, topic, type, key, partition, payload, content_type, headers, available_at) \
-    SELECT id, topic, type, key, partition, payload, content_type, headers::jsonb, \
-      greatest(coalesce(at, now()), now() + coalesce(delay_ms, 0) * interval '1 millisecond') \
-    FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bytea[], $7::text[], \
-                $8::text[], $9::timestamptz[], $10::bigint[]) \
-      WITH ORDINALITY AS b(id, topic, type, key, partition, payload, content_type, headers, at, delay_ms, ord) \
-    ORDER BY ord";
+fn insert_batch(status: &str) -> String {
+    format!(
+        "INSERT INTO {{schema}}.{{p}}messages \
+         (id, topic, type, key, partition, payload, content_type, headers, available_at, status) \
+         SELECT id, topic, type, key, partition, payload, content_type, headers::jsonb, \
+           greatest(coalesce(at, now()), now() + coalesce(delay_ms, 0) * interval '1 millisecond'), \
+           '{status}' \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bytea[], $7::text[], \
+                     $8::text[], $9::timestamptz[], $10::bigint[]) \
+           WITH ORDINALITY AS b(id, topic, type, key, partition, payload, content_type, headers, at, delay_ms, ord) \
+         ORDER BY ord"
+    )
+}
 
 /// The claim (migrations 7 and 8): key heads and their runs in a window of the ready index,
 /// locked by the caller's transaction and bounded by count and bytes; `due` tells the caller
@@ -272,21 +287,22 @@ const FAIL: &str = "UPDATE {schema}.{p}messages m SET \
     FROM UNNEST($1::uuid[], $2::text[], $3::bigint[]) AS f(id, error, delay_ms) \
     WHERE m.id = f.id{owner}";
 
+/// Rows waiting for a slot's stream (`captured`) count as pending: they wait for delivery.
 const STATUS: &str = "SELECT \
-      count(*) FILTER (WHERE status = 'pending') AS pending, \
+      count(*) FILTER (WHERE status IN ('pending', 'captured')) AS pending, \
       count(*) FILTER (WHERE status = 'in_flight') AS in_flight, \
       count(*) FILTER (WHERE status = 'delivered') AS delivered, \
       count(*) FILTER (WHERE status = 'dead') AS dead, \
-      extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending'))::float8 AS oldest \
+      extract(epoch FROM now() - min(created_at) FILTER (WHERE status IN ('pending', 'captured')))::float8 AS oldest \
     FROM {schema}.{p}messages";
 
 /// [`STATUS`] per topic, for the metrics timer: one scan of the table.
 const BACKLOG: &str = "SELECT topic, \
-      count(*) FILTER (WHERE status = 'pending') AS pending, \
+      count(*) FILTER (WHERE status IN ('pending', 'captured')) AS pending, \
       count(*) FILTER (WHERE status = 'in_flight') AS in_flight, \
       count(*) FILTER (WHERE status = 'delivered') AS delivered, \
       count(*) FILTER (WHERE status = 'dead') AS dead, \
-      extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending'))::float8 AS oldest \
+      extract(epoch FROM now() - min(created_at) FILTER (WHERE status IN ('pending', 'captured')))::float8 AS oldest \
     FROM {schema}.{p}messages GROUP BY topic ORDER BY topic";
 
 /// Registers an idle relay for wake-ups (and forgets relays that died while registered).

@@ -137,7 +137,11 @@ impl PgOutbox {
         msg: &NewMessage,
     ) -> Result<(), EnqueueError> {
         outbox_core::check_batch(std::slice::from_ref(msg), self.max_message_bytes)?;
-        q(&self.sql.insert)
+        let sql = match self.mode {
+            EnqueueMode::CapturedRow => &self.sql.insert_captured,
+            _ => &self.sql.insert,
+        };
+        q(sql)
             .bind(msg.id())
             .bind(msg.topic())
             .bind(msg.message_type())
@@ -176,7 +180,11 @@ impl PgOutbox {
     ) -> Result<(), EnqueueError> {
         outbox_core::check_batch(msgs, self.max_message_bytes)?;
         let col = |f: &dyn Fn(&NewMessage) -> String| msgs.iter().map(f).collect::<Vec<_>>();
-        q(&self.sql.insert_batch)
+        let sql = match self.mode {
+            EnqueueMode::CapturedRow => &self.sql.insert_batch_captured,
+            _ => &self.sql.insert_batch,
+        };
+        q(sql)
             .bind(msgs.iter().map(NewMessage::id).collect::<Vec<_>>())
             .bind(col(&|m| m.topic().to_owned()))
             .bind(col(&|m| m.message_type().to_owned()))
