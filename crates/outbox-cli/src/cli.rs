@@ -161,6 +161,24 @@ pub struct EnqueueArgs {
     /// (PostgreSQL with wal_level = logical)
     #[arg(long)]
     pub wal_message: bool,
+    /// Write a row that only a relay run with --capture wal delivers, from the table's inserts
+    /// (table capture; PostgreSQL with wal_level = logical)
+    #[arg(long, conflicts_with = "wal_message")]
+    pub captured_row: bool,
+}
+
+impl EnqueueArgs {
+    /// How `enqueue` writes, and the flag that chose it when it is not a plain row.
+    pub fn mode(&self) -> Option<(outbox_postgres::EnqueueMode, &'static str)> {
+        use outbox_postgres::EnqueueMode;
+        if self.wal_message {
+            Some((EnqueueMode::WalMessage, "--wal-message"))
+        } else if self.captured_row {
+            Some((EnqueueMode::CapturedRow, "--captured-row"))
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Args, Default)]

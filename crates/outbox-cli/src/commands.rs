@@ -261,19 +261,19 @@ async fn enqueue(
     let ids = match &args.file {
         Some(path) if path.as_os_str() == "-" => {
             let reader = LineReader::new(std::io::stdin().lock(), "stdin", max);
-            enqueue_lines(settings, reader, args.wal_message).await?
+            enqueue_lines(settings, reader, args.mode()).await?
         }
         Some(path) => {
             let f = std::fs::File::open(path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
             let source = path.display().to_string();
             let reader = LineReader::new(std::io::BufReader::new(f), &source, max);
-            enqueue_lines(settings, reader, args.wal_message).await?
+            enqueue_lines(settings, reader, args.mode()).await?
         }
         None => {
-            let wal = args.wal_message;
+            let mode = args.mode();
             let msg = message_from_flags(args, max)?;
-            let store = writer(settings, wal).await?;
+            let store = writer(settings, mode).await?;
             store::enqueue_stream(&store, vec![msg], || Ok(Vec::new()), max).await?
         }
     };
@@ -289,27 +289,29 @@ async fn enqueue(
 async fn enqueue_lines(
     settings: &StoreSettings,
     mut reader: LineReader<impl BufRead>,
-    wal_message: bool,
+    mode: Option<(EnqueueMode, &str)>,
 ) -> anyhow::Result<Vec<uuid::Uuid>> {
     let first = reader.next_chunk(CHUNK)?;
     if first.is_empty() {
         bail!("{} holds no messages", reader.source);
     }
-    let store = writer(settings, wal_message).await?;
+    let store = writer(settings, mode).await?;
     let max = reader.max_message;
     store::enqueue_stream(&store, first, || reader.next_chunk(CHUNK), max).await
 }
 
-/// The store `enqueue` writes through: rows, or logical messages with `--wal-message`.
-async fn writer(settings: &StoreSettings, wal_message: bool) -> anyhow::Result<AnyStore> {
+/// The store `enqueue` writes through: rows, or with the flag of `mode`, logical messages
+/// (`--wal-message`) or rows for table capture (`--captured-row`).
+async fn writer(
+    settings: &StoreSettings,
+    mode: Option<(EnqueueMode, &str)>,
+) -> anyhow::Result<AnyStore> {
     let store = open_migrated(settings).await?;
-    if !wal_message {
+    let Some((mode, flag)) = mode else {
         return Ok(store);
-    }
-    let pg = postgres_only(&store, "--wal-message")?;
-    Ok(AnyStore::Postgres(
-        pg.clone().with_enqueue_mode(EnqueueMode::WalMessage),
-    ))
+    };
+    let pg = postgres_only(&store, flag)?;
+    Ok(AnyStore::Postgres(pg.clone().with_enqueue_mode(mode)))
 }
 
 async fn relay(settings: &StoreSettings, file: &FileConfig, args: RelayArgs) -> anyhow::Result<()> {

@@ -816,6 +816,18 @@ async fn two_relays_on_a_slow_destination_never_share_a_key_across_a_database_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_capture_relays_sigkilled_and_a_database_crash_lose_nothing_and_keep_commit_order() -> R
 {
+    capture_through_kills(outbox_postgres::EnqueueMode::WalMessage).await
+}
+
+/// The same with table capture: writers insert rows that only the stream delivers, and the
+/// relay removes each row once delivered, so the table is empty at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_capture_relays_sigkilled_and_a_database_crash_lose_nothing_and_keep_commit_order()
+-> R {
+    capture_through_kills(outbox_postgres::EnqueueMode::CapturedRow).await
+}
+
+async fn capture_through_kills(mode: outbox_postgres::EnqueueMode) -> R {
     const MESSAGES: usize = 10_000;
     const KEYS: usize = 50;
     const KILLS: usize = 8;
@@ -830,7 +842,7 @@ async fn wal_capture_relays_sigkilled_and_a_database_crash_lose_nothing_and_keep
     writer.store = writer
         .store
         .clone()
-        .with_enqueue_mode(outbox_postgres::EnqueueMode::WalMessage);
+        .with_enqueue_mode(mode);
     let mut relays = Relays::new(
         &url,
         &rx.url(),
@@ -896,7 +908,7 @@ async fn wal_capture_relays_sigkilled_and_a_database_crash_lose_nothing_and_keep
         ensure!(slot["lag_bytes"].as_i64().is_some(), "{status}");
         let v = verdict(&rx.log(), &writer.next);
         println!(
-            "wal capture: {MESSAGES} messages on {KEYS} keys, 2 relays on one slot, {KILLS} \
+            "{mode:?} capture: {MESSAGES} messages on {KEYS} keys, 2 relays on one slot, {KILLS} \
              SIGKILLs and a database crash: {} delivered, {} duplicates, {} lost, {} out of order; {:?}",
             v.distinct,
             v.duplicates,
