@@ -1095,3 +1095,65 @@ fn bench_refuses_an_outbox_that_holds_messages() {
     let counts: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(counts["pending"], 1, "the message is still there");
 }
+
+/// `outbox bench --scenario capture` on a server with `wal_level = logical`: both ways of
+/// writing for the stream (logical messages, captured rows) report their write ratio, drain
+/// and latency next to polling, no key out of order, and the benchmark's slot is gone after.
+#[test]
+fn bench_capture_reports_messages_and_rows() {
+    let pg = outbox_testkit::cluster::PgCluster::start_with(&[
+        "wal_level=logical",
+        "max_wal_senders=10",
+    ])
+    .expect("a private cluster");
+    pg.create_database("bench").expect("a database");
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args([
+            "bench",
+            "--json",
+            "--no-files",
+            "--scenario=capture",
+            "--messages=400",
+            "--batch-size=100",
+            "--keys=20",
+            "--clients=2",
+            "--duration=400ms",
+            "--latency-duration=300ms",
+            "--rate=200",
+        ])
+        .env("OUTBOX_DATABASE_URL", pg.url("bench"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "capture_write_ratio",
+        "capture_table_write_ratio",
+        "capture_raw_write_ratio",
+        "capture_drain_ratio",
+        "capture_table_drain_ratio",
+        "capture_latency_p99_ms",
+        "capture_table_latency_p99_ms",
+        "capture_peak_rss_mib",
+    ] {
+        assert!(
+            report[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key} = {}",
+            report[key]
+        );
+    }
+    assert_eq!(report["order_violations"], 0, "{report}");
+    let status = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["status", "--json"])
+        .env("OUTBOX_DATABASE_URL", pg.url("bench"))
+        .output()
+        .expect("runs");
+    let status: Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(status["pending"], 0, "{status}");
+    assert_eq!(status["slots"], serde_json::json!([]), "{status}");
+}

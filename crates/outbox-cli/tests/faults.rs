@@ -839,10 +839,7 @@ async fn capture_through_kills(mode: outbox_postgres::EnqueueMode) -> R {
     })?;
     let rx = Receiver::start().await?;
     let mut writer = Writer::connect(&url, KEYS).await?;
-    writer.store = writer
-        .store
-        .clone()
-        .with_enqueue_mode(mode);
+    writer.store = writer.store.clone().with_enqueue_mode(mode);
     let mut relays = Relays::new(
         &url,
         &rx.url(),

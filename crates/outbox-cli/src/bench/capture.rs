@@ -2,12 +2,16 @@
 //! (PostgreSQL with `wal_level = logical`).
 //!
 //! 1. **Write.** The business insert alone, with `enqueue` of a row, with a plain second row,
-//!    and with `enqueue` as a logical message, in rounds A B C D D C B A.
+//!    with `enqueue` as a logical message and as a captured row (table capture), in rounds
+//!    A B C D E E D C B A.
 //! 2. **Latency.** Writers emit at the fixed rate while a relay streams from a slot created
 //!    just before.
 //! 3. **Drain.** The same backlog drained by the polling relay (rows, before the slot exists),
 //!    then emitted as logical messages and drained from the slot, to a sink that checks
 //!    per-key order.
+//!
+//! Steps 2 and 3 run once with logical messages (message capture), then once with captured
+//! rows (table capture).
 //!
 //! A relay that takes over a slot first decodes the WAL from the slot's restart point: after a
 //! large drain that takes a second or more, during which new messages wait. The latency is
@@ -22,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use outbox_capture::{CaptureConfig, CaptureState, WalRelay};
 use outbox_core::{RelayConfig, Sink};
+use outbox_postgres::EnqueueMode;
 use tokio::sync::watch;
 
 use super::db::{BenchDb, WriteMode};
@@ -43,24 +48,62 @@ pub async fn capture(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Re
     let polled = polling_drain(db, opts).await?;
     db.clear().await?;
     pg.setup_capture(Some(SLOT)).await?;
-    let measured = streamed(db, opts, r).await;
+    rss::reset_peak();
+    let measured = async {
+        let messages = streamed(db, opts, EnqueueMode::WalMessage).await?;
+        db.clear().await?;
+        let rows = streamed(db, opts, EnqueueMode::CapturedRow).await?;
+        anyhow::Ok((messages, rows))
+    }
+    .await;
     let dropped = pg.drop_slot(SLOT).await;
-    let streamed_rate = measured?;
+    let (messages, rows) = measured?;
     dropped?;
+    r.capture_peak_rss_mib = rss::peak_mib();
     r.capture_polling_drain_per_s = Some(polled);
-    r.capture_drain_per_s = Some(streamed_rate);
-    r.capture_drain_ratio = Some(streamed_rate / polled);
+    r.capture_drain_per_s = Some(messages.drain);
+    r.capture_drain_ratio = Some(messages.drain / polled);
+    [
+        r.capture_latency_p50_ms,
+        r.capture_latency_p99_ms,
+        r.capture_latency_max_ms,
+    ] = messages.latency.map(Some);
+    r.capture_table_drain_per_s = Some(rows.drain);
+    r.capture_table_drain_ratio = Some(rows.drain / polled);
+    [
+        r.capture_table_latency_p50_ms,
+        r.capture_table_latency_p99_ms,
+        r.capture_table_latency_max_ms,
+    ] = rows.latency.map(Some);
+    count_violations(r, messages.violations + rows.violations);
     db.clear().await
+}
+
+/// What one way of writing for the stream measured.
+struct Streamed {
+    drain: f64,
+    /// p50, p99 and max, in milliseconds.
+    latency: [f64; 3],
+    violations: u64,
 }
 
 async fn writes(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<()> {
     use WriteMode::*;
     let order = [
-        Alone, Outbox, RawRow, WalMessage, WalMessage, RawRow, Outbox, Alone,
+        Alone,
+        Outbox,
+        RawRow,
+        WalMessage,
+        CapturedRow,
+        CapturedRow,
+        WalMessage,
+        RawRow,
+        Outbox,
+        Alone,
     ];
     let phase = opts.write_duration / 2;
     let bar = progress(order.len() as u64, "write");
-    let mut totals = [(0u64, 0f64); 4];
+    let mut totals = [(0u64, 0f64); 5];
     for mode in order {
         bar.set_message(format!("{mode:?}"));
         let (n, secs) = write_phase(db, mode, opts.clients, phase).await?;
@@ -78,6 +121,8 @@ async fn writes(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<
     r.capture_write_ratio = Some(rate(WalMessage) / alone);
     r.capture_row_write_ratio = Some(rate(Outbox) / alone);
     r.capture_raw_write_ratio = Some(rate(RawRow) / alone);
+    r.capture_table_write_tx_per_s = Some(rate(CapturedRow));
+    r.capture_table_write_ratio = Some(rate(CapturedRow) / alone);
     Ok(())
 }
 
@@ -88,15 +133,12 @@ async fn polling_drain(db: &BenchDb, opts: &Options) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-/// The latency run on the fresh slot, then the drain from it; returns the drain rate.
-async fn streamed(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<f64> {
-    rss::reset_peak();
-    latency(db, opts, r).await?;
-    fill(
-        opts,
-        "emit",
-        |msgs| async move { db.emit_batch(&msgs).await },
-    )
+/// The latency run on the slot, then the drain from it, with messages written as `mode` says.
+async fn streamed(db: &BenchDb, opts: &Options, mode: EnqueueMode) -> anyhow::Result<Streamed> {
+    let latency = latency(db, opts, mode).await?;
+    fill(opts, "emit", |msgs| async move {
+        db.emit_batch(&msgs, mode).await
+    })
     .await?;
     let check = Arc::new(OrderCheck::default());
     let started = Instant::now();
@@ -120,12 +162,14 @@ async fn streamed(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Resul
     let rate = opts.messages as f64 / started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     relay.stop().await?;
-    count_violations(r, check.violations());
-    r.capture_peak_rss_mib = rss::peak_mib();
-    Ok(rate)
+    Ok(Streamed {
+        drain: rate,
+        latency,
+        violations: check.violations(),
+    })
 }
 
-async fn latency(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<()> {
+async fn latency(db: &BenchDb, opts: &Options, mode: EnqueueMode) -> anyhow::Result<[f64; 3]> {
     let sink = Arc::new(ArrivalSink::default());
     let mut relay = Running::start(db, opts, sink.clone())?;
     tokio::time::timeout(
@@ -136,12 +180,16 @@ async fn latency(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result
     .context("the relay did not start streaming within 30 s")??;
     // One message through first: the latency of a stream that runs, as the polling latency
     // is that of a relay already up.
-    db.emit_batch(&[message_sized(0, opts.keys, opts.payload_bytes)])
+    db.emit_batch(&[message_sized(0, opts.keys, opts.payload_bytes)], mode)
         .await?;
     if sink.wait_for(1, Duration::from_secs(60)).await < 1 {
         bail!("capture: the first message did not arrive within 60 s");
     }
-    let committed = paced_writers(db, opts, "latency", WriteMode::WalMessage).await;
+    let writes = match mode {
+        EnqueueMode::CapturedRow => WriteMode::CapturedRow,
+        _ => WriteMode::WalMessage,
+    };
+    let committed = paced_writers(db, opts, "latency", writes).await;
     let expected = committed.as_ref().map_or(0, Vec::len) + 1;
     let arrived = sink.wait_for(expected, Duration::from_secs(60)).await;
     relay.stop().await?;
@@ -151,10 +199,7 @@ async fn latency(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result
     }
     let h = histogram(&sink.latencies(&committed))?;
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    r.capture_latency_p50_ms = Some(ms(0.5));
-    r.capture_latency_p99_ms = Some(ms(0.99));
-    r.capture_latency_max_ms = Some(h.max() as f64 / 1000.0);
-    Ok(())
+    Ok([ms(0.5), ms(0.99), h.max() as f64 / 1000.0])
 }
 
 /// A relay streaming from the benchmark's slot until [`Running::stop`].

@@ -201,6 +201,14 @@ fn capture_rows(r: &Report) -> String {
             fmt(r.capture_write_ratio, "")
         );
     }
+    if r.capture_table_write_tx_per_s.is_some() {
+        s += &format!(
+            "| capture: business insert + enqueue of a captured row, tx/s | {} | the same \
+             rounds | **{}** |\n",
+            fmt(r.capture_table_write_tx_per_s, ""),
+            fmt(r.capture_table_write_ratio, "")
+        );
+    }
     if r.capture_drain_per_s.is_some() {
         s += &format!(
             "| capture: drain from the slot ({} keys), msg/s | {} | {} by polling | **{}** |\n",
@@ -208,6 +216,25 @@ fn capture_rows(r: &Report) -> String {
             fmt(r.capture_drain_per_s, ""),
             fmt(r.capture_polling_drain_per_s, ""),
             fmt(r.capture_drain_ratio, "")
+        );
+    }
+    if r.capture_table_drain_per_s.is_some() {
+        s += &format!(
+            "| capture: drain of captured rows from the slot ({} keys), msg/s | {} | {} by \
+             polling | **{}** |\n",
+            r.keys,
+            fmt(r.capture_table_drain_per_s, ""),
+            fmt(r.capture_polling_drain_per_s, ""),
+            fmt(r.capture_table_drain_ratio, "")
+        );
+    }
+    if r.capture_table_latency_p50_ms.is_some() {
+        s += &format!(
+            "| capture: captured row commit → sink at {} msg/s | p50 {} · p99 {} · max {} | | |\n",
+            r.rate,
+            fmt(r.capture_table_latency_p50_ms, " ms"),
+            fmt(r.capture_table_latency_p99_ms, " ms"),
+            fmt(r.capture_table_latency_max_ms, " ms")
         );
     }
     if r.capture_latency_p50_ms.is_some() {

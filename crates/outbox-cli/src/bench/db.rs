@@ -27,12 +27,26 @@ pub enum WriteMode {
     /// The business insert plus `enqueue` as a logical decoding message (PostgreSQL, for
     /// log-based capture): no row at all.
     WalMessage,
+    /// The business insert plus `enqueue` of a row for table capture (PostgreSQL).
+    CapturedRow,
 }
 
-fn wal_writer(pg: &outbox_postgres::PgStore) -> outbox_postgres::PgOutbox {
-    pg.outbox()
-        .clone()
-        .with_enqueue_mode(outbox_postgres::EnqueueMode::WalMessage)
+impl WriteMode {
+    /// How the outbox writes in this mode, when it writes for log-based capture.
+    fn capture(self) -> Option<outbox_postgres::EnqueueMode> {
+        match self {
+            WriteMode::WalMessage => Some(outbox_postgres::EnqueueMode::WalMessage),
+            WriteMode::CapturedRow => Some(outbox_postgres::EnqueueMode::CapturedRow),
+            _ => None,
+        }
+    }
+}
+
+fn capture_writer(
+    pg: &outbox_postgres::PgStore,
+    mode: outbox_postgres::EnqueueMode,
+) -> outbox_postgres::PgOutbox {
+    pg.outbox().clone().with_enqueue_mode(mode)
 }
 
 /// The store under test and the names of the tables beside it.
@@ -268,12 +282,12 @@ impl BenchDb {
                 }
             }
         }
-        match (mode, tx.sql(), &self.any) {
-            (WriteMode::Outbox, _, _) => tx.enqueue(msg).await?,
-            (WriteMode::WalMessage, Tx::Postgres(t), AnyStore::Postgres(pg)) => {
-                wal_writer(pg).enqueue(t, msg).await?;
+        match (mode, mode.capture(), tx.sql(), &self.any) {
+            (WriteMode::Outbox, ..) => tx.enqueue(msg).await?,
+            (_, Some(capture), Tx::Postgres(t), AnyStore::Postgres(pg)) => {
+                capture_writer(pg, capture).enqueue(t, msg).await?;
             }
-            (WriteMode::WalMessage, _, _) => bail!("log-based capture needs PostgreSQL"),
+            (_, Some(_), _, _) => bail!("log-based capture needs PostgreSQL"),
             _ => {}
         }
         tx.commit().await?;
@@ -288,11 +302,18 @@ impl BenchDb {
         }
     }
 
-    /// Emits a batch of logical messages in one transaction (the capture prefill).
-    pub async fn emit_batch(&self, msgs: &[NewMessage]) -> anyhow::Result<()> {
+    /// Writes a batch for log-based capture in one transaction, as logical messages or as
+    /// captured rows (the capture prefill).
+    pub async fn emit_batch(
+        &self,
+        msgs: &[NewMessage],
+        mode: outbox_postgres::EnqueueMode,
+    ) -> anyhow::Result<()> {
         let pg = self.postgres()?;
         let mut tx = pg.pool().begin().await?;
-        wal_writer(pg).enqueue_batch(&mut tx, msgs).await?;
+        capture_writer(pg, mode)
+            .enqueue_batch(&mut tx, msgs)
+            .await?;
         tx.commit().await?;
         Ok(())
     }

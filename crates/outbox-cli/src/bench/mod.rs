@@ -131,6 +131,16 @@ pub struct Report {
     pub capture_latency_p50_ms: Option<f64>,
     pub capture_latency_p99_ms: Option<f64>,
     pub capture_latency_max_ms: Option<f64>,
+    /// Table capture: writes of a captured row, its ratio to the business insert alone (same
+    /// rounds as above), the drain of the same backlog as rows from the slot and its ratio to
+    /// the polling drain, and its latency.
+    pub capture_table_write_tx_per_s: Option<f64>,
+    pub capture_table_write_ratio: Option<f64>,
+    pub capture_table_drain_per_s: Option<f64>,
+    pub capture_table_drain_ratio: Option<f64>,
+    pub capture_table_latency_p50_ms: Option<f64>,
+    pub capture_table_latency_p99_ms: Option<f64>,
+    pub capture_table_latency_max_ms: Option<f64>,
     /// Peak resident memory during the drain from the slot and the latency run.
     pub capture_peak_rss_mib: Option<f64>,
     /// The drain without the HTTP surface, then with it (scenario surface).
