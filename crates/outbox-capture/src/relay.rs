@@ -16,7 +16,7 @@ use outbox_core::{
     one_outcome_each, waves,
 };
 use outbox_postgres::PgStore;
-use outbox_postgres::capture::{WriteBack, decode};
+use outbox_postgres::capture::{Unfinished, WriteBack, decode};
 use pgwire_replication::{
     FeedbackObserver, Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
 };
@@ -148,6 +148,7 @@ pub struct CaptureStats {
     waiting: AtomicU64,
     retried: AtomicU64,
     dead: AtomicU64,
+    replayed: AtomicU64,
     sessions: AtomicU64,
     /// The slot's lag at the last reading, in bytes; -1 before the first.
     lag: AtomicI64,
@@ -161,6 +162,7 @@ impl Default for CaptureStats {
             waiting: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             dead: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
             lag: AtomicI64::new(-1),
         }
@@ -181,6 +183,8 @@ pub struct CaptureReport {
     pub retried: u64,
     /// Messages that failed for good on their streamed attempt: dead letters at once.
     pub dead: u64,
+    /// Captured rows a replay met that a relay before had already delivered: not sent again.
+    pub replayed: u64,
     /// Times this relay took the slot (1 for a relay that streamed throughout).
     pub sessions: u64,
 }
@@ -195,6 +199,7 @@ impl CaptureStats {
             waiting: get(&self.waiting),
             retried: get(&self.retried),
             dead: get(&self.dead),
+            replayed: get(&self.replayed),
             sessions: get(&self.sessions),
         }
     }
@@ -475,8 +480,13 @@ impl WalRelay {
     async fn settle(
         &self,
         batch: &[Captured],
-        unfinished: &HashSet<uuid::Uuid>,
+        unfinished: &Unfinished,
     ) -> Result<(), SessionError> {
+        let gone = self.replayed_and_gone(batch, unfinished).await?;
+        let batch: Vec<&Captured> = batch
+            .iter()
+            .filter(|c| !gone.contains(&c.message.id))
+            .collect();
         let msgs: Vec<&Message> = batch.iter().map(|c| &c.message).collect();
         let keys: Vec<String> = msgs
             .iter()
@@ -489,7 +499,7 @@ impl WalRelay {
         let mut outcome: Vec<Option<WriteBack>> = vec![None; msgs.len()];
         let mut direct: Vec<usize> = Vec::with_capacity(msgs.len());
         for (i, m) in msgs.iter().enumerate() {
-            if unfinished.contains(&m.id) {
+            if unfinished.ids.contains(&m.id) {
                 outcome[i] = Some(self.interrupted());
                 stopped.extend(m.key.clone());
             } else if m.available_at > now || m.key.as_ref().is_some_and(|k| stopped.contains(k)) {
@@ -501,7 +511,8 @@ impl WalRelay {
         }
         if !direct.is_empty() {
             let ids: Vec<uuid::Uuid> = direct.iter().map(|&i| msgs[i].id).collect();
-            self.store.capture_started(&self.slot, &ids).await?;
+            let end = batch.last().map_or(0, |c| c.end.as_u64());
+            self.store.capture_started(&self.slot, &ids, end).await?;
         }
         self.deliver(&msgs, &direct, &mut outcome, &mut stopped)
             .await;
@@ -523,6 +534,34 @@ impl WalRelay {
             .await?;
         self.count(msgs.len(), &rows);
         Ok(())
+    }
+
+    /// Captured rows of a replay, up to where the previous relay got, that are no longer in
+    /// the table as captured: delivered (or handed over) before, so not sent again. Logical
+    /// messages leave nothing to look up, and are sent again.
+    async fn replayed_and_gone(
+        &self,
+        batch: &[Captured],
+        unfinished: &Unfinished,
+    ) -> Result<HashSet<uuid::Uuid>, SessionError> {
+        let Some(through) = unfinished.through else {
+            return Ok(HashSet::new());
+        };
+        let replayed: Vec<uuid::Uuid> = batch
+            .iter()
+            .filter(|c| c.row && c.end.as_u64() <= through)
+            .map(|c| c.message.id)
+            .collect();
+        if replayed.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let left = self.store.captured_left(&replayed).await?;
+        let gone: HashSet<uuid::Uuid> = replayed
+            .into_iter()
+            .filter(|id| !left.contains(id))
+            .collect();
+        CaptureStats::add(&self.stats.replayed, gone.len());
+        Ok(gone)
     }
 
     async fn deliver(
@@ -697,7 +736,7 @@ struct Stream {
     ready: Vec<Captured>,
     /// The batch the previous relay on the slot had in its sink when it stopped: replayed,
     /// these messages count the attempt that never ended instead of going out straight away.
-    unfinished: HashSet<uuid::Uuid>,
+    unfinished: Unfinished,
 }
 
 impl Stream {
@@ -709,7 +748,7 @@ impl Stream {
             in_transaction: false,
             committed_at: Utc::now(),
             ready: Vec::new(),
-            unfinished: HashSet::new(),
+            unfinished: Unfinished::default(),
         }
     }
 

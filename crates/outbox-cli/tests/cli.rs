@@ -1098,7 +1098,8 @@ fn bench_refuses_an_outbox_that_holds_messages() {
 
 /// `outbox bench --scenario capture` on a server with `wal_level = logical`: both ways of
 /// writing for the stream (logical messages, captured rows) report their write ratio, drain
-/// and latency next to polling, no key out of order, and the benchmark's slot is gone after.
+/// and latency next to polling, the drain from two slots is measured, no key is out of order,
+/// and the benchmark's slots are gone after.
 #[test]
 fn bench_capture_reports_messages_and_rows() {
     let pg = outbox_testkit::cluster::PgCluster::start_with(&[
@@ -1139,6 +1140,7 @@ fn bench_capture_reports_messages_and_rows() {
         "capture_table_drain_ratio",
         "capture_latency_p99_ms",
         "capture_table_latency_p99_ms",
+        "capture_two_slots_ratio",
         "capture_peak_rss_mib",
     ] {
         assert!(

@@ -156,6 +156,16 @@ pub enum WriteBack {
     },
 }
 
+/// What the last relay streaming from a slot had handed to its sink when it stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unfinished {
+    /// The ids of its last batch: replayed, each counts the attempt that may never have ended.
+    pub ids: HashSet<Uuid>,
+    /// Where that batch's last transaction ends in the WAL: a replay up to here may meet
+    /// captured rows already delivered, which are gone from the table.
+    pub through: Option<u64>,
+}
+
 /// A replication slot of this database, as `outbox status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SlotStatus {
@@ -188,8 +198,8 @@ const WRITE_BACK: &str = "INSERT INTO {schema}.{p}messages \
     ORDER BY ord \
     ON CONFLICT (id) DO NOTHING";
 
-const KEYS_WAITING: &str = "SELECT DISTINCT m.key FROM {schema}.{p}messages m \
-    WHERE m.key = ANY($1) AND m.status IN ('pending', 'in_flight')";
+/// Through a function that plans with the index of waiting keys (migration 14).
+const KEYS_WAITING: &str = "SELECT * FROM {schema}.{p}keys_waiting($1)";
 
 /// Advice for a server that cannot decode its WAL for a slot.
 pub const WAL_LEVEL_ADVICE: &str = "run ALTER SYSTEM SET wal_level = logical; and restart \
@@ -332,24 +342,33 @@ impl PgStore {
         if delivered.is_empty() && handed.is_empty() {
             return self.write_back(rows).await;
         }
-        let consumed = |sql: &str, ids: &[Uuid]| {
-            sqlx::query(AssertSqlSafe(self.config().render(sql))).bind(ids.to_vec())
+        // Through a function that plans with the index on id (migration 14), whatever the
+        // table's statistics say.
+        let done = |ids: &[Uuid], keep: bool| {
+            sqlx::query(AssertSqlSafe(
+                self.config()
+                    .render("SELECT {schema}.{p}captured_done($1, $2)"),
+            ))
+            .bind(ids.to_vec())
+            .bind(keep)
         };
-        const DELETE: &str =
-            "DELETE FROM {schema}.{p}messages WHERE id = ANY($1) AND status = 'captured'";
-        let mut tx = self.pool().begin().await.map_err(StoreError::database)?;
-        let mut statements = Vec::new();
-        match retention {
-            Retention::Delete => statements.push(consumed(DELETE, &[delivered, handed].concat())),
-            Retention::Keep(_) => {
-                statements.push(consumed(
-                    "UPDATE {schema}.{p}messages SET status = 'delivered', delivered_at = now() \
-                     WHERE id = ANY($1) AND status = 'captured'",
-                    delivered,
-                ));
-                statements.push(consumed(DELETE, handed));
-            }
+        let keep = matches!(retention, Retention::Keep(_));
+        // Committed with the WAL flushed, unlike the in-flight record: the slot may keep a
+        // confirmed position on disk before an unflushed commit, and a crash would then leave
+        // delivered rows behind as captured, where no stream comes back for them.
+        if rows.is_empty() && !keep {
+            done(delivered, false)
+                .execute(self.pool())
+                .await
+                .map_err(StoreError::database)?;
+            return Ok(());
         }
+        let mut tx = self.pool().begin().await.map_err(StoreError::database)?;
+        let statements = if keep {
+            vec![done(delivered, true), done(handed, false)]
+        } else {
+            vec![done(&[delivered, handed].concat(), false)]
+        };
         for statement in statements {
             statement
                 .execute(&mut *tx)
@@ -366,16 +385,18 @@ impl PgStore {
     }
 
     /// Records the batch a relay streaming from `slot` hands to its sink now, replacing the
-    /// previous one. Written without waiting for the WAL flush: it matters when the relay dies,
-    /// not the database.
-    pub async fn capture_started(&self, slot: &str, ids: &[Uuid]) -> StoreResult<()> {
+    /// previous one, and `end`, where its last transaction ends in the WAL. Written without
+    /// waiting for the WAL flush: it matters when the relay dies, not the database.
+    pub async fn capture_started(&self, slot: &str, ids: &[Uuid], end: u64) -> StoreResult<()> {
         let sql = self.config().render(
-            "INSERT INTO {schema}.{p}capture_inflight (slot, ids) VALUES ($1, $2) \
-             ON CONFLICT (slot) DO UPDATE SET ids = excluded.ids, started_at = now()",
+            "INSERT INTO {schema}.{p}capture_inflight (slot, ids, end_lsn) VALUES ($1, $2, $3) \
+             ON CONFLICT (slot) DO UPDATE \
+             SET ids = excluded.ids, end_lsn = excluded.end_lsn, started_at = now()",
         );
         sqlx::query(AssertSqlSafe(sql))
             .bind(slot)
             .bind(ids)
+            .bind(i64::try_from(end).unwrap_or(i64::MAX))
             .execute(self.records_pool())
             .await
             .map_err(StoreError::database)?;
@@ -398,16 +419,37 @@ impl PgStore {
 
     /// The batch the last relay on `slot` handed to its sink: whatever of it the slot replays
     /// had a delivery that may never have ended.
-    pub async fn capture_unfinished(&self, slot: &str) -> StoreResult<HashSet<Uuid>> {
+    pub async fn capture_unfinished(&self, slot: &str) -> StoreResult<Unfinished> {
         let sql = self
             .config()
-            .render("SELECT ids FROM {schema}.{p}capture_inflight WHERE slot = $1");
-        let ids: Option<Vec<Uuid>> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .render("SELECT ids, end_lsn FROM {schema}.{p}capture_inflight WHERE slot = $1");
+        let row: Option<(Vec<Uuid>, Option<i64>)> = sqlx::query_as(AssertSqlSafe(sql))
             .bind(slot)
             .fetch_optional(self.pool())
             .await
             .map_err(StoreError::database)?;
-        Ok(ids.unwrap_or_default().into_iter().collect())
+        let (ids, end) = row.unwrap_or_default();
+        Ok(Unfinished {
+            ids: ids.into_iter().collect(),
+            through: end.and_then(|e| u64::try_from(e).ok()),
+        })
+    }
+
+    /// Of `ids`, those whose rows are still captured: the others were delivered, or handed to
+    /// the polling relay, by a relay before this one.
+    pub async fn captured_left(&self, ids: &[Uuid]) -> StoreResult<HashSet<Uuid>> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let sql = self
+            .config()
+            .render("SELECT * FROM {schema}.{p}captured_left($1)");
+        let left: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(ids)
+            .fetch_all(self.pool())
+            .await
+            .map_err(StoreError::database)?;
+        Ok(left.into_iter().collect())
     }
 
     /// Prepares log-based capture: checks `wal_level`, creates the publication relays read

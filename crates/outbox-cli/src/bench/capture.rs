@@ -13,6 +13,10 @@
 //! Steps 2 and 3 run once with logical messages (message capture), then once with captured
 //! rows (table capture).
 //!
+//! 4. **Two slots.** Scaling past one slot: the same backlog of logical messages written
+//!    alternately to two outboxes (table prefixes), each with its own slot, drained by one
+//!    relay per slot at once, against the drain of step 3 from one slot.
+//!
 //! A relay that takes over a slot first decodes the WAL from the slot's restart point: after a
 //! large drain that takes a second or more, during which new messages wait. The latency is
 //! measured on a running stream, before the drain, as the polling latency is measured on a
@@ -21,11 +25,12 @@
 //! The slot is dropped at the end, also when a step failed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use outbox_capture::{CaptureConfig, CaptureState, WalRelay};
-use outbox_core::{RelayConfig, Sink};
+use outbox_core::{RelayConfig, Sink, Store};
 use outbox_postgres::EnqueueMode;
 use tokio::sync::watch;
 
@@ -36,8 +41,9 @@ use super::scenario::{
 };
 use super::{Options, Report, progress, rss};
 
-/// The benchmark's own slot, so that it never touches one a relay uses.
+/// The benchmark's own slots, so that it never touches one a relay uses.
 const SLOT: &str = "outbox_bench_slot";
+const SECOND_SLOT: &str = "outbox_bench_slot_b";
 
 pub async fn capture(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Result<()> {
     let pg = db.postgres()?;
@@ -47,18 +53,33 @@ pub async fn capture(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Re
     db.clear().await?;
     let polled = polling_drain(db, opts).await?;
     db.clear().await?;
-    pg.setup_capture(Some(SLOT)).await?;
     rss::reset_peak();
+    // Each step on a slot of its own, made just before: a relay starting on a slot decodes
+    // the WAL from the slot's restart point, which may still lie before the previous step's
+    // whole backlog.
+    let fresh = || async {
+        pg.drop_slot(SLOT).await?;
+        pg.setup_capture(Some(SLOT)).await
+    };
     let measured = async {
+        fresh().await?;
         let messages = streamed(db, opts, EnqueueMode::WalMessage).await?;
         db.clear().await?;
+        fresh().await?;
         let rows = streamed(db, opts, EnqueueMode::CapturedRow).await?;
-        anyhow::Ok((messages, rows))
+        db.clear().await?;
+        fresh().await?;
+        let two = two_slots(db, opts).await?;
+        anyhow::Ok((messages, rows, two))
     }
     .await;
     let dropped = pg.drop_slot(SLOT).await;
-    let (messages, rows) = measured?;
+    let dropped_second = pg.drop_slot(SECOND_SLOT).await;
+    let (messages, rows, (two_rate, two_violations)) = measured?;
     dropped?;
+    dropped_second?;
+    r.capture_two_slots_drain_per_s = Some(two_rate);
+    r.capture_two_slots_ratio = Some(two_rate / messages.drain);
     r.capture_peak_rss_mib = rss::peak_mib();
     r.capture_polling_drain_per_s = Some(polled);
     r.capture_drain_per_s = Some(messages.drain);
@@ -75,7 +96,7 @@ pub async fn capture(db: &BenchDb, opts: &Options, r: &mut Report) -> anyhow::Re
         r.capture_table_latency_p99_ms,
         r.capture_table_latency_max_ms,
     ] = rows.latency.map(Some);
-    count_violations(r, messages.violations + rows.violations);
+    count_violations(r, messages.violations + rows.violations + two_violations);
     db.clear().await
 }
 
@@ -140,38 +161,100 @@ async fn streamed(db: &BenchDb, opts: &Options, mode: EnqueueMode) -> anyhow::Re
         db.emit_batch(&msgs, mode).await
     })
     .await?;
-    let check = Arc::new(OrderCheck::default());
+    let pg = db.postgres()?;
+    let (rate, violations) = drain_slots(opts, &[(pg, SLOT, opts.messages as u64)]).await?;
+    Ok(Streamed {
+        drain: rate,
+        latency,
+        violations,
+    })
+}
+
+/// The backlog written alternately to this outbox and a second one (its table prefix + `b_`),
+/// then drained from both slots at once, a relay each.
+async fn two_slots(db: &BenchDb, opts: &Options) -> anyhow::Result<(f64, u64)> {
+    let first = db.postgres()?;
+    let mut config = first.config().clone();
+    config.table_prefix = format!("{}b_", config.table_prefix);
+    let second = outbox_postgres::PgStore::with_config(first.pool().clone(), config)?;
+    second.migrate().await?;
+    second.drop_slot(SECOND_SLOT).await?;
+    second.setup_capture(Some(SECOND_SLOT)).await?;
+    // A failed run before this one may have left messages behind.
+    let (schema, table) = second.table();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {schema}.{table}")))
+        .execute(second.pool())
+        .await?;
+    let stores = [first.clone(), second.clone()];
+    let counts = [AtomicU64::new(0), AtomicU64::new(0)];
+    let turn = AtomicU64::new(0);
+    fill(opts, "emit to two outboxes", |msgs| {
+        let i = (turn.fetch_add(1, Ordering::Relaxed) % 2) as usize;
+        counts[i].fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        let store = stores[i].clone();
+        async move {
+            let mut tx = store.pool().begin().await?;
+            let writer = store
+                .outbox()
+                .clone()
+                .with_enqueue_mode(EnqueueMode::WalMessage);
+            writer.enqueue_batch(&mut tx, &msgs).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let [a, b] = counts.map(AtomicU64::into_inner);
+    drain_slots(opts, &[(first, SLOT, a), (&second, SECOND_SLOT, b)]).await
+}
+
+/// Starts a relay on each slot at once, with a sink that checks per-key order, and waits until
+/// each has delivered its count: the messages per second of all of them together, and the
+/// order violations.
+async fn drain_slots(
+    opts: &Options,
+    slots: &[(&outbox_postgres::PgStore, &str, u64)],
+) -> anyhow::Result<(f64, u64)> {
+    let total: u64 = slots.iter().map(|(_, _, n)| n).sum();
+    let checks: Vec<Arc<OrderCheck>> = slots.iter().map(|_| Arc::default()).collect();
     let started = Instant::now();
-    let relay = Running::start(db, opts, Arc::new(OrderSink(check.clone())))?;
-    let bar = progress(opts.messages as u64, "from WAL");
-    let mut reached = std::pin::pin!(check.reached(opts.messages as u64));
+    let mut relays = Vec::new();
+    for ((store, slot, _), check) in slots.iter().zip(&checks) {
+        let sink = Arc::new(OrderSink(check.clone()));
+        relays.push(Running::start(store, slot, opts, sink)?);
+    }
+    let bar = progress(total, "from WAL");
+    let delivered = || checks.iter().map(|c| c.delivered()).sum::<u64>();
+    let all = async {
+        for ((_, _, n), check) in slots.iter().zip(&checks) {
+            check.reached(*n).await;
+        }
+    };
+    let mut reached = std::pin::pin!(all);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tokio::select! {
             _ = &mut reached => break,
-            _ = tick.tick() => bar.set_position(check.delivered()),
+            _ = tick.tick() => bar.set_position(delivered()),
         }
         if started.elapsed() > Duration::from_secs(600) {
             bail!(
-                "the relay streamed {} of {} messages in 10 minutes",
-                check.delivered(),
-                opts.messages
+                "the relays streamed {} of {total} messages in 10 minutes",
+                delivered()
             );
         }
     }
-    let rate = opts.messages as f64 / started.elapsed().as_secs_f64();
+    let rate = total as f64 / started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    relay.stop().await?;
-    Ok(Streamed {
-        drain: rate,
-        latency,
-        violations: check.violations(),
-    })
+    for relay in relays {
+        relay.stop().await?;
+    }
+    Ok((rate, checks.iter().map(|c| c.violations()).sum()))
 }
 
 async fn latency(db: &BenchDb, opts: &Options, mode: EnqueueMode) -> anyhow::Result<[f64; 3]> {
     let sink = Arc::new(ArrivalSink::default());
-    let mut relay = Running::start(db, opts, sink.clone())?;
+    let mut relay = Running::start(db.postgres()?, SLOT, opts, sink.clone())?;
     tokio::time::timeout(
         Duration::from_secs(30),
         relay.state.wait_for(|s| *s == CaptureState::Streaming),
@@ -212,12 +295,17 @@ struct Running {
 }
 
 impl Running {
-    fn start(db: &BenchDb, opts: &Options, sink: Arc<dyn Sink>) -> anyhow::Result<Self> {
+    fn start(
+        store: &outbox_postgres::PgStore,
+        slot: &str,
+        opts: &Options,
+        sink: Arc<dyn Sink>,
+    ) -> anyhow::Result<Self> {
         let config = CaptureConfig::default()
-            .slot(SLOT)
+            .slot(slot)
             .batch_size(opts.batch_size)
             .relay(RelayConfig::default().batch_size(opts.batch_size));
-        let relay = WalRelay::new(&opts.database_url, db.postgres()?.clone(), sink, config)?;
+        let relay = WalRelay::new(&opts.database_url, store.clone(), sink, config)?;
         let (stop, mut stopped) = watch::channel(false);
         let state = relay.state();
         let task = tokio::spawn(relay.run(async move {

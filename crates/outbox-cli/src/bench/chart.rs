@@ -228,6 +228,15 @@ fn capture_rows(r: &Report) -> String {
             fmt(r.capture_table_drain_ratio, "")
         );
     }
+    if r.capture_two_slots_drain_per_s.is_some() {
+        s += &format!(
+            "| capture: drain from two slots at once (two outboxes, a relay each), msg/s | {} \
+             | {} from one slot | **{}** |\n",
+            fmt(r.capture_two_slots_drain_per_s, ""),
+            fmt(r.capture_drain_per_s, ""),
+            fmt(r.capture_two_slots_ratio, "")
+        );
+    }
     if r.capture_table_latency_p50_ms.is_some() {
         s += &format!(
             "| capture: captured row commit → sink at {} msg/s | p50 {} · p99 {} · max {} | | |\n",

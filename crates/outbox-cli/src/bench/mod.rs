@@ -141,6 +141,10 @@ pub struct Report {
     pub capture_table_latency_p50_ms: Option<f64>,
     pub capture_table_latency_p99_ms: Option<f64>,
     pub capture_table_latency_max_ms: Option<f64>,
+    /// The same backlog of logical messages split over two outboxes, drained from their two
+    /// slots at once (a relay each), and its ratio to the drain from one slot.
+    pub capture_two_slots_drain_per_s: Option<f64>,
+    pub capture_two_slots_ratio: Option<f64>,
     /// Peak resident memory during the drain from the slot and the latency run.
     pub capture_peak_rss_mib: Option<f64>,
     /// The drain without the HTTP surface, then with it (scenario surface).
