@@ -928,6 +928,24 @@ fn check_reports_every_problem_at_once() {
     }
 }
 
+/// The one JSON object a successful command printed.
+fn json_report(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+/// Each of `keys` in `report` is a number above zero.
+fn all_positive(report: &Value, keys: &[&str]) {
+    for key in keys {
+        let v = report[key].as_f64();
+        assert!(v.is_some_and(|v| v > 0.0), "{key} = {}", report[key]);
+    }
+}
+
 /// `outbox bench --json` on a small backlog: every key a positive number, the broker scenario
 /// really delivered to its sink, the results folder written, and nothing left behind.
 fn bench_prints_every_key(db: &Db, more_sinks: &[&str]) {
@@ -954,31 +972,26 @@ fn bench_prints_every_key(db: &Db, more_sinks: &[&str]) {
         args.extend(["--sink", extra]);
     }
     let out = db.run(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let report = json_report(&out);
+    all_positive(
+        &report,
+        &[
+            "write_alone_tx_per_s",
+            "write_outbox_tx_per_s",
+            "write_ratio",
+            "raw_write_ratio",
+            "drain_per_s",
+            "raw_drain_per_s",
+            "drain_ratio",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "latency_max_ms",
+            "polling_latency_p50_ms",
+            "polling_latency_p99_ms",
+            "polling_latency_max_ms",
+            "relay_peak_rss_mib",
+        ],
     );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    for key in [
-        "write_alone_tx_per_s",
-        "write_outbox_tx_per_s",
-        "write_ratio",
-        "raw_write_ratio",
-        "drain_per_s",
-        "raw_drain_per_s",
-        "drain_ratio",
-        "latency_p50_ms",
-        "latency_p99_ms",
-        "latency_max_ms",
-        "polling_latency_p50_ms",
-        "polling_latency_p99_ms",
-        "polling_latency_max_ms",
-        "relay_peak_rss_mib",
-    ] {
-        let v = report[key].as_f64();
-        assert!(v.is_some_and(|v| v > 0.0), "{key} = {}", report[key]);
-    }
     assert!(report["latency_p50_ms"].as_f64() <= report["latency_max_ms"].as_f64());
     assert!(
         report["brokers"][&sink].as_f64().is_some_and(|v| v > 0.0),
@@ -1038,12 +1051,7 @@ fn bench_scaling_reports_every_count(db: &Db) {
         "--batch-size=100",
         "--keys=20",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let report = json_report(&out);
     let positive = |v: &Value| v.as_f64().is_some_and(|v| v > 0.0);
     for (field, names) in [
         ("keys_drain_per_s", &["0", "1000", "10", "1"][..]),
@@ -1126,29 +1134,21 @@ fn bench_capture_reports_messages_and_rows() {
         .stdin(Stdio::null())
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let report = json_report(&out);
+    all_positive(
+        &report,
+        &[
+            "capture_write_ratio",
+            "capture_table_write_ratio",
+            "capture_raw_write_ratio",
+            "capture_drain_ratio",
+            "capture_table_drain_ratio",
+            "capture_latency_p99_ms",
+            "capture_table_latency_p99_ms",
+            "capture_two_slots_ratio",
+            "capture_peak_rss_mib",
+        ],
     );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    for key in [
-        "capture_write_ratio",
-        "capture_table_write_ratio",
-        "capture_raw_write_ratio",
-        "capture_drain_ratio",
-        "capture_table_drain_ratio",
-        "capture_latency_p99_ms",
-        "capture_table_latency_p99_ms",
-        "capture_two_slots_ratio",
-        "capture_peak_rss_mib",
-    ] {
-        assert!(
-            report[key].as_f64().is_some_and(|v| v > 0.0),
-            "{key} = {}",
-            report[key]
-        );
-    }
     assert_eq!(report["order_violations"], 0, "{report}");
     let status = Command::new(env!("CARGO_BIN_EXE_outbox"))
         .args(["status", "--json"])
