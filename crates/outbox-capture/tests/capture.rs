@@ -638,3 +638,38 @@ async fn polled_rows_and_captured_rows_share_a_table_and_each_goes_out_once() ->
     assert_eq!(rows(&polled, "captured").await?, 0);
     Ok(())
 }
+
+/// Relays started together all prepare the same publication and slot; none of them may fail on
+/// the others' catalog updates (PostgreSQL answers concurrent ALTER PUBLICATIONs with "tuple
+/// concurrently updated").
+#[tokio::test]
+async fn relays_starting_at_once_all_set_up_capture() -> anyhow::Result<()> {
+    let db = Db::start()?;
+    let mut stores = Vec::new();
+    for _ in 0..8 {
+        stores.push(db.store(EnqueueMode::CapturedRow).await?);
+    }
+    for round in 0..5 {
+        let slot = format!("together_{round}");
+        let setups = stores.iter().map(|s| s.setup_capture(Some(&slot)));
+        for (i, result) in futures::future::join_all(setups)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            result.map_err(|e| anyhow::anyhow!("round {round}, relay {i}: {e}"))?;
+        }
+        // The next round starts from a publication of the message-only kind an earlier version
+        // created, which every relay then widens at once.
+        let publication = stores[0].publication();
+        for sql in [
+            format!("DROP PUBLICATION {publication}"),
+            format!("CREATE PUBLICATION {publication}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(stores[0].pool())
+                .await?;
+        }
+    }
+    Ok(())
+}

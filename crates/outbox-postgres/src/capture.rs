@@ -476,41 +476,58 @@ impl PgStore {
     /// The publication carries the outbox table's inserts (table capture) and, as every
     /// publication does, the logical messages (message capture). Updates and deletes are left
     /// out: the polling relay's claims and acks are of no interest to the stream.
+    ///
+    /// Relays starting together would race on the publication's catalog row (PostgreSQL fails
+    /// concurrent ALTER PUBLICATIONs with "tuple concurrently updated"), so the check and the
+    /// change run in one transaction under an advisory lock named after the publication.
     async fn create_publication(&self) -> StoreResult<()> {
         let publication = self.publication();
         let (schema, table) = self.table();
-        let (exists, has_table): (bool, bool) = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1), \
-                    EXISTS (SELECT 1 FROM pg_publication_tables \
-                            WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+        let mut tx = self.pool().begin().await.map_err(StoreError::database)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(&publication)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::database)?;
+        let found: Option<(bool, bool)> = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_tables \
+                            WHERE pubname = $1 AND schemaname = $2 AND tablename = $3), \
+                    pubinsert AND NOT (pubupdate OR pubdelete OR pubtruncate) \
+             FROM pg_publication WHERE pubname = $1",
         )
         .bind(&publication)
         .bind(&schema)
         .bind(&table)
-        .fetch_one(self.pool())
+        .fetch_optional(&mut *tx)
         .await
         .map_err(StoreError::database)?;
         let target = format!("{schema}.{table}");
-        let sql = match (exists, has_table) {
-            (false, _) => {
-                format!(
-                    "CREATE PUBLICATION {publication} FOR TABLE {target} WITH (publish = 'insert')"
-                )
+        let mut changes = Vec::new();
+        match found {
+            None => changes.push(format!(
+                "CREATE PUBLICATION {publication} FOR TABLE {target} WITH (publish = 'insert')"
+            )),
+            Some((has_table, only_inserts)) => {
+                // A publication of an earlier version carried only the logical messages.
+                if !has_table {
+                    changes.push(format!(
+                        "ALTER PUBLICATION {publication} ADD TABLE {target}"
+                    ));
+                }
+                if !only_inserts {
+                    changes.push(format!(
+                        "ALTER PUBLICATION {publication} SET (publish = 'insert')"
+                    ));
+                }
             }
-            // A publication of an earlier version carried only the logical messages.
-            (true, false) => format!("ALTER PUBLICATION {publication} ADD TABLE {target}"),
-            (true, true) => return Ok(()),
-        };
-        match sqlx::query(AssertSqlSafe(sql)).execute(self.pool()).await {
-            Err(e) if !already_exists(&e) => return Err(StoreError::database(e)),
-            _ => {}
         }
-        let publish = format!("ALTER PUBLICATION {publication} SET (publish = 'insert')");
-        sqlx::query(AssertSqlSafe(publish))
-            .execute(self.pool())
-            .await
-            .map_err(StoreError::database)?;
-        Ok(())
+        for sql in changes {
+            sqlx::query(AssertSqlSafe(sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::database)?;
+        }
+        tx.commit().await.map_err(StoreError::database)
     }
 
     async fn create_slot(&self, slot: &str) -> StoreResult<()> {
