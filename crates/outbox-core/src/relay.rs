@@ -64,7 +64,9 @@ pub struct RelayConfig {
     /// Stop as soon as a claim finds nothing deliverable (drain mode, for scripts and benches).
     pub exit_when_idle: bool,
     /// How often the relay checks which relays are alive and rebalances the partitions it
-    /// owns (on stores with ownership); also how soon it takes over from a relay that died.
+    /// owns (on stores with ownership); also how soon it takes over from a relay that died,
+    /// and how soon a relay that joins gets its share from the others. On PostgreSQL a check
+    /// is one read of `pg_locks` (about 1.5 ms with a thousand partitions held).
     pub rebalance_interval: Duration,
     /// How often the relay counts an attempt for deliveries that never finished (a relay that
     /// died while holding a claim).
@@ -186,7 +188,7 @@ impl Default for RelayConfig {
             purge_batch: 1000,
             shutdown_timeout: Duration::from_secs(10),
             exit_when_idle: false,
-            rebalance_interval: Duration::from_millis(500),
+            rebalance_interval: Duration::from_millis(100),
             recover_interval: Duration::from_secs(1),
         }
     }
@@ -769,7 +771,7 @@ impl MainLoop<'_> {
             }
         }
         self.shared.set_state(RelayState::Idle);
-        let poll = self.config().poll_interval;
+        let poll = self.idle_for();
         let woke = tokio::select! {
             _ = self.shutdown.as_mut() => { self.shared.stop.send_replace(true); return true; }
             r = waiter.idle(poll) => r,
@@ -779,6 +781,20 @@ impl MainLoop<'_> {
             return self.sleep_or_stop(pause).await;
         }
         false
+    }
+
+    /// The poll interval, or less while partitions are being handed over to this relay: a
+    /// backlog that was already there sends no wake-up, and a relay that joins while others
+    /// drain would otherwise sit out a whole poll interval before claiming its share.
+    fn idle_for(&self) -> Duration {
+        let poll = self.config().poll_interval;
+        if self.ownership.is_none() || self.assignment.settled {
+            return poll;
+        }
+        let rebalance = self
+            .next_rebalance
+            .saturating_duration_since(Instant::now());
+        poll.min(rebalance)
     }
 
     async fn purge_if_due(&mut self, next: &mut Instant) {

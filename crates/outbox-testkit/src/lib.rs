@@ -86,6 +86,7 @@ macro_rules! conformance_tests {
             inbox_racing_redeliveries_process_once,
             hot_keys_go_out_in_runs_and_in_order,
             relays_joining_and_dying_keep_each_key_in_order,
+            a_relay_joining_a_drain_takes_its_share_at_once,
             a_sink_slower_than_the_lease_counts_attempts_and_goes_dead,
             a_message_that_kills_its_relay_goes_dead_alone,
             dead_letters_are_filtered_and_paged,
@@ -263,6 +264,7 @@ pub mod tests {
     };
     pub use crate::order::{
         a_message_that_kills_its_relay_goes_dead_alone,
+        a_relay_joining_a_drain_takes_its_share_at_once,
         a_sink_slower_than_the_lease_counts_attempts_and_goes_dead,
         hot_keys_go_out_in_runs_and_in_order, relays_joining_and_dying_keep_each_key_in_order,
     };

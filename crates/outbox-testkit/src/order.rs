@@ -367,3 +367,55 @@ pub async fn a_message_that_kills_its_relay_goes_dead_alone(f: &dyn Fixture) -> 
     ensure!(innocents.is_subset(&got), "innocent messages were lost");
     Ok(())
 }
+
+/// A relay started while another drains a backlog that was there before either of them (so no
+/// commit wakes it) takes its share of the keys as soon as the first one gives it up: it does
+/// not sit out its poll interval, and the first relay learns of it within its rebalance
+/// interval. Both poll only once a minute here.
+pub async fn a_relay_joining_a_drain_takes_its_share_at_once(f: &dyn Fixture) -> R {
+    let all: Vec<_> = (0..1000u64)
+        .map(|n| msg("t", n).key(format!("k{}", n % 200)))
+        .collect();
+    enqueue(f, &all).await?;
+    let check = OrderCheck::default();
+    let config = |id: &str| {
+        live(id)
+            .batch_size(10)
+            .poll_interval(Duration::from_secs(60))
+            .rebalance_interval(RelayConfig::default().rebalance_interval)
+    };
+    let (a_sink, _) = check.slow_sink();
+    let (a, stop_a) = spawn_relay(f, a_sink, config("a"));
+    check.reached(20, Duration::from_secs(30)).await?;
+    let (b_sink, by_b) = check.slow_sink();
+    let (b, stop_b) = spawn_relay(f, b_sink, config("b"));
+    // "a" alone needs over two seconds for the rest (2 ms a message): ample time to learn of "b".
+    check.reached(all.len(), Duration::from_secs(30)).await?;
+    for (relay, stop) in [(a, stop_a), (b, stop_b)] {
+        stop.notify_one();
+        relay.await?;
+    }
+    check.verify(&all)?;
+    let by_b = *by_b.lock().unwrap();
+    ensure!(by_b > 0, "the relay that joined delivered nothing");
+    Ok(())
+}
+
+impl OrderCheck {
+    /// Like [`OrderCheck::sink`], taking 2 ms a message, with a count of what it delivered.
+    fn slow_sink(&self) -> (Arc<dyn Sink>, Arc<Mutex<usize>>) {
+        let (check, count) = (self.clone(), Arc::new(Mutex::new(0)));
+        let counted = count.clone();
+        let sink = HandlerSink::new(move |m: Message| {
+            let (check, counted) = (check.clone(), counted.clone());
+            async move {
+                check.begin(&m);
+                let _done = Done(&check, &m);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                *counted.lock().unwrap() += 1;
+                Ok(())
+            }
+        });
+        (Arc::new(sink), count)
+    }
+}
