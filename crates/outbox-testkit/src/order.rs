@@ -46,17 +46,30 @@ impl OrderCheck {
     /// A sink that records into this check and yields while "delivering", so that a second
     /// delivery of the same key would overlap.
     pub fn sink(&self) -> Arc<dyn Sink> {
-        let check = self.clone();
-        Arc::new(HandlerSink::new(move |m: Message| {
-            let check = check.clone();
+        self.sink_taking(Duration::ZERO).0
+    }
+
+    /// Like [`OrderCheck::sink`], taking `pause` a message (a yield when zero), with a count of
+    /// what this sink delivered.
+    fn sink_taking(&self, pause: Duration) -> (Arc<dyn Sink>, Arc<Mutex<usize>>) {
+        let (check, count) = (self.clone(), Arc::new(Mutex::new(0)));
+        let counted = count.clone();
+        let sink = HandlerSink::new(move |m: Message| {
+            let (check, counted) = (check.clone(), counted.clone());
             async move {
                 check.begin(&m);
                 // A relay that dies mid-delivery drops this future: the key is free again.
                 let _done = Done(&check, &m);
-                tokio::task::yield_now().await;
+                if pause.is_zero() {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(pause).await;
+                }
+                *counted.lock().unwrap() += 1;
                 Ok(())
             }
-        }))
+        });
+        (Arc::new(sink), count)
     }
 
     fn begin(&self, m: &Message) {
@@ -384,12 +397,14 @@ pub async fn a_relay_joining_a_drain_takes_its_share_at_once(f: &dyn Fixture) ->
             .poll_interval(Duration::from_secs(60))
             .rebalance_interval(RelayConfig::default().rebalance_interval)
     };
-    let (a_sink, _) = check.slow_sink();
+    let pause = Duration::from_millis(2);
+    let (a_sink, _) = check.sink_taking(pause);
     let (a, stop_a) = spawn_relay(f, a_sink, config("a"));
     check.reached(20, Duration::from_secs(30)).await?;
-    let (b_sink, by_b) = check.slow_sink();
+    let (b_sink, by_b) = check.sink_taking(pause);
     let (b, stop_b) = spawn_relay(f, b_sink, config("b"));
-    // "a" alone needs over two seconds for the rest (2 ms a message): ample time to learn of "b".
+    // "a" alone needs about a hundred batches of ten for the rest, each at least 2 ms in its
+    // sink and a claim and a commit: ample time to learn of "b" (within 100 ms).
     check.reached(all.len(), Duration::from_secs(30)).await?;
     for (relay, stop) in [(a, stop_a), (b, stop_b)] {
         stop.notify_one();
@@ -399,23 +414,4 @@ pub async fn a_relay_joining_a_drain_takes_its_share_at_once(f: &dyn Fixture) ->
     let by_b = *by_b.lock().unwrap();
     ensure!(by_b > 0, "the relay that joined delivered nothing");
     Ok(())
-}
-
-impl OrderCheck {
-    /// Like [`OrderCheck::sink`], taking 2 ms a message, with a count of what it delivered.
-    fn slow_sink(&self) -> (Arc<dyn Sink>, Arc<Mutex<usize>>) {
-        let (check, count) = (self.clone(), Arc::new(Mutex::new(0)));
-        let counted = count.clone();
-        let sink = HandlerSink::new(move |m: Message| {
-            let (check, counted) = (check.clone(), counted.clone());
-            async move {
-                check.begin(&m);
-                let _done = Done(&check, &m);
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                *counted.lock().unwrap() += 1;
-                Ok(())
-            }
-        });
-        (Arc::new(sink), count)
-    }
 }
