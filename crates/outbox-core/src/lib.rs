@@ -11,7 +11,7 @@
 //! - **Never before commit, never after rollback.** The message is a row written by the
 //!   caller's own transaction; the relay only sees committed rows.
 //! - **At least once, never lost.** A relay claims rows under a lease, written on the rows or
-//!   held as row locks by a transaction that stays open during delivery ([`HeldBatch`]), and
+//!   held as row locks by a transaction that stays open during delivery (see [`source`]), and
 //!   acks them only after the sink reported them delivered. A crash anywhere (before, during or
 //!   after the publish, before the ack) leaves the lease to expire or the transaction to roll
 //!   back, and the message is delivered again with the same id: consumers deduplicate on it
@@ -83,6 +83,7 @@ pub mod redact;
 mod relay;
 mod retry;
 mod sink;
+pub mod source;
 mod store;
 pub mod trace;
 
@@ -97,10 +98,11 @@ pub use redact::redact;
 pub use relay::{Relay, RelayConfig, RelayMonitor, RelayReport, RelayState, RelayStats};
 pub use retry::RetryPolicy;
 pub use sink::{Circuit, Delivery, HandlerSink, Sink, SinkError, one_outcome_each};
+pub use source::{Batch, Leased, Outcome, Source, Unsettled};
 pub use store::{
-    DeadFilter, Failure, HeldBatch, MAX_ERROR_LEN, PollingWaiter, RelaySeen, Retention,
-    StatusCounts, Store, StoreError, StoreResult, TopicBacklog, Waiter, check_identifier,
-    check_schema_version, storable_error,
+    DeadFilter, Failure, MAX_ERROR_LEN, PollingWaiter, RelaySeen, Retention, StatusCounts, Store,
+    StoreError, StoreResult, TopicBacklog, Waiter, check_identifier, check_schema_version,
+    storable_error,
 };
 
 pub use async_trait::async_trait;

@@ -25,7 +25,8 @@ use crate::message::Message;
 use crate::ownership::{Assignment, Ownership};
 use crate::retry::RetryPolicy;
 use crate::sink::{Circuit, Delivery, Sink, SinkError, one_outcome_each};
-use crate::store::{Failure, HeldBatch, Retention, Store, StoreError, Waiter};
+use crate::source::{Batch, Outcome, Source, Unsettled};
+use crate::store::{Failure, Retention, Store, StoreError, Waiter};
 
 /// How a relay behaves. `Default` gives production settings; change what you need with the
 /// builder methods, e.g. `RelayConfig::default().batch_size(500).lease(Duration::from_secs(60))`.
@@ -339,6 +340,8 @@ pub struct Relay {
 /// What the main loop and the delivery tasks share.
 struct Shared {
     store: Arc<dyn Store>,
+    /// Where batches come from: the store's own source unless the relay was given another.
+    source: Arc<dyn Source>,
     sink: Arc<dyn Sink>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
@@ -406,6 +409,19 @@ impl Relay {
     /// this process and relay (see [`Relay::id`]), so several relays started with one name never
     /// share claims.
     pub fn with_config(store: Arc<dyn Store>, sink: Arc<dyn Sink>, config: RelayConfig) -> Self {
+        let source = store.clone().source();
+        Self::with_source(store, source, sink, config)
+    }
+
+    /// A relay delivering batches from `source` (see [`crate::source`]) to `sink`, with
+    /// `store` for everything else: wake-ups, ownership, recovery, heartbeats, purges. For
+    /// instance a PostgreSQL store's [`crate::Leased`] source instead of its held one.
+    pub fn with_source(
+        store: Arc<dyn Store>,
+        source: Arc<dyn Source>,
+        sink: Arc<dyn Sink>,
+        config: RelayConfig,
+    ) -> Self {
         let config = RelayConfig {
             relay_id: unique_relay_id(&config.relay_id),
             ..config
@@ -413,6 +429,7 @@ impl Relay {
         Self {
             shared: Arc::new(Shared {
                 store,
+                source,
                 sink,
                 config,
                 stats: Arc::default(),
@@ -827,13 +844,13 @@ fn report_panic(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Claims the next batch: held in a transaction when the store can, else leased. With
-/// batches still in delivery the store may look at the head of the backlog only.
+/// Claims the next batch from the relay's source. With batches still in delivery the store
+/// may look at the head of the backlog only.
 async fn claim(
     shared: &Shared,
     more: bool,
     assignment: &Assignment,
-) -> Result<Option<Claimed>, StoreError> {
+) -> Result<Option<Box<dyn Batch>>, StoreError> {
     let cfg = &shared.config;
     let busy = shared.in_flight().keys.clone();
     let req = ClaimRequest {
@@ -845,36 +862,7 @@ async fn claim(
         busy_keys: Some(&busy),
         max_bytes: cfg.max_batch_bytes,
     };
-    if shared.store.holds_claims() {
-        let held = shared.store.claim_held(&req).await?;
-        return Ok(held.map(Claimed::Held));
-    }
-    let batch = shared.store.claim_leased(&req).await?;
-    Ok((!batch.is_empty()).then_some(Claimed::Leased(batch)))
-}
-
-/// A claimed batch: leased rows, or rows locked by a transaction the batch holds.
-enum Claimed {
-    Leased(Vec<Message>),
-    Held(Box<dyn HeldBatch>),
-}
-
-impl Claimed {
-    fn messages(&self) -> &[Message] {
-        match self {
-            Claimed::Leased(batch) => batch,
-            Claimed::Held(held) => held.messages(),
-        }
-    }
-
-    /// Whether this relay still holds the batch. A lease holds until it expires, which the
-    /// delivery deadline already keeps ahead of; a held claim lives only as long as its session.
-    async fn still_held(&self) -> bool {
-        match self {
-            Claimed::Leased(_) => true,
-            Claimed::Held(held) => held.is_held().await,
-        }
-    }
+    shared.source.claim(&req).await
 }
 
 /// How long a batch goes on from wave to wave before it checks that its claim is still held.
@@ -891,7 +879,7 @@ type Outcomes = Vec<Option<Delivery>>;
 
 /// Publishes one batch and records the outcome. Once shutdown is requested the publish gets
 /// the shutdown timeout to finish; after that the batch is released.
-async fn deliver(shared: Arc<Shared>, batch: Claimed) {
+async fn deliver(shared: Arc<Shared>, batch: Box<dyn Batch>) {
     let slots: Vec<(Option<String>, i32)> = batch
         .messages()
         .iter()
@@ -899,7 +887,7 @@ async fn deliver(shared: Arc<Shared>, batch: Claimed) {
         .collect();
     let outcomes = {
         let mut stop = shared.stop.subscribe();
-        let mut publish = pin!(publish_waves(&shared, &batch));
+        let mut publish = pin!(publish_waves(&shared, batch.as_ref()));
         let outcomes = tokio::select! {
             o = &mut publish => Some(o),
             _ = stop.wait_for(|s| *s) => None,
@@ -914,28 +902,9 @@ async fn deliver(shared: Arc<Shared>, batch: Claimed) {
     // The sink is done with these keys: a message of theirs claimed from now on is delivered
     // after them. Their partitions stay busy until the outcome is recorded.
     shared.in_flight().release_keys(&slots);
-    match (batch, outcomes) {
-        (Claimed::Leased(batch), Some(outcomes)) => settle(&shared, &batch, outcomes).await,
-        (Claimed::Leased(batch), None) => {
-            warn!(
-                count = batch.len(),
-                "shutdown timeout: releasing unfinished messages"
-            );
-            let topics = PerTopic::of(&batch);
-            release(&shared, batch.iter().map(|m| m.id).collect(), topics).await;
-        }
-        (Claimed::Held(held), Some(outcomes)) => settle_held(&shared, held, outcomes).await,
-        (Claimed::Held(held), None) => {
-            let n = held.messages().len() as u64;
-            warn!(count = n, "shutdown timeout: releasing unfinished messages");
-            let topics = PerTopic::of(held.messages());
-            // If the rollback fails the session is gone, and its locks with it.
-            if let Err(e) = held.release().await {
-                debug!(error = %e, "rollback failed");
-            }
-            shared.stats.released.fetch_add(n, Ordering::Relaxed);
-            topics.count(instrument::RELEASED, shared.sink.name(), &[]);
-        }
+    match outcomes {
+        Some(outcomes) => settle(&shared, batch, outcomes).await,
+        None => give_back(&shared, batch).await,
     }
     shared.in_flight().release_partitions(&slots);
 }
@@ -944,7 +913,7 @@ async fn deliver(shared: Arc<Shared>, batch: Claimed) {
 /// may deliver a wave concurrently), stopping a key at its first failure. The whole batch has
 /// the delivery deadline: what is still in the sink then fails, and later waves wait. A batch
 /// whose claim was lost stops: the rest is left, undelivered, to whoever claims it next.
-async fn publish_waves(shared: &Shared, claimed: &Claimed) -> Outcomes {
+async fn publish_waves(shared: &Shared, claimed: &dyn Batch) -> Outcomes {
     let batch = claimed.messages();
     let deadline = Instant::now() + shared.config.delivery_deadline();
     let mut confirmed = Instant::now();
@@ -961,7 +930,7 @@ async fn publish_waves(shared: &Shared, claimed: &Claimed) -> Outcomes {
             continue;
         }
         if confirmed.elapsed() >= CLAIM_CHECK_INTERVAL {
-            let held = tokio::time::timeout_at(deadline, claimed.still_held()).await;
+            let held = tokio::time::timeout_at(deadline, claimed.is_held()).await;
             if held != Ok(true) {
                 warn!(
                     left = out.iter().filter(|o| o.is_none()).count(),
@@ -1043,59 +1012,84 @@ async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
     outcomes
 }
 
-/// Records the outcome of a held batch in its own transaction and commits it; messages left
-/// behind by a failed key are simply unlocked.
-async fn settle_held(shared: &Shared, held: Box<dyn HeldBatch>, outcomes: Outcomes) {
-    let (acks, failures, left, tally) = classify(shared, held.messages(), outcomes);
+/// Records a batch's outcome and counts it. A batch whose outcome could not be recorded is
+/// delivered again, so nothing of it is counted as done.
+async fn settle(shared: &Shared, batch: Box<dyn Batch>, outcomes: Outcomes) {
+    let (acks, failures, left, tally) = classify(shared, batch.messages(), outcomes);
+    let outcome = Outcome {
+        acks: &acks,
+        failures: &failures,
+        left: &left,
+        retention: shared.config.retention,
+    };
     let started = Instant::now();
-    let settled = held.settle(&acks, &failures, shared.config.retention).await;
+    let recorded = record(shared, batch, &outcome).await;
     instrument::settle_took(started.elapsed());
-    match settled {
-        Ok(()) => {
-            shared.up();
-            let n = acks.len() as u64;
-            shared.stats.delivered.fetch_add(n, Ordering::Relaxed);
-            let sink = shared.sink.name();
-            tally.delivered(sink);
-            tally.failed(sink);
-            // Left behind by a failed key: unlocked without an attempt counted.
-            if !left.is_empty() {
-                tally.released(sink);
-            }
-        }
-        Err(e) => {
-            shared.down(&e);
-            warn!(error = %e, count = acks.len() + failures.len(),
-                "could not record the outcome; the messages will be delivered again");
-        }
+    if !recorded {
+        return;
     }
+    let stats = &shared.stats;
+    stats
+        .delivered
+        .fetch_add(acks.len() as u64, Ordering::Relaxed);
+    stats
+        .released
+        .fetch_add(left.len() as u64, Ordering::Relaxed);
+    let sink = shared.sink.name();
+    tally.delivered(sink);
+    tally.failed(sink);
+    tally.released(sink);
 }
 
-/// Acks delivered messages, records failures, and gives back (without the attempt the claim
-/// counted) those left behind by a failed key.
-async fn settle(shared: &Shared, batch: &[Message], outcomes: Outcomes) {
-    let (acks, failures, left, tally) = classify(shared, batch, outcomes);
-    let (store, cfg) = (&shared.store, &shared.config);
-    let sink = shared.sink.name();
-    let started = Instant::now();
-    if !acks.is_empty()
-        && persist(shared, "ack", || {
-            store.ack(&acks, cfg.retention).map(|r| r.map(drop))
-        })
-        .await
-    {
-        let n = acks.len() as u64;
-        shared.stats.delivered.fetch_add(n, Ordering::Relaxed);
-        tally.delivered(sink);
+/// Records an outcome, trying again as long as the batch's source allows (a lease still holds
+/// the batch) and the database may come back. While stopping it gives up after a few tries:
+/// the leases then expire and the messages are delivered again, which is safe.
+async fn record(shared: &Shared, mut batch: Box<dyn Batch>, outcome: &Outcome<'_>) -> bool {
+    let mut stop = shared.stop.subscribe();
+    for tries in 1.. {
+        let Unsettled { error, retry } = match batch.settle(outcome).await {
+            Ok(()) => {
+                shared.up();
+                return true;
+            }
+            Err(unsettled) => unsettled,
+        };
+        let pause = shared.down(&error);
+        let count = outcome.acks.len() + outcome.failures.len();
+        let Some(again) = retry else {
+            warn!(error = %error, count, "could not record the outcome; the messages will be delivered again");
+            return false;
+        };
+        if (shared.stopping() && tries >= 3) || tries >= 1000 {
+            warn!(error = %error, count, "giving up; the leases will expire and the messages be delivered again");
+            return false;
+        }
+        if shared.stopping() {
+            tokio::time::sleep(pause.min(Duration::from_millis(200))).await;
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        }
+        batch = again;
     }
-    if !failures.is_empty()
-        && persist(shared, "fail", || store.fail(&cfg.relay_id, &failures)).await
-    {
-        tally.failed(sink);
-    }
-    instrument::settle_took(started.elapsed());
-    if !left.is_empty() {
-        release(shared, left, tally.released).await;
+    false
+}
+
+/// Shutdown came and the sink did not finish within the shutdown timeout: the batch goes back
+/// without an attempt counted. If that fails, the lease expires or the session is gone, and
+/// the messages are delivered again either way.
+async fn give_back(shared: &Shared, batch: Box<dyn Batch>) {
+    let n = batch.messages().len() as u64;
+    warn!(count = n, "shutdown timeout: releasing unfinished messages");
+    let topics = PerTopic::of(batch.messages());
+    match batch.release().await {
+        Ok(()) => {
+            shared.stats.released.fetch_add(n, Ordering::Relaxed);
+            topics.count(instrument::RELEASED, shared.sink.name(), &[]);
+        }
+        Err(e) => debug!(error = %e, "could not release the batch"),
     }
 }
 
@@ -1222,49 +1216,6 @@ async fn heartbeat(shared: &Shared) {
         .await
     {
         debug!(error = %e, "heartbeat not recorded");
-    }
-}
-
-/// Runs a store write until it succeeds. While stopping it gives up after a few tries: the
-/// leases then expire and the messages are delivered again, which is safe.
-async fn persist<F, Fut>(shared: &Shared, what: &str, op: F) -> bool
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Result<(), StoreError>>,
-{
-    let mut stop = shared.stop.subscribe();
-    for tries in 1.. {
-        let e = match op().await {
-            Ok(()) => {
-                shared.up();
-                return true;
-            }
-            Err(e) => e,
-        };
-        let pause = shared.down(&e);
-        if (shared.stopping() && tries >= 3) || tries >= 1000 {
-            warn!(op = what, error = %e, "giving up; the leases will expire and the messages be delivered again");
-            return false;
-        }
-        if shared.stopping() {
-            tokio::time::sleep(pause.min(Duration::from_millis(200))).await;
-        } else {
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stop.wait_for(|s| *s) => {}
-            }
-        }
-    }
-    false
-}
-
-/// Gives leased messages back without counting the attempt.
-async fn release(shared: &Shared, ids: Vec<Uuid>, topics: PerTopic) {
-    let (store, relay_id) = (&shared.store, &shared.config.relay_id);
-    if persist(shared, "release", || store.release(relay_id, &ids)).await {
-        let n = ids.len() as u64;
-        shared.stats.released.fetch_add(n, Ordering::Relaxed);
-        topics.count(instrument::RELEASED, shared.sink.name(), &[]);
     }
 }
 

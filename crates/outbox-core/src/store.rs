@@ -3,6 +3,7 @@
 //! Implementations live in their own crates (`outbox-postgres`, `outbox-sqlite`); they share one
 //! conformance suite so every store keeps the same guarantees.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,6 +13,7 @@ use uuid::Uuid;
 use crate::claim::ClaimRequest;
 use crate::message::Message;
 use crate::ownership::Ownership;
+use crate::source::{Leased, Source};
 
 /// A store failure. The relay treats every one as "database unavailable for now": it backs off
 /// and tries again, and nothing is lost because nothing was acked.
@@ -246,15 +248,15 @@ pub struct RelaySeen {
 /// 1. only committed rows are visible, so nothing is delivered before its transaction commits
 ///    or ever if it rolls back;
 /// 2. a claim is a lease, written on the rows or held as a row lock by an open transaction
-///    ([`Store::claim_held`]): a relay that dies leaves rows that any relay reclaims once the
-///    lease expires or the transaction ends, so a crash loses nothing;
+///    (the store's [`Store::source`]): a relay that dies leaves rows that any relay reclaims
+///    once the lease expires or the transaction ends, so a crash loses nothing;
 /// 3. a key's messages are claimed only as a run from its oldest undelivered one (the *head*),
 ///    in order, and only by one relay at a time, so one key is delivered in order while other
 ///    keys go on; [`crate::pick`] applies the rules every store shares;
 /// 4. a delivery that never records its outcome still counts as an attempt: the lease's
 ///    claim counted it, or [`Store::recover`] does for a held claim whose relay died.
 #[async_trait]
-pub trait Store: Send + Sync {
+pub trait Store: Send + Sync + 'static {
     /// Creates or upgrades the schema. Idempotent and safe to run from several processes.
     async fn migrate(&self) -> StoreResult<()>;
 
@@ -277,23 +279,11 @@ pub trait Store: Send + Sync {
     /// order of [`crate::pick`]. Each claimed message counts an attempt.
     async fn claim_leased(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>>;
 
-    /// Whether this store can hold a claim with row locks in an open transaction
-    /// ([`Store::claim_held`]). The relay then uses that instead of leases.
-    fn holds_claims(&self) -> bool {
-        false
-    }
-
-    /// Claims like [`Store::claim_leased`], but instead of writing a lease it locks the rows
-    /// in a transaction that stays open until the batch is settled: a relay that dies gives its
-    /// messages back at once. Messages carry the attempt number of this delivery; it is stored
-    /// when the delivery fails, or by [`Store::recover`] when it never ends. `None` when
-    /// nothing is claimable. `req.lease` bounds how long the transaction may stay idle: past
-    /// it the database ends the session and the messages go to other relays.
-    async fn claim_held(&self, req: &ClaimRequest<'_>) -> StoreResult<Option<Box<dyn HeldBatch>>> {
-        let _ = req;
-        Err(StoreError::Config(
-            "this store cannot hold claims in a transaction".into(),
-        ))
+    /// Where relays get this store's batches: [`crate::source::Leased`] (rows claimed under
+    /// a lease) unless the store has a better way, such as PostgreSQL's claims held by an
+    /// open transaction. See [`crate::source`].
+    fn source(self: Arc<Self>) -> Arc<dyn Source> {
+        Arc::new(Leased::new(self))
     }
 
     /// Joins the relays that share this outbox, for a relay that claims with
@@ -423,35 +413,6 @@ pub trait Store: Send + Sync {
 
     /// A waiter through which `relay` sleeps while the outbox is empty.
     async fn waiter(&self, relay: &str) -> StoreResult<Box<dyn Waiter>>;
-}
-
-/// A batch claimed by [`Store::claim_held`]: its rows stay locked by an open transaction
-/// until [`HeldBatch::settle`] commits the outcome or [`HeldBatch::release`] rolls it back.
-/// Dropping it unsettled also rolls back, shortly after, when the connection is recycled.
-#[async_trait]
-pub trait HeldBatch: Send + Sync {
-    /// The claimed messages, in the wave order of [`crate::pick`].
-    fn messages(&self) -> &[Message];
-
-    /// Records the outcome and commits: `acks` done per `retention`, `failures` back to pending
-    /// with the attempt counted (or dead). Messages in neither list are simply unlocked. If this
-    /// fails nothing was recorded, and every message will be delivered again.
-    async fn settle(
-        self: Box<Self>,
-        acks: &[Uuid],
-        failures: &[Failure],
-        retention: Retention,
-    ) -> StoreResult<()>;
-
-    /// Rolls back: every message is claimable again at once, and no attempt is counted.
-    async fn release(self: Box<Self>) -> StoreResult<()>;
-
-    /// Whether the rows are still locked by this claim, i.e. its session is alive (one round
-    /// trip). A claim dies with its session (a database restart, a cut connection), and then
-    /// another relay may claim the same messages at once: a delivery must not go on with it.
-    async fn is_held(&self) -> bool {
-        true
-    }
 }
 
 /// How a relay sleeps when there is nothing to claim, and how it is woken.

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use outbox_core::{ClaimRequest, NewMessage, Retention, Store, partition_for};
+use outbox_core::{ClaimRequest, NewMessage, Outcome, Retention, Store, partition_for};
 use outbox_postgres::{PgConfig, PgStore};
 use sqlx::postgres::PgPoolOptions;
 use tokio::runtime::Runtime;
@@ -81,7 +81,7 @@ async fn held_round(store: PgStore) -> usize {
         .expect("claim")
         .expect("a batch");
     let ids: Vec<_> = held.messages().iter().map(|m| m.id).collect();
-    held.settle(&ids, &[], Retention::Delete)
+    held.settle(&Outcome::delivered(&ids, Retention::Delete))
         .await
         .expect("settle");
     ids.len()

@@ -7,9 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, DeadFilter, Failure, HeldBatch, Message,
-    NewMessage, Ownership, RelaySeen, Retention, Status, StatusCounts, Store, StoreError,
-    StoreResult, TopicBacklog, Waiter, parse_headers, pick,
+    Batch, Candidate, ClaimRequest, DEFAULT_MAX_MESSAGE_BYTES, DeadFilter, Failure, Leased,
+    Message, NewMessage, Outcome, Ownership, RelaySeen, Retention, Source, Status, StatusCounts,
+    Store, StoreError, StoreResult, TopicBacklog, Unsettled, Waiter, parse_headers, pick,
 };
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
@@ -549,10 +549,20 @@ impl PgStore {
         Ok(batch)
     }
 
+    /// Claims like [`Store::claim_leased`], but instead of writing a lease it locks the rows
+    /// in a transaction that stays open until the batch is settled: a relay that dies gives
+    /// its messages back at once. Messages carry the attempt number of this delivery; it is
+    /// stored when the delivery fails, or by [`Store::recover`] when it never ends. `None`
+    /// when nothing is claimable. `req.lease` bounds how long the transaction may stay idle:
+    /// past it the database ends the session and the messages go to other relays.
+    pub async fn claim_held(&self, req: &ClaimRequest<'_>) -> StoreResult<Option<Box<dyn Batch>>> {
+        self.bounded(self.claim_held_unbounded(req)).await
+    }
+
     async fn claim_held_unbounded(
         &self,
         req: &ClaimRequest<'_>,
-    ) -> StoreResult<Option<Box<dyn HeldBatch>>> {
+    ) -> StoreResult<Option<Box<dyn Batch>>> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let lock_key = (rand::random::<u32>() & 0x7fff_ffff) as i32;
         // The idle timeout is an int of milliseconds; 0 would mean none.
@@ -624,12 +634,12 @@ impl Store for PgStore {
         self.execute(query).await.map(drop)
     }
 
-    fn holds_claims(&self) -> bool {
-        self.claim_mode == ClaimMode::Transaction
-    }
-
-    async fn claim_held(&self, req: &ClaimRequest<'_>) -> StoreResult<Option<Box<dyn HeldBatch>>> {
-        self.bounded(self.claim_held_unbounded(req)).await
+    /// Held claims ([`ClaimMode::Transaction`], the default) or leased ones.
+    fn source(self: Arc<Self>) -> Arc<dyn Source> {
+        match self.claim_mode {
+            ClaimMode::Transaction => Arc::new(Held(self)),
+            ClaimMode::Lease => Arc::new(Leased::new(self)),
+        }
     }
 
     async fn ownership(&self, relay: &str) -> StoreResult<Option<Box<dyn Ownership>>> {
@@ -934,13 +944,47 @@ impl PgHeldBatch {
     }
 }
 
+/// The held source: [`PgStore::claim_held`].
+struct Held(Arc<PgStore>);
+
 #[async_trait]
-impl HeldBatch for PgHeldBatch {
+impl Source for Held {
+    fn name(&self) -> &'static str {
+        "held"
+    }
+
+    async fn claim(&self, req: &ClaimRequest<'_>) -> StoreResult<Option<Box<dyn Batch>>> {
+        self.0.claim_held(req).await
+    }
+}
+
+#[async_trait]
+impl Batch for PgHeldBatch {
     fn messages(&self) -> &[Message] {
         &self.messages
     }
 
-    async fn settle(
+    /// Records the outcome and commits: acks done per `retention`, failures back to pending
+    /// with the attempt counted (or dead); messages left behind by a failed key are simply
+    /// unlocked. If this fails nothing was recorded, and every message will be delivered
+    /// again: the transaction is gone, so there is nothing to try again.
+    async fn settle(self: Box<Self>, outcome: &Outcome<'_>) -> Result<(), Unsettled> {
+        self.commit(outcome.acks, outcome.failures, outcome.retention)
+            .await
+            .map_err(|error| Unsettled { error, retry: None })
+    }
+
+    async fn release(self: Box<Self>) -> StoreResult<()> {
+        self.roll_back().await
+    }
+
+    async fn is_held(&self) -> bool {
+        self.alive().await
+    }
+}
+
+impl PgHeldBatch {
+    async fn commit(
         self: Box<Self>,
         acks: &[Uuid],
         failures: &[Failure],
@@ -974,7 +1018,7 @@ impl HeldBatch for PgHeldBatch {
         settled
     }
 
-    async fn release(self: Box<Self>) -> StoreResult<()> {
+    async fn roll_back(self: Box<Self>) -> StoreResult<()> {
         let PgHeldBatch {
             tx,
             sql,
@@ -999,7 +1043,7 @@ impl HeldBatch for PgHeldBatch {
             .map(drop)
     }
 
-    async fn is_held(&self) -> bool {
+    async fn alive(&self) -> bool {
         // Bounded too: over a silent partition the answer would never come.
         let check = async {
             let mut tx = self.tx.lock().await;

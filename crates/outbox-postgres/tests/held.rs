@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use outbox_core::{ClaimRequest, Failure, HeldBatch, NewMessage, Retention, Status, Store};
+use outbox_core::{Batch, ClaimRequest, Failure, NewMessage, Outcome, Retention, Status, Store};
 use outbox_postgres::PgStore;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -20,11 +20,11 @@ async fn enqueue(store: &PgStore, msgs: &[NewMessage]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ids(held: &dyn HeldBatch) -> Vec<Uuid> {
+fn ids(held: &dyn Batch) -> Vec<Uuid> {
     held.messages().iter().map(|m| m.id).collect()
 }
 
-async fn claim(store: &PgStore, lease: Duration) -> anyhow::Result<Option<Box<dyn HeldBatch>>> {
+async fn claim(store: &PgStore, lease: Duration) -> anyhow::Result<Option<Box<dyn Batch>>> {
     Ok(store
         .claim_held(&ClaimRequest::new("test", 10, lease))
         .await?)
@@ -75,7 +75,12 @@ async fn a_held_batch_hides_its_rows_and_its_keys_until_it_settles() -> anyhow::
         },
     ];
     second
-        .settle(&[a1.id()], &failures, Retention::Delete)
+        .settle(&Outcome {
+            acks: &[a1.id()],
+            failures: &failures,
+            left: &[],
+            retention: Retention::Delete,
+        })
         .await?;
     let counts = store.status().await?;
     assert_eq!((counts.pending, counts.dead), (2, 1), "{counts:?}");
@@ -95,7 +100,7 @@ async fn a_held_batch_hides_its_rows_and_its_keys_until_it_settles() -> anyhow::
         .collect();
     assert_eq!(got, [(a2.id(), 1), (b1.id(), 2)]);
     third
-        .settle(&[a2.id(), b1.id()], &[], Retention::Delete)
+        .settle(&Outcome::delivered(&[a2.id(), b1.id()], Retention::Delete))
         .await?;
     assert_eq!(store.status().await?.pending, 0);
     common::drop_schema(&store).await
@@ -124,12 +129,14 @@ async fn a_relay_stuck_past_its_lease_loses_its_session_and_its_messages() -> an
     // The stuck relay's late outcome cannot be recorded; the new holder's is.
     assert!(
         stuck
-            .settle(&[m.id()], &[], Retention::Delete)
+            .settle(&Outcome::delivered(&[m.id()], Retention::Delete))
             .await
             .is_err()
     );
     assert_eq!(store.status().await?.pending, 1);
-    taken.settle(&[m.id()], &[], Retention::Delete).await?;
+    taken
+        .settle(&Outcome::delivered(&[m.id()], Retention::Delete))
+        .await?;
     assert_eq!(store.status().await?.pending, 0);
     common::drop_schema(&store).await
 }
@@ -141,7 +148,8 @@ async fn kept_rows_are_marked_delivered() -> anyhow::Result<()> {
     let m = outbox_testkit::msg("t", 1);
     enqueue(&store, std::slice::from_ref(&m)).await?;
     let held = claim(&store, LEASE).await?.expect("a batch");
-    held.settle(&[m.id()], &[], Retention::Keep(LEASE)).await?;
+    held.settle(&Outcome::delivered(&[m.id()], Retention::Keep(LEASE)))
+        .await?;
     let counts = store.status().await?;
     assert_eq!((counts.pending, counts.delivered), (0, 1), "{counts:?}");
     common::drop_schema(&store).await
@@ -176,7 +184,7 @@ async fn a_delivery_that_never_settles_counts_its_attempt_and_goes_alone() -> an
     assert_eq!(ids(alone.as_ref()), [msgs[0].id()]);
     assert_eq!(alone.messages()[0].attempts, 2);
     alone
-        .settle(&[msgs[0].id()], &[], Retention::Delete)
+        .settle(&Outcome::delivered(&[msgs[0].id()], Retention::Delete))
         .await?;
     let next = claim(&store, LEASE).await?.expect("a batch");
     assert_eq!(ids(next.as_ref()), [msgs[1].id()]);

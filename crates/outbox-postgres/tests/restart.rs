@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use outbox_core::{ClaimRequest, HeldBatch, Message, NewMessage, Store};
+use outbox_core::{Batch, ClaimRequest, Message, NewMessage, Store};
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_testkit::cluster::{PgCluster, StopMode};
 use sqlx::postgres::PgPoolOptions;
@@ -30,11 +30,11 @@ async fn enqueue(store: &PgStore, msgs: &[NewMessage]) -> anyhow::Result<()> {
 
 /// A claim by another relay, retried while the pool still hands out connections that died with
 /// the restart.
-async fn claim(store: &PgStore) -> anyhow::Result<Option<Box<dyn HeldBatch>>> {
+async fn claim(store: &PgStore) -> anyhow::Result<Option<Box<dyn Batch>>> {
     claim_for(store, LEASE).await
 }
 
-async fn claim_for(store: &PgStore, lease: Duration) -> anyhow::Result<Option<Box<dyn HeldBatch>>> {
+async fn claim_for(store: &PgStore, lease: Duration) -> anyhow::Result<Option<Box<dyn Batch>>> {
     let req = ClaimRequest::new("b", 10, lease);
     let mut tries = 0;
     loop {
@@ -56,7 +56,7 @@ async fn claim_key(
     lease: Duration,
     bound: Duration,
     never: &str,
-) -> anyhow::Result<Box<dyn HeldBatch>> {
+) -> anyhow::Result<Box<dyn Batch>> {
     let until = tokio::time::Instant::now() + bound;
     loop {
         let batch = claim_for(store, lease).await?;
@@ -71,7 +71,7 @@ async fn claim_key(
 /// A private cluster restarted while relay "a" held key k's run of three, claimed for `lease`.
 async fn restart_with_k_in_delivery(
     lease: Duration,
-) -> anyhow::Result<(PgCluster, PgStore, Vec<NewMessage>, Box<dyn HeldBatch>)> {
+) -> anyhow::Result<(PgCluster, PgStore, Vec<NewMessage>, Box<dyn Batch>)> {
     let pg = PgCluster::start_new()?;
     pg.create_database("outbox")?;
     let store = store_on(&pg).await?;
@@ -89,7 +89,7 @@ async fn restart_with_k_in_delivery(
     Ok((pg, store, run, in_delivery))
 }
 
-fn keys(batch: &Option<Box<dyn HeldBatch>>) -> Vec<String> {
+fn keys(batch: &Option<Box<dyn Batch>>) -> Vec<String> {
     batch.as_ref().map_or(Vec::new(), |b| {
         b.messages()
             .iter()
@@ -152,7 +152,10 @@ async fn after_a_restart_a_key_is_claimable_as_soon_as_its_relay_gives_up_its_ba
     // and with that it gives up the fence, long before its lease would have ended it.
     assert!(
         in_delivery
-            .settle(&[], &[], outbox_core::Retention::Delete)
+            .settle(&outbox_core::Outcome::delivered(
+                &[],
+                outbox_core::Retention::Delete
+            ))
             .await
             .is_err(),
         "an outcome was recorded on a session that died with the restart"

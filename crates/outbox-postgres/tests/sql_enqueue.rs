@@ -322,8 +322,11 @@ async fn psql_transactions_decide_what_the_relay_sees() -> anyhow::Result<()> {
         serde_json::json!({ "order": 1 })
     );
     let id = m.id;
-    held.settle(&[id], &[], outbox_core::Retention::Delete)
-        .await?;
+    held.settle(&outbox_core::Outcome::delivered(
+        &[id],
+        outbox_core::Retention::Delete,
+    ))
+    .await?;
     let s = store.status().await?;
     assert_eq!((s.pending, s.in_flight), (0, 0));
     common::drop_schema(&store).await

@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use outbox_core::{
-    ClaimRequest, Delivery, Failure, HeldBatch, Message, NewMessage, Ownership, PollingWaiter,
-    Relay, RelayConfig, RelayReport, Retention, Sink, StatusCounts, Store, StoreResult, Waiter,
+    ClaimRequest, Delivery, Failure, Message, NewMessage, Ownership, PollingWaiter, Relay,
+    RelayConfig, RelayReport, Retention, Sink, Source, StatusCounts, Store, StoreResult, Waiter,
 };
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -762,11 +762,9 @@ impl Store for PollingOnly {
     async fn claim_leased(&self, req: &ClaimRequest<'_>) -> StoreResult<Vec<Message>> {
         self.0.claim_leased(req).await
     }
-    fn holds_claims(&self) -> bool {
-        self.0.holds_claims()
-    }
-    async fn claim_held(&self, req: &ClaimRequest<'_>) -> StoreResult<Option<Box<dyn HeldBatch>>> {
-        self.0.claim_held(req).await
+    /// The inner store's own claims: only the wake-ups differ.
+    fn source(self: Arc<Self>) -> Arc<dyn Source> {
+        self.0.clone().source()
     }
     async fn ownership(&self, relay: &str) -> StoreResult<Option<Box<dyn Ownership>>> {
         self.0.ownership(relay).await
