@@ -76,6 +76,7 @@
 //! and drop the slot (`outbox capture drop-slot`) when capture is retired. Dropping it loses
 //! the messages emitted since it last confirmed.
 
+mod batch;
 mod relay;
 mod rows;
 mod target;

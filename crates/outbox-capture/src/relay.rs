@@ -1,20 +1,14 @@
 //! The relay that streams an outbox from a replication slot.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::FutureExt;
-use outbox_core::{
-    Delivery, Message, Relay, RelayConfig, RetryPolicy, Sink, SinkError, StoreError,
-    one_outcome_each, waves,
-};
+use outbox_core::{Batch, Deliverer, Message, Relay, RelayConfig, RetryPolicy, Sink, StoreError};
 use outbox_postgres::PgStore;
 use outbox_postgres::capture::{Unfinished, WriteBack, decode};
 use pgwire_replication::{
@@ -24,6 +18,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::CaptureError;
+use crate::batch::LogBatch;
 use crate::rows::Rows;
 
 /// How a [`WalRelay`] runs. Build it with [`CaptureConfig::default`] and the builder methods.
@@ -213,12 +208,41 @@ impl CaptureStats {
     fn add(c: &AtomicU64, n: usize) {
         c.fetch_add(n as u64, Ordering::Relaxed);
     }
+
+    /// Counts a settled batch of `total` messages of which `rows` went to the table.
+    pub(crate) fn count(&self, total: usize, rows: &[(&Message, WriteBack)]) {
+        let of = |f: fn(&WriteBack) -> bool| rows.iter().filter(|(_, w)| f(w)).count();
+        let counts = [
+            (&self.delivered, "delivered", total - rows.len()),
+            (
+                &self.waiting,
+                "waiting",
+                of(|w| matches!(w, WriteBack::Waiting)),
+            ),
+            (
+                &self.retried,
+                "retried",
+                of(|w| matches!(w, WriteBack::Retry { .. } | WriteBack::Interrupted { .. })),
+            ),
+            (
+                &self.dead,
+                "dead",
+                of(|w| matches!(w, WriteBack::Dead { .. })),
+            ),
+        ];
+        for (counter, outcome, n) in counts {
+            Self::add(counter, n);
+            metrics::counter!(CAPTURED, "outcome" => outcome).increment(n as u64);
+        }
+    }
 }
 
 /// Delivers an outbox from a replication slot; see the crate docs for the guarantees.
 pub struct WalRelay {
     store: PgStore,
     sink: Arc<dyn Sink>,
+    /// How a batch goes to the sink: as the polling relay's do.
+    deliverer: Deliverer,
     slot: String,
     poller: Relay,
     target: ReplicationConfig,
@@ -263,6 +287,7 @@ impl WalRelay {
         Ok(Self {
             target: crate::target::from_url(url)?,
             slot: config.slot.clone().unwrap_or_else(|| store.default_slot()),
+            deliverer: Deliverer::new(sink.clone(), config.retry.clone(), config.delivery_timeout),
             store,
             sink,
             poller,
@@ -475,8 +500,9 @@ impl WalRelay {
         Ok(())
     }
 
-    /// Delivers what can go now, a key at a time in waves and stopping a key at its first
-    /// failure, and writes the rest to the table in one statement.
+    /// Delivers what can go now, as every relay delivers a batch (a key at a time in waves,
+    /// stopping a key at its first failure, within the delivery timeout), and writes the rest
+    /// to the table in one statement.
     async fn settle(
         &self,
         batch: &[Captured],
@@ -487,53 +513,40 @@ impl WalRelay {
             .iter()
             .filter(|c| !gone.contains(&c.message.id))
             .collect();
-        let msgs: Vec<&Message> = batch.iter().map(|c| &c.message).collect();
-        let keys: Vec<String> = msgs
+        let keys: Vec<String> = batch
             .iter()
-            .filter_map(|m| m.key.clone())
+            .filter_map(|c| c.message.key.clone())
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
         let mut stopped = self.store.keys_waiting(&keys).await?;
         let now = Utc::now();
-        let mut outcome: Vec<Option<WriteBack>> = vec![None; msgs.len()];
-        let mut direct: Vec<usize> = Vec::with_capacity(msgs.len());
-        for (i, m) in msgs.iter().enumerate() {
-            if unfinished.ids.contains(&m.id) {
-                outcome[i] = Some(self.interrupted());
-                stopped.extend(m.key.clone());
+        let mut log = LogBatch::new(self.store.clone(), self.stats.clone());
+        for c in &batch {
+            let m = &c.message;
+            let decided = if unfinished.ids.contains(&m.id) {
+                Some(self.interrupted())
             } else if m.available_at > now || m.key.as_ref().is_some_and(|k| stopped.contains(k)) {
-                outcome[i] = Some(WriteBack::Waiting);
-                stopped.extend(m.key.clone());
+                Some(WriteBack::Waiting)
             } else {
-                direct.push(i);
+                None
+            };
+            if decided.is_some() {
+                stopped.extend(m.key.clone());
             }
+            log.push(m, c.row, decided);
         }
-        if !direct.is_empty() {
-            let ids: Vec<uuid::Uuid> = direct.iter().map(|&i| msgs[i].id).collect();
+        if !log.messages().is_empty() {
+            let ids: Vec<uuid::Uuid> = log.messages().iter().map(|m| m.id).collect();
             let end = batch.last().map_or(0, |c| c.end.as_u64());
             self.store.capture_started(&self.slot, &ids, end).await?;
         }
-        self.deliver(&msgs, &direct, &mut outcome, &mut stopped)
-            .await;
-        let rows: Vec<(&Message, WriteBack)> = msgs
-            .iter()
-            .zip(outcome)
-            .filter_map(|(m, o)| o.map(|w| (*m, w)))
-            .collect();
-        let taken: Vec<uuid::Uuid> = batch
-            .iter()
-            .filter(|c| c.row)
-            .map(|c| c.message.id)
-            .collect();
-        let handed: HashSet<uuid::Uuid> = rows.iter().map(|(m, _)| m.id).collect();
-        let (delivered, handed_rows): (Vec<uuid::Uuid>, Vec<uuid::Uuid>) =
-            taken.into_iter().partition(|id| !handed.contains(id));
-        self.store
-            .settle_captured(&delivered, &handed_rows, &rows, self.config.relay.retention)
-            .await?;
-        self.count(msgs.len(), &rows);
-        Ok(())
+        let outcomes = self.deliverer.deliver(&log).await;
+        let judged = self.deliverer.judge(log.messages(), outcomes);
+        Box::new(log)
+            .settle(&judged.outcome(self.config.relay.retention))
+            .await
+            .map_err(|u| SessionError::Store(u.error))
     }
 
     /// Captured rows of a replay, up to where the previous relay got, that are no longer in
@@ -564,58 +577,6 @@ impl WalRelay {
         Ok(gone)
     }
 
-    async fn deliver(
-        &self,
-        msgs: &[&Message],
-        direct: &[usize],
-        outcome: &mut [Option<WriteBack>],
-        stopped: &mut HashSet<String>,
-    ) {
-        let candidates: Vec<Message> = direct.iter().map(|&i| msgs[i].clone()).collect();
-        for wave in waves(&candidates) {
-            let (todo, held): (Vec<usize>, Vec<usize>) = wave
-                .clone()
-                .map(|j| direct[j])
-                .partition(|&i| msgs[i].key.as_ref().is_none_or(|k| !stopped.contains(k)));
-            for i in held {
-                outcome[i] = Some(WriteBack::Waiting);
-            }
-            if todo.is_empty() {
-                continue;
-            }
-            // A whole wave goes as it is; only one cut by a stopped key is copied.
-            let send: Cow<'_, [Message]> = if todo.len() == wave.len() {
-                Cow::Borrowed(&candidates[wave])
-            } else {
-                Cow::Owned(todo.iter().map(|&i| msgs[i].clone()).collect())
-            };
-            for (&i, result) in todo.iter().zip(self.publish(&send).await) {
-                let Err(error) = result else { continue };
-                stopped.extend(msgs[i].key.clone());
-                outcome[i] = Some(self.failed(&error));
-            }
-        }
-    }
-
-    /// One wave through the sink, bounded by the delivery timeout. A sink that panics fails
-    /// the wave (its messages are retried from the table) and the relay goes on.
-    async fn publish(&self, batch: &[Message]) -> Vec<Delivery> {
-        let limit = self.config.delivery_timeout;
-        let call = AssertUnwindSafe(self.sink.publish(batch)).catch_unwind();
-        let failed = |why: String| vec![Err(SinkError::transient(why)); batch.len()];
-        match tokio::time::timeout(limit, call).await {
-            Ok(Ok(outcomes)) => one_outcome_each(self.sink.name(), batch.len(), outcomes),
-            Ok(Err(_)) => {
-                warn!(
-                    sink = self.sink.name(),
-                    "the sink panicked; its wave is retried"
-                );
-                failed(format!("sink {} panicked", self.sink.name()))
-            }
-            Err(_) => failed(format!("delivery took longer than {limit:?}")),
-        }
-    }
-
     /// A replayed message whose streamed delivery never ended: one attempt counted.
     fn interrupted(&self) -> WriteBack {
         let error = format!(
@@ -630,42 +591,6 @@ impl WalRelay {
         WriteBack::Interrupted {
             at: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
             error,
-        }
-    }
-
-    /// The first attempt failed with `error`: retry later from the table, or dead at once.
-    fn failed(&self, error: &SinkError) -> WriteBack {
-        match self.config.retry.decide(1, error) {
-            Some(delay) => WriteBack::Retry {
-                at: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
-                error: error.to_string(),
-            },
-            None => WriteBack::Dead {
-                error: error.to_string(),
-            },
-        }
-    }
-
-    fn count(&self, total: usize, rows: &[(&Message, WriteBack)]) {
-        let of = |f: fn(&WriteBack) -> bool| rows.iter().filter(|(_, w)| f(w)).count();
-        let s = &self.stats;
-        let counts = [
-            (&s.delivered, "delivered", total - rows.len()),
-            (
-                &s.waiting,
-                "waiting",
-                of(|w| matches!(w, WriteBack::Waiting)),
-            ),
-            (
-                &s.retried,
-                "retried",
-                of(|w| matches!(w, WriteBack::Retry { .. } | WriteBack::Interrupted { .. })),
-            ),
-            (&s.dead, "dead", of(|w| matches!(w, WriteBack::Dead { .. }))),
-        ];
-        for (counter, outcome, n) in counts {
-            CaptureStats::add(counter, n);
-            metrics::counter!(CAPTURED, "outcome" => outcome).increment(n as u64);
         }
     }
 }

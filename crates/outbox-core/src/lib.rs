@@ -74,6 +74,7 @@
 //! of `outbox-sqlite`.
 
 mod claim;
+pub mod deliver;
 pub mod headers;
 pub mod instrument;
 mod message;
@@ -88,6 +89,7 @@ mod store;
 pub mod trace;
 
 pub use claim::{Candidate, ClaimRequest, Head, keep_within_budget, pick, waves};
+pub use deliver::{Deliverer, Judged, Outcomes};
 pub use message::{
     DEFAULT_MAX_MESSAGE_BYTES, JSON, MAX_TOPIC_LEN, Message, MessageError, NewMessage, Refused,
     Status, UnknownStatus, check_batch, parse_headers,

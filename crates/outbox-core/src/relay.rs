@@ -2,10 +2,8 @@
 //! a [`Sink`], acks what was delivered, schedules retries for what was not, and sleeps (woken by
 //! the store, with a polling fallback) when the outbox is empty.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,16 +15,16 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-use uuid::Uuid;
 
-use crate::claim::{ClaimRequest, waves};
-use crate::instrument::{self, PerTopic, Tally};
+use crate::claim::ClaimRequest;
+use crate::deliver::{Deliverer, Outcomes};
+use crate::instrument::{self, PerTopic};
 use crate::message::Message;
 use crate::ownership::{Assignment, Ownership};
 use crate::retry::RetryPolicy;
-use crate::sink::{Circuit, Delivery, Sink, SinkError, one_outcome_each};
+use crate::sink::{Circuit, Sink};
 use crate::source::{Batch, Outcome, Source, Unsettled};
-use crate::store::{Failure, Retention, Store, StoreError, Waiter};
+use crate::store::{Retention, Store, StoreError, Waiter};
 
 /// How a relay behaves. `Default` gives production settings; change what you need with the
 /// builder methods, e.g. `RelayConfig::default().batch_size(500).lease(Duration::from_secs(60))`.
@@ -340,6 +338,8 @@ pub struct Relay {
 /// What the main loop and the delivery tasks share.
 struct Shared {
     store: Arc<dyn Store>,
+    /// How batches go to the sink.
+    deliverer: Deliverer,
     /// Where batches come from: the store's own source unless the relay was given another.
     source: Arc<dyn Source>,
     sink: Arc<dyn Sink>,
@@ -429,6 +429,11 @@ impl Relay {
         Self {
             shared: Arc::new(Shared {
                 store,
+                deliverer: Deliverer::new(
+                    sink.clone(),
+                    config.retry.clone(),
+                    config.delivery_deadline(),
+                ),
                 source,
                 sink,
                 config,
@@ -865,18 +870,6 @@ async fn claim(
     shared.source.claim(&req).await
 }
 
-/// How long a batch goes on from wave to wave before it checks that its claim is still held.
-/// A claim lost with its session frees the rows at once, and after a database restart the
-/// relays rejoin with their partitions reshuffled: another relay may then claim the same keys
-/// while this one is still delivering them. Checking every wave would cost a hot key's run one
-/// round trip per message; this bounds the overlap to a wave plus this interval, well under
-/// what a restart and a new claim take.
-const CLAIM_CHECK_INTERVAL: Duration = Duration::from_millis(100);
-
-/// What became of each message of a batch: `None` when it was not delivered because an
-/// earlier message of its key failed (it stays where it is, without an attempt counted).
-type Outcomes = Vec<Option<Delivery>>;
-
 /// Publishes one batch and records the outcome. Once shutdown is requested the publish gets
 /// the shutdown timeout to finish; after that the batch is released.
 async fn deliver(shared: Arc<Shared>, batch: Box<dyn Batch>) {
@@ -887,7 +880,7 @@ async fn deliver(shared: Arc<Shared>, batch: Box<dyn Batch>) {
         .collect();
     let outcomes = {
         let mut stop = shared.stop.subscribe();
-        let mut publish = pin!(publish_waves(&shared, batch.as_ref()));
+        let mut publish = pin!(shared.deliverer.deliver(batch.as_ref()));
         let outcomes = tokio::select! {
             o = &mut publish => Some(o),
             _ = stop.wait_for(|s| *s) => None,
@@ -909,136 +902,30 @@ async fn deliver(shared: Arc<Shared>, batch: Box<dyn Batch>) {
     shared.in_flight().release_partitions(&slots);
 }
 
-/// Hands a batch to the sink one wave at a time (at most one message per key each, so a sink
-/// may deliver a wave concurrently), stopping a key at its first failure. The whole batch has
-/// the delivery deadline: what is still in the sink then fails, and later waves wait. A batch
-/// whose claim was lost stops: the rest is left, undelivered, to whoever claims it next.
-async fn publish_waves(shared: &Shared, claimed: &dyn Batch) -> Outcomes {
-    let batch = claimed.messages();
-    let deadline = Instant::now() + shared.config.delivery_deadline();
-    let mut confirmed = Instant::now();
-    let mut out: Outcomes = vec![None; batch.len()];
-    let mut stopped: HashSet<&str> = HashSet::new();
-    give_up_on_unfinished(shared, batch, &mut out, &mut stopped);
-    for wave in waves(batch) {
-        let todo: Vec<usize> = wave
-            .clone()
-            .filter(|&i| out[i].is_none())
-            .filter(|&i| batch[i].key.as_deref().is_none_or(|k| !stopped.contains(k)))
-            .collect();
-        if todo.is_empty() {
-            continue;
-        }
-        if confirmed.elapsed() >= CLAIM_CHECK_INTERVAL {
-            let held = tokio::time::timeout_at(deadline, claimed.is_held()).await;
-            if held != Ok(true) {
-                warn!(
-                    left = out.iter().filter(|o| o.is_none()).count(),
-                    "the claim was lost with its database session; leaving the rest of the batch"
-                );
-                break;
-            }
-            confirmed = Instant::now();
-        }
-        let msgs: Cow<'_, [Message]> = if todo.len() == wave.len() {
-            Cow::Borrowed(&batch[wave])
-        } else {
-            Cow::Owned(todo.iter().map(|&i| batch[i].clone()).collect())
-        };
-        let Ok(outcomes) = tokio::time::timeout_at(deadline, publish(shared, &msgs)).await else {
-            let err = SinkError::transient(format!(
-                "delivery did not finish within {:?} (four fifths of the lease)",
-                shared.config.delivery_deadline()
-            ));
-            for i in todo {
-                out[i] = Some(Err(err.clone()));
-            }
-            break;
-        };
-        for (i, o) in todo.into_iter().zip(outcomes) {
-            if o.is_err()
-                && let Some(k) = batch[i].key.as_deref()
-            {
-                stopped.insert(k);
-            }
-            out[i] = Some(o);
-        }
-    }
-    out
-}
-
-/// A leased message reclaimed more than `max_attempts` times never recorded an outcome (its
-/// relays died or lost the lease each time): it goes dead without another delivery.
-fn give_up_on_unfinished<'a>(
-    shared: &Shared,
-    batch: &'a [Message],
-    out: &mut Outcomes,
-    stopped: &mut HashSet<&'a str>,
-) {
-    let max = shared.config.retry.max_attempts;
-    for (i, m) in batch.iter().enumerate() {
-        if m.attempts > max {
-            out[i] = Some(Err(SinkError::permanent(format!(
-                "gave up after {} deliveries that never recorded an outcome (relay crash, kill or lost lease)",
-                m.attempts - 1
-            ))));
-            if let Some(k) = m.key.as_deref() {
-                stopped.insert(k);
-            }
-        }
-    }
-}
-
-/// Hands a wave to the sink. A sink that panics fails the wave instead of taking the
-/// relay's task down, so its messages back off and reach `max_attempts` like any failure
-/// rather than being redelivered in a tight loop.
-/// Each message is published under its own span (feature `otel`), whose context the sink
-/// carries instead of the one stored at enqueue: see [`crate::trace`].
-async fn publish(shared: &Shared, batch: &[Message]) -> Vec<Delivery> {
-    let started = Instant::now();
-    let traced = crate::trace::Publish::start(shared.sink.name(), batch);
-    let outcomes = AssertUnwindSafe(shared.sink.publish(traced.batch(batch)))
-        .catch_unwind()
-        .await;
-    instrument::publish_took(shared.sink.name(), started.elapsed());
-    let outcomes = match outcomes {
-        Ok(outcomes) => one_outcome_each(shared.sink.name(), batch.len(), outcomes),
-        Err(_) => {
-            let err = SinkError::transient(format!("sink {} panicked", shared.sink.name()));
-            vec![Err(err); batch.len()]
-        }
-    };
-    traced.finish(&outcomes);
-    outcomes
-}
-
 /// Records a batch's outcome and counts it. A batch whose outcome could not be recorded is
 /// delivered again, so nothing of it is counted as done.
 async fn settle(shared: &Shared, batch: Box<dyn Batch>, outcomes: Outcomes) {
-    let (acks, failures, left, tally) = classify(shared, batch.messages(), outcomes);
-    let outcome = Outcome {
-        acks: &acks,
-        failures: &failures,
-        left: &left,
-        retention: shared.config.retention,
-    };
+    let judged = shared.deliverer.judge(batch.messages(), outcomes);
     let started = Instant::now();
-    let recorded = record(shared, batch, &outcome).await;
+    let recorded = record(shared, batch, &judged.outcome(shared.config.retention)).await;
     instrument::settle_took(started.elapsed());
     if !recorded {
         return;
     }
     let stats = &shared.stats;
+    let count = |n: usize| n as u64;
     stats
         .delivered
-        .fetch_add(acks.len() as u64, Ordering::Relaxed);
+        .fetch_add(count(judged.acks.len()), Ordering::Relaxed);
     stats
         .released
-        .fetch_add(left.len() as u64, Ordering::Relaxed);
+        .fetch_add(count(judged.left.len()), Ordering::Relaxed);
+    stats.retried.fetch_add(judged.retried, Ordering::Relaxed);
+    stats.dead.fetch_add(judged.dead, Ordering::Relaxed);
     let sink = shared.sink.name();
-    tally.delivered(sink);
-    tally.failed(sink);
-    tally.released(sink);
+    judged.tally.delivered(sink);
+    judged.tally.failed(sink);
+    judged.tally.released(sink);
 }
 
 /// Records an outcome, trying again as long as the batch's source allows (a lease still holds
@@ -1091,59 +978,6 @@ async fn give_back(shared: &Shared, batch: Box<dyn Batch>) {
         }
         Err(e) => debug!(error = %e, "could not release the batch"),
     }
-}
-
-/// Splits a batch's outcomes into acks, failures (each with its retry decision) and messages
-/// left behind by a failed key, with the tally of the metrics.
-fn classify(
-    shared: &Shared,
-    batch: &[Message],
-    outcomes: Outcomes,
-) -> (Vec<Uuid>, Vec<Failure>, Vec<Uuid>, Tally) {
-    let stats = &shared.stats;
-    let mut acks = Vec::with_capacity(batch.len());
-    let mut failures = Vec::new();
-    let mut left = Vec::new();
-    let mut tally = Tally::default();
-    for (msg, outcome) in batch.iter().zip(outcomes) {
-        let err = match outcome {
-            Some(Ok(())) => {
-                acks.push(msg.id);
-                let topic = tally.delivered.add(&msg.topic);
-                tally.committed.push((topic, msg.created_at));
-                continue;
-            }
-            None => {
-                left.push(msg.id);
-                tally.released.add(&msg.topic);
-                continue;
-            }
-            Some(Err(err)) => err,
-        };
-        if err.is_permanent() {
-            tally.permanent.add(&msg.topic);
-        } else {
-            tally.transient.add(&msg.topic);
-        }
-        let retry_in = shared.config.retry.decide(msg.attempts, &err);
-        // Sink errors often quote the URL they failed on; the stored error is readable by
-        // anyone who can list dead messages, so it never keeps a credential.
-        let error = crate::redact(&err.to_string());
-        if retry_in.is_some() {
-            stats.retried.fetch_add(1, Ordering::Relaxed);
-            debug!(id = %msg.id, attempt = msg.attempts, %error, "delivery failed; will retry");
-        } else {
-            stats.dead.fetch_add(1, Ordering::Relaxed);
-            tally.dead.add(&msg.topic);
-            warn!(id = %msg.id, topic = %msg.topic, attempt = msg.attempts, %error, "message is dead");
-        }
-        failures.push(Failure {
-            id: msg.id,
-            error,
-            retry_in,
-        });
-    }
-    (acks, failures, left, tally)
 }
 
 /// Counts the attempts of deliveries that never finished; logs what it found.
