@@ -85,6 +85,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "table capture: rows only a relay streaming from a slot delivers",
         sql: include_str!("../migrations/0014_captured_rows.sql"),
     },
+    Migration {
+        version: 15,
+        description: "inserts of captured rows wake no polling relay",
+        sql: include_str!("../migrations/0015_captured_rows_wake_no_one.sql"),
+    },
 ];
 
 /// The version the schema is at, without creating anything: 0 when there is none.

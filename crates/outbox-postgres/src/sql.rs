@@ -220,26 +220,40 @@ const DEAD_FILTER: &str = "m.status = 'dead' \
     AND ($5::text IS NULL OR lower(m.last_error) LIKE $5) \
     AND ($6::bigint IS NULL OR m.dead_at <= now() - $6 * interval '1 millisecond')";
 
+/// The status a row is inserted with, as SQL. Captured rows also tell the wake-up trigger
+/// (migration 15) that this statement wakes no polling relay.
+fn status_sql(status: &str) -> String {
+    match status {
+        "captured" => {
+            "CASE WHEN set_config('outbox.captured_insert', 'on', true) = 'on' THEN 'captured' END"
+                .into()
+        }
+        other => format!("'{other}'"),
+    }
+}
+
 /// One message; `available_at` is the later of the caller's absolute time and now + delay.
 /// `status` is `pending`, or `captured` for rows only a relay streaming from a slot delivers.
 fn insert(status: &str) -> String {
+    let status = status_sql(status);
     format!(
         "INSERT INTO {{schema}}.{{p}}messages \
          (id, topic, type, key, partition, payload, content_type, headers, available_at, status) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, \
            greatest(coalesce($9::timestamptz, now()), now() + coalesce($10::bigint, 0) * interval '1 millisecond'), \
-           '{status}')"
+           {status})"
     )
 }
 
 /// One statement for a whole batch; `ORDINALITY` keeps the caller's order in `seq`.
 fn insert_batch(status: &str) -> String {
+    let status = status_sql(status);
     format!(
         "INSERT INTO {{schema}}.{{p}}messages \
          (id, topic, type, key, partition, payload, content_type, headers, available_at, status) \
          SELECT id, topic, type, key, partition, payload, content_type, headers::jsonb, \
            greatest(coalesce(at, now()), now() + coalesce(delay_ms, 0) * interval '1 millisecond'), \
-           '{status}' \
+           {status} \
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bytea[], $7::text[], \
                      $8::text[], $9::timestamptz[], $10::bigint[]) \
            WITH ORDINALITY AS b(id, topic, type, key, partition, payload, content_type, headers, at, delay_ms, ord) \
