@@ -13,11 +13,12 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use outbox_core::{Bytes, Message, NewMessage, Retention, Status, StoreError, StoreResult};
 use serde::{Deserialize, Serialize};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::{PgConfig, PgStore};
@@ -342,38 +343,21 @@ impl PgStore {
         if delivered.is_empty() && handed.is_empty() {
             return self.write_back(rows).await;
         }
-        // Through a function that plans with the index on id (migration 14), whatever the
-        // table's statistics say.
-        let done = |ids: &[Uuid], keep: bool| {
-            sqlx::query(AssertSqlSafe(
-                self.config()
-                    .render("SELECT {schema}.{p}captured_done($1, $2)"),
-            ))
-            .bind(ids.to_vec())
-            .bind(keep)
-        };
         let keep = matches!(retention, Retention::Keep(_));
         // Committed with the WAL flushed, unlike the in-flight record: the slot may keep a
         // confirmed position on disk before an unflushed commit, and a crash would then leave
         // delivered rows behind as captured, where no stream comes back for them.
         if rows.is_empty() && !keep {
-            done(delivered, false)
-                .execute(self.pool())
-                .await
-                .map_err(StoreError::database)?;
-            return Ok(());
+            let mut conn = self.pool().acquire().await.map_err(StoreError::database)?;
+            return self.captured_done(&mut conn, delivered, false).await;
         }
         let mut tx = self.pool().begin().await.map_err(StoreError::database)?;
-        let statements = if keep {
-            vec![done(delivered, true), done(handed, false)]
+        if keep {
+            self.captured_done(&mut tx, delivered, true).await?;
+            self.captured_done(&mut tx, handed, false).await?;
         } else {
-            vec![done(&[delivered, handed].concat(), false)]
-        };
-        for statement in statements {
-            statement
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::database)?;
+            let all = [delivered, handed].concat();
+            self.captured_done(&mut tx, &all, false).await?;
         }
         if !rows.is_empty() {
             self.write_back_query(rows)
@@ -382,6 +366,45 @@ impl PgStore {
                 .map_err(StoreError::database)?;
         }
         tx.commit().await.map_err(StoreError::database)
+    }
+
+    /// Removes (or, with `keep`, marks delivered) the captured rows `ids`, through a function
+    /// that plans with the index on id whatever the table's statistics say (migration 14).
+    ///
+    /// A walsender sends a transaction once its commit record is flushed, which can be a moment
+    /// before the transaction is visible to other sessions: the relay may settle a row it
+    /// delivered before it can see it. So the statement runs again, with a fresh snapshot each
+    /// time, until it has found every row, for at most about a second (a replay may name rows
+    /// that are gone already, and those are never found).
+    async fn captured_done(
+        &self,
+        conn: &mut PgConnection,
+        ids: &[Uuid],
+        keep: bool,
+    ) -> StoreResult<()> {
+        const PATIENCE: Duration = Duration::from_secs(1);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = self
+            .config()
+            .render("SELECT {schema}.{p}captured_done($1, $2)");
+        let mut found = 0;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
+                .bind(ids)
+                .bind(keep)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(StoreError::database)?;
+            found += usize::try_from(n).unwrap_or(0);
+            if found >= ids.len() || pause > PATIENCE {
+                return Ok(());
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
     }
 
     /// Records the batch a relay streaming from `slot` hands to its sink now, replacing the
